@@ -1,0 +1,4 @@
+//! (being written)
+
+/// Format version.
+pub const VERSION: u16 = 1;

@@ -1,0 +1,70 @@
+//! # datapath: formats and algorithms of the block-replication data path
+//!
+//! No sockets and no runtime: everything here is a format or an algorithm, testable
+//! on its own. The binaries (`process-server`, `master-target`) wire these pieces to
+//! the network.
+//!
+//! ## Map
+//!
+//! | module       | owns                                                                  |
+//! |--------------|-----------------------------------------------------------------------|
+//! | [`storage`]  | the file I/O trait durability depends on; real and crash-simulating   |
+//! | [`extent`]   | sector-aligned byte ranges; the epoch map of one epoch's latest data  |
+//! | [`bitmap`]   | the persistent dirty bitmap (4 KiB blocks) and its hot-region log     |
+//! | [`frame`]    | the frame codec shared by wire and journal                            |
+//! | [`spool`]    | the process server's bounded on-disk queue of captured writes         |
+//! | [`journal`]  | the master target's per-group log of frames and recovery points       |
+//! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
+//! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
+//!
+//! ## Order of writes, syncs and renames
+//!
+//! Each durable step happens strictly after the one above it in its row; "ack" means
+//! the step is visible to the other side.
+//!
+//! | what                    | order                                                                        |
+//! |-------------------------|------------------------------------------------------------------------------|
+//! | a captured write        | hot-region log synced (only if its region was cold) -> bit set in bitmap -> write to backing disk (FUA: sync) -> spool append -> reply |
+//! | a FLUSH                 | backing disk synced -> spool synced -> reply                                 |
+//! | hot region evicted      | its bitmap bytes flushed (msync) -> hot-region log without it synced         |
+//! | a frame at the target   | crc + blake3 verified -> journal append -> journal segment synced (one sync per batch) -> ack |
+//! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |
+//! | spool release           | target ack received -> segments wholly below it removed -> directory synced  |
+//! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
+//! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
+//! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
+
+pub mod apply;
+pub mod bitmap;
+pub mod extent;
+pub mod frame;
+pub mod hashing;
+pub mod journal;
+pub mod spool;
+pub mod storage;
+
+/// Whether `s` is a valid disk or group id: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn valid_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    /// Proves the id syntax accepts what DESIGN.md allows and nothing else.
+    #[test]
+    fn ids() {
+        assert!(super::valid_id("disk-0_a"));
+        assert!(super::valid_id(&"a".repeat(64)));
+        assert!(!super::valid_id(&"a".repeat(65)));
+        assert!(!super::valid_id(""));
+        assert!(!super::valid_id("-a"));
+        assert!(!super::valid_id("A"));
+        assert!(!super::valid_id("a/b"));
+    }
+}

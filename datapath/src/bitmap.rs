@@ -170,7 +170,8 @@ const _: () = assert!(SLOT_HEAD_BYTES + 8 * SLOT_REGIONS_MAX as usize <= SLOT_CR
 const _: () = assert!(SLOT_REGIONS_MAX == 508);
 const _: () = assert!(HOT_REGIONS_MAX <= SLOT_REGIONS_MAX);
 const _: () = assert!(LOG_SLOTS >= 2);
-const _: () = assert!(REGION_BYTES % REGION_BYTES_MIN == 0 && REGION_BYTES <= REGION_BYTES_MAX);
+const _: () =
+    assert!(REGION_BYTES.is_multiple_of(REGION_BYTES_MIN) && REGION_BYTES <= REGION_BYTES_MAX);
 
 /// What refused a bitmap operation. The corruption cases name the file and the field.
 #[derive(Debug, Error)]
@@ -263,7 +264,9 @@ impl BitmapConfig {
     /// The field at fault and why, or `Ok`.
     fn check(&self) -> Result<(), (&'static str, String)> {
         let r = self.region_bytes;
-        if !(REGION_BYTES_MIN..=REGION_BYTES_MAX).contains(&r) || r % REGION_BYTES_MIN != 0 {
+        if !(REGION_BYTES_MIN..=REGION_BYTES_MAX).contains(&r)
+            || !r.is_multiple_of(REGION_BYTES_MIN)
+        {
             return Err((
                 "region_bytes",
                 format!(
@@ -282,7 +285,7 @@ impl BitmapConfig {
 }
 
 fn check_disk_bytes(disk_bytes: u64) -> Result<(), String> {
-    if disk_bytes == 0 || disk_bytes % SECTOR_BYTES != 0 || disk_bytes > DISK_BYTES_MAX {
+    if disk_bytes == 0 || !disk_bytes.is_multiple_of(SECTOR_BYTES) || disk_bytes > DISK_BYTES_MAX {
         return Err(format!(
             "{disk_bytes} is not a non-zero multiple of {SECTOR_BYTES} up to {DISK_BYTES_MAX}"
         ));
@@ -392,7 +395,10 @@ fn decode_header(b: &[u8; HEADER_BYTES]) -> Result<Header, BitmapError> {
         ("reserved2", HEADER_FIELDS_BYTES..HEADER_BYTES),
     ] {
         if !all_zero(&b[range]) {
-            return Err(BitmapError::Reserved { file: BITMAP, field });
+            return Err(BitmapError::Reserved {
+                file: BITMAP,
+                field,
+            });
         }
     }
     let block_bytes = le_u32(b, 16);
@@ -436,8 +442,14 @@ fn slot_offset(seq: u64) -> u64 {
 
 /// Encodes a transaction; `regions` must be strictly ascending and fit a slot.
 fn encode_slot(seq: u64, regions: &[u64]) -> [u8; SLOT_BYTES] {
-    assert!(regions.len() <= SLOT_REGIONS_MAX as usize, "hot set exceeds a slot");
-    assert!(regions.windows(2).all(|w| w[0] < w[1]), "hot set not ascending");
+    assert!(
+        regions.len() <= SLOT_REGIONS_MAX as usize,
+        "hot set exceeds a slot"
+    );
+    assert!(
+        regions.windows(2).all(|w| w[0] < w[1]),
+        "hot set not ascending"
+    );
     let mut b = [0u8; SLOT_BYTES];
     b[0..4].copy_from_slice(&LOG_MAGIC);
     b[4..6].copy_from_slice(&VERSION.to_le_bytes());
@@ -538,7 +550,7 @@ fn set_bit_range(bits: &mut [u8], from: u64, to: u64, value: bool) {
         }
     };
     let mut i = from;
-    while i < to && i % 8 != 0 {
+    while i < to && !i.is_multiple_of(8) {
         put(bits, i);
         i += 1;
     }
@@ -648,7 +660,8 @@ impl Bitmap {
             field: "disk_bytes",
             why,
         })?;
-        fs.create_dir_all(dir).map_err(io_err("create state directory"))?;
+        fs.create_dir_all(dir)
+            .map_err(io_err("create state directory"))?;
         let create_new = |path: &Path| {
             fs.open(path, OpenMode::CreateNew).map_err(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
@@ -679,12 +692,15 @@ impl Bitmap {
             f.sync_data().map_err(io_err("sync bitmap file"))?;
         }
         let log = create_new(&log_path)?;
-        log.set_len(LOG_BYTES).map_err(io_err("size hot-region log"))?;
+        log.set_len(LOG_BYTES)
+            .map_err(io_err("size hot-region log"))?;
         log.write_all_at(&encode_slot(1, &[]), slot_offset(1))
             .map_err(io_err("write hot-region log slot"))?;
         log.sync_data().map_err(io_err("sync hot-region log"))?;
         fs.sync_dir(dir).map_err(io_err("sync state directory"))?;
-        let map = fs.map_mut(&bitmap_path).map_err(io_err("map bitmap file"))?;
+        let map = fs
+            .map_mut(&bitmap_path)
+            .map_err(io_err("map bitmap file"))?;
         Ok(Self {
             map,
             log,
@@ -1077,5 +1093,857 @@ impl Bitmap {
     /// Whether a failed durability step poisoned this bitmap (rule 6).
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{CrashMode, RealFs, SimFs};
+    use proptest::prelude::*;
+    use std::ops::Range;
+
+    /// xorshift64*: a seeded generator for workloads and fuzz loops.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn fill(&mut self, b: &mut [u8]) {
+            for x in b {
+                *x = self.next() as u8;
+            }
+        }
+    }
+
+    const KIB: u64 = 1024;
+
+    fn dir() -> PathBuf {
+        PathBuf::from("/state/disk0")
+    }
+
+    fn ext(offset: u64, len: u64) -> Extent {
+        Extent { offset, len }
+    }
+
+    fn cfg(region_bytes: u64, hot_regions_max: u32) -> BitmapConfig {
+        BitmapConfig {
+            region_bytes,
+            hot_regions_max,
+        }
+    }
+
+    /// A SimFs with a fresh bitmap of `disk_bytes` in [`dir`].
+    fn setup(disk_bytes: u64, config: BitmapConfig) -> (SimFs, Bitmap) {
+        let fs = SimFs::new();
+        let bm = Bitmap::create(&fs, &dir(), disk_bytes, config).unwrap();
+        (fs, bm)
+    }
+
+    /// Replaces the contents of an existing file durably (corruption helper).
+    fn rewrite(fs: &SimFs, path: &Path, bytes: &[u8]) {
+        let f = fs.open(path, OpenMode::Existing).unwrap();
+        f.set_len(0).unwrap();
+        f.write_all_at(bytes, 0).unwrap();
+        f.sync_data().unwrap();
+    }
+
+    fn bitmap_path() -> PathBuf {
+        dir().join(BITMAP_FILE)
+    }
+
+    fn log_path() -> PathBuf {
+        dir().join(LOG_FILE)
+    }
+
+    /// Blocks touched by an extent.
+    fn blocks(e: &Extent) -> Range<u64> {
+        e.offset / BLOCK_BYTES..(e.end() - 1) / BLOCK_BYTES + 1
+    }
+
+    fn dirty_list(bm: &Bitmap) -> Vec<u64> {
+        (0..bm.block_count()).filter(|&b| bm.is_dirty(b)).collect()
+    }
+
+    /// Proves a 1 TiB disk's bitmap file stays within 33 MiB.
+    #[test]
+    fn one_tib_disk_fits_33_mib() {
+        let bytes = bitmap_file_bytes(1 << 40);
+        assert_eq!(bytes, (32 << 20) + HEADER_BYTES as u64);
+        assert!(bytes <= 33 << 20);
+        assert_eq!(bitmap_file_bytes(512), HEADER_BYTES as u64 + 8);
+    }
+
+    /// Proves marks set every touched block, runs are maximal and the partial last block
+    /// of an odd-sized disk is clipped to the disk size.
+    #[test]
+    fn mark_and_runs_on_odd_sized_disk() {
+        let disk = 10 * BLOCK_BYTES + 1536;
+        let (_fs, mut bm) = setup(disk, cfg(32 * KIB, 4));
+        assert_eq!(bm.block_count(), 11);
+        assert_eq!(bm.dirty_runs().count(), 0);
+        bm.mark(&[ext(512, 512), ext(4096 + 3584, 1024), ext(disk - 512, 512)])
+            .unwrap();
+        assert_eq!(dirty_list(&bm), vec![0, 1, 2, 10]);
+        assert_eq!(bm.dirty_blocks(), 4);
+        let runs: Vec<Extent> = bm.dirty_runs().collect();
+        assert_eq!(
+            runs,
+            vec![ext(0, 3 * BLOCK_BYTES), ext(10 * BLOCK_BYTES, 1536)]
+        );
+        assert!(!bm.is_dirty(11) && !bm.is_dirty(u64::MAX));
+    }
+
+    /// Proves clear drops only blocks wholly inside the extent, the partial last block
+    /// included when the extent reaches the end of the disk.
+    #[test]
+    fn clear_only_whole_blocks() {
+        let disk = 10 * BLOCK_BYTES + 1536;
+        let (_fs, mut bm) = setup(disk, cfg(32 * KIB, 4));
+        bm.mark(&[ext(0, disk)]).unwrap();
+        assert_eq!(bm.dirty_blocks(), 11);
+        // Covers block 1 wholly, blocks 0 and 2 partly.
+        bm.clear(ext(2048, 2 * BLOCK_BYTES + 1024)).unwrap();
+        assert_eq!(dirty_list(&bm), vec![0, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        // Stops one sector short of the end: the partial block stays.
+        bm.clear(ext(10 * BLOCK_BYTES, 1024)).unwrap();
+        assert!(bm.is_dirty(10));
+        bm.clear(ext(9 * BLOCK_BYTES, BLOCK_BYTES + 1536)).unwrap();
+        assert_eq!(dirty_list(&bm), vec![0, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            bm.dirty_runs().collect::<Vec<_>>(),
+            vec![ext(0, BLOCK_BYTES), ext(2 * BLOCK_BYTES, 7 * BLOCK_BYTES)]
+        );
+    }
+
+    /// Proves a mark into regions that are already hot takes no durability step, and a
+    /// mark adding several cold regions takes exactly one (the group commit).
+    #[test]
+    fn hot_marks_do_not_sync_and_cold_marks_sync_once() {
+        let (fs, mut bm) = setup(1 << 20, cfg(64 * KIB, 8));
+        let s0 = fs.steps();
+        let out = bm.mark(&[ext(0, 4096)]).unwrap();
+        assert!(out.log_synced);
+        assert_eq!(fs.steps(), s0 + 1);
+        let out = bm.mark(&[ext(8192, 512), ext(60 * KIB, 4 * KIB)]).unwrap();
+        assert_eq!(out, MarkOutcome::default());
+        assert_eq!(fs.steps(), s0 + 1, "a hot mark must not sync");
+        // Three extents, three new regions (one extent spans two), one hot: one sync.
+        let out = bm
+            .mark(&[ext(0, 512), ext(128 * KIB, 512), ext(250 * KIB, 12 * KIB)])
+            .unwrap();
+        assert_eq!(
+            out,
+            MarkOutcome {
+                log_synced: true,
+                regions_added: 3,
+                regions_evicted: 0
+            }
+        );
+        assert_eq!(fs.steps(), s0 + 2);
+        assert_eq!(bm.hot_regions(), vec![0, 2, 3, 4]);
+    }
+
+    /// Proves eviction picks the least recently marked region and makes its bits
+    /// durable before the log transaction that drops it.
+    #[test]
+    fn eviction_is_lru_and_flushes_bits_first() {
+        let (fs, mut bm) = setup(1 << 20, cfg(32 * KIB, 2));
+        bm.mark(&[ext(0, 512)]).unwrap(); // region 0
+        bm.mark(&[ext(32 * KIB, 512)]).unwrap(); // region 1
+        bm.mark(&[ext(0, 512)]).unwrap(); // region 0 is now the most recent
+        let durable_bit = |block: u64| {
+            let d = fs.durable_contents(&bitmap_path()).unwrap();
+            d[HEADER_BYTES + (block / 8) as usize] & (1 << (block % 8)) != 0
+        };
+        assert!(!durable_bit(8), "bits are not synced while hot");
+        let s0 = fs.steps();
+        let out = bm.mark(&[ext(64 * KIB, 512)]).unwrap(); // region 2 evicts region 1
+        assert_eq!(
+            out,
+            MarkOutcome {
+                log_synced: true,
+                regions_added: 1,
+                regions_evicted: 1
+            }
+        );
+        assert_eq!(fs.steps(), s0 + 2, "one flush of region 1, one log sync");
+        assert_eq!(bm.hot_regions(), vec![0, 2]);
+        assert!(durable_bit(8), "evicted region's bit is durable");
+        assert!(!durable_bit(0), "hot region 0 was not flushed");
+        // After a crash, region 0 and 2 are wholly dirty, region 1 only its marked block.
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let bm = Bitmap::open(&fs, &dir()).unwrap();
+        let mut want: Vec<u64> = (0..8).collect();
+        want.push(8);
+        want.extend(16..24);
+        assert_eq!(dirty_list(&bm), want);
+    }
+
+    /// Proves bad extents and marks touching more regions than the hot set holds are
+    /// refused before anything changes.
+    #[test]
+    fn bad_marks_change_nothing() {
+        let (fs, mut bm) = setup(1 << 20, cfg(32 * KIB, 4));
+        let s0 = fs.steps();
+        for bad in [
+            ext(100, 512),
+            ext(0, 100),
+            ext(0, 0),
+            ext(1 << 20, 512),
+            ext(u64::MAX - 511, 512),
+        ] {
+            assert!(matches!(
+                bm.mark(&[ext(0, 512), bad]),
+                Err(BitmapError::BadExtent(_))
+            ));
+            assert!(matches!(bm.clear(bad), Err(BitmapError::BadExtent(_))));
+        }
+        assert!(matches!(
+            bm.mark(&[ext(0, 5 * 32 * KIB)]),
+            Err(BitmapError::TooManyRegions { regions: 5, max: 4 })
+        ));
+        let spread: Vec<Extent> = (0..5).map(|r| ext(r * 32 * KIB, 512)).collect();
+        assert!(matches!(
+            bm.mark(&spread),
+            Err(BitmapError::TooManyRegions { regions: 5, max: 4 })
+        ));
+        assert_eq!(fs.steps(), s0);
+        assert_eq!(bm.dirty_blocks(), 0);
+        assert!(bm.hot_regions().is_empty());
+        assert!(!bm.is_poisoned());
+    }
+
+    /// Proves a crash makes every hot region wholly dirty, bumps the generation, and that
+    /// the recovered dirt survives a second crash though the hot set was emptied.
+    #[test]
+    fn crash_makes_hot_regions_dirty() {
+        let (fs, mut bm) = setup(1 << 20, cfg(32 * KIB, 4));
+        bm.mark(&[ext(40 * KIB, 512)]).unwrap();
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let bm = Bitmap::open(&fs, &dir()).unwrap();
+        assert_eq!(bm.generation(), 2);
+        assert_eq!(dirty_list(&bm), (8..16).collect::<Vec<_>>());
+        assert!(bm.hot_regions().is_empty());
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let bm = Bitmap::open(&fs, &dir()).unwrap();
+        assert_eq!(bm.generation(), 3);
+        assert_eq!(dirty_list(&bm), (8..16).collect::<Vec<_>>());
+    }
+
+    /// Proves a clean flush makes exactly the marked bits durable and empties the hot
+    /// set, so reopening after it adds no region-wide dirt.
+    #[test]
+    fn clean_flush_then_reopen_adds_no_dirt() {
+        let (fs, mut bm) = setup(1 << 20, cfg(32 * KIB, 4));
+        bm.mark(&[ext(40 * KIB, 512), ext(200 * KIB, 8 * KIB)])
+            .unwrap();
+        bm.clear(ext(200 * KIB, 4 * KIB)).unwrap();
+        let before = dirty_list(&bm);
+        bm.flush().unwrap();
+        assert!(bm.hot_regions().is_empty());
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let s0 = fs.steps();
+        let bm = Bitmap::open(&fs, &dir()).unwrap();
+        assert_eq!(dirty_list(&bm), before);
+        assert_eq!(before, vec![10, 51]);
+        assert_eq!(fs.steps(), s0 + 1, "nothing recovered: only the map flush");
+    }
+
+    /// Proves a failed durability step poisons the bitmap and a reopen recovers.
+    #[test]
+    fn failed_sync_poisons_until_reopen() {
+        let (fs, mut bm) = setup(1 << 20, cfg(32 * KIB, 4));
+        fs.crash_after(1);
+        assert!(matches!(
+            bm.mark(&[ext(0, 512)]),
+            Err(BitmapError::Io { .. })
+        ));
+        assert!(bm.is_poisoned());
+        assert!(bm.hot_regions().is_empty());
+        fs.crash(CrashMode::Torn { seed: 3 });
+        assert!(matches!(
+            bm.mark(&[ext(0, 512)]),
+            Err(BitmapError::Poisoned)
+        ));
+        assert!(matches!(bm.flush(), Err(BitmapError::Poisoned)));
+        drop(bm);
+        let mut bm = Bitmap::open(&fs, &dir()).unwrap();
+        bm.mark(&[ext(0, 512)]).unwrap();
+        assert!(bm.is_dirty(0));
+    }
+
+    /// Proves create refuses bad configs, bad disk sizes and existing files.
+    #[test]
+    fn create_refuses_bad_config_and_existing_files() {
+        let fs = SimFs::new();
+        for (c, field) in [
+            (cfg(4096, 4), "region_bytes"),
+            (cfg(48 * KIB, 4), "region_bytes"),
+            (cfg(2 << 30, 4), "region_bytes"),
+            (cfg(32 * KIB, 0), "hot_regions_max"),
+            (cfg(32 * KIB, SLOT_REGIONS_MAX + 1), "hot_regions_max"),
+        ] {
+            match Bitmap::create(&fs, &dir(), 1 << 20, c) {
+                Err(BitmapError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{c:?}: {other:?}"),
+            }
+        }
+        for disk in [0, 1000, DISK_BYTES_MAX + 512] {
+            assert!(matches!(
+                Bitmap::create(&fs, &dir(), disk, BitmapConfig::default()),
+                Err(BitmapError::InvalidConfig {
+                    field: "disk_bytes",
+                    ..
+                })
+            ));
+        }
+        let bm = Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()).unwrap();
+        assert_eq!(bm.config(), BitmapConfig::default());
+        assert!(matches!(
+            Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()),
+            Err(BitmapError::Exists { .. })
+        ));
+        // Names are durable: both files survive a crash right after create.
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        assert!(Bitmap::open(&fs, &dir()).is_ok());
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The crash test.
+
+    const CRASH_DISK_BYTES: u64 = (2 << 20) + 1536;
+    const CRASH_REGION_BYTES: u64 = 32 * KIB;
+
+    fn crash_config() -> BitmapConfig {
+        // Small capacity so that evictions are frequent; two extents of at most two
+        // regions each always fit.
+        cfg(CRASH_REGION_BYTES, 4)
+    }
+
+    fn random_extent(rng: &mut Rng) -> Extent {
+        let disk_sectors = CRASH_DISK_BYTES / SECTOR_BYTES;
+        let region_sectors = CRASH_REGION_BYTES / SECTOR_BYTES;
+        let regions = disk_sectors.div_ceil(region_sectors);
+        // Most writes hit a few regions, so hot marks happen as well as evictions.
+        let region = if rng.below(3) != 0 {
+            rng.below(3)
+        } else {
+            rng.below(regions)
+        };
+        let start = (region * region_sectors + rng.below(region_sectors)).min(disk_sectors - 1);
+        let len = (1 + rng.below(16)).min(disk_sectors - start);
+        ext(start * SECTOR_BYTES, len * SECTOR_BYTES)
+    }
+
+    /// Counters of what a workload exercised.
+    #[derive(Default)]
+    struct Seen {
+        evictions: u64,
+        hot_marks: u64,
+        clears: u64,
+    }
+
+    /// Runs `ops` operations of a seeded workload against `bm`, keeping `outstanding`
+    /// (the writes not yet acked: their blocks must stay dirty). Stops at the first
+    /// error, as a crashed process would.
+    fn workload(
+        bm: &mut Bitmap,
+        fs: &SimFs,
+        rng: &mut Rng,
+        ops: usize,
+        outstanding: &mut Vec<Extent>,
+        seen: &mut Seen,
+    ) -> Result<(), BitmapError> {
+        for _ in 0..ops {
+            match rng.below(20) {
+                0..=9 => {
+                    let n = 1 + rng.below(2);
+                    let exts: Vec<Extent> = (0..n).map(|_| random_extent(rng)).collect();
+                    let out = bm.mark(&exts)?;
+                    seen.evictions += u64::from(out.regions_evicted);
+                    seen.hot_marks += u64::from(!out.log_synced);
+                    // Only now may the data reach the backing disk.
+                    outstanding.extend(exts);
+                }
+                10..=15 => {
+                    if outstanding.is_empty() {
+                        continue;
+                    }
+                    let e = outstanding.swap_remove(rng.below(outstanding.len() as u64) as usize);
+                    let b = blocks(&e);
+                    // The ack clears only when no later write to these blocks is pending.
+                    let pending = outstanding.iter().any(|o| {
+                        let ob = blocks(o);
+                        ob.start < b.end && b.start < ob.end
+                    });
+                    if !pending {
+                        bm.clear(e)?;
+                        seen.clears += 1;
+                    }
+                }
+                16 => bm.flush()?,
+                _ => fs.writeback(&*bm.map, &bitmap_path()),
+            }
+        }
+        Ok(())
+    }
+
+    fn assert_covers(bm: &Bitmap, outstanding: &[Extent], what: &str) {
+        for e in outstanding {
+            for b in blocks(e) {
+                assert!(
+                    bm.is_dirty(b),
+                    "{what}: block {b} of unacked {e:?} is clean"
+                );
+            }
+        }
+    }
+
+    /// Crashes (torn) and reopens, crashing once more inside recovery at `open_step`.
+    fn crash_and_recover(fs: &SimFs, seed: u64, open_step: u64) -> Bitmap {
+        fs.crash(CrashMode::Torn { seed });
+        fs.crash_after(open_step);
+        drop(Bitmap::open(fs, &dir()));
+        fs.crash(CrashMode::Torn {
+            seed: seed ^ 0xABCD,
+        });
+        Bitmap::open(fs, &dir()).unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"))
+    }
+
+    /// Proves that a crash at every durability step of a random workload (with torn
+    /// writes, spontaneous page writeback, forced evictions and a second crash during
+    /// recovery) never loses the dirty bit of a block written and not yet acked.
+    #[test]
+    fn crash_at_every_step_keeps_unacked_blocks_dirty() {
+        const OPS: usize = 120;
+        for seed in 0..6u64 {
+            let total = {
+                let fs = SimFs::new();
+                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, crash_config()).unwrap();
+                let s0 = fs.steps();
+                let (mut out, mut seen) = (Vec::new(), Seen::default());
+                workload(&mut bm, &fs, &mut Rng::new(seed), OPS, &mut out, &mut seen).unwrap();
+                eprintln!(
+                    "seed {seed}: {} evictions, {} hot marks, {} clears",
+                    seen.evictions, seen.hot_marks, seen.clears
+                );
+                assert!(seen.evictions > 10, "seed {seed}: too few evictions");
+                assert!(seen.hot_marks > 10, "seed {seed}: too few hot marks");
+                assert!(seen.clears > 5, "seed {seed}: too few clears");
+                fs.steps() - s0
+            };
+            for step in 1..=total + 1 {
+                let what = format!("seed {seed} step {step}/{total}");
+                let fs = SimFs::new();
+                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, crash_config()).unwrap();
+                let mut rng = Rng::new(seed);
+                let (mut out, mut seen) = (Vec::new(), Seen::default());
+                fs.crash_after(step);
+                let r = workload(&mut bm, &fs, &mut rng, OPS, &mut out, &mut seen);
+                assert_eq!(r.is_err(), step <= total, "{what}: {r:?}");
+                if step % 2 == 0 {
+                    fs.writeback(&*bm.map, &bitmap_path());
+                }
+                drop(bm);
+                let mut bm = crash_and_recover(&fs, seed << 32 | step, 1 + step % 3);
+                assert_covers(&bm, &out, &what);
+
+                // Go on from the recovered state and crash once more at a seeded step.
+                let mut rng = Rng::new(seed * 1000 + step);
+                fs.crash_after(1 + rng.below(12));
+                let _ = workload(&mut bm, &fs, &mut rng, 40, &mut out, &mut seen);
+                if rng.below(2) == 0 {
+                    fs.writeback(&*bm.map, &bitmap_path());
+                }
+                drop(bm);
+                let bm = crash_and_recover(&fs, seed << 32 | step | 1 << 31, 1 + rng.below(3));
+                assert_covers(&bm, &out, &format!("{what}, second crash"));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Bad input.
+
+    /// A valid header of a `disk_bytes` disk after `f` changed it, crc recomputed.
+    fn header_with(disk_bytes: u64, f: impl FnOnce(&mut [u8; HEADER_BYTES])) -> Vec<u8> {
+        let mut b = encode_header(&Header {
+            disk_bytes,
+            config: cfg(32 * KIB, 8),
+            generation: 5,
+        });
+        f(&mut b);
+        let crc = header_crc(&b);
+        b[HEADER_CRC_OFFSET..HEADER_FIELDS_BYTES].copy_from_slice(&crc.to_le_bytes());
+        b.to_vec()
+    }
+
+    /// Opens, expecting a refusal that is not an I/O error.
+    fn refused(fs: &SimFs, what: &str) -> BitmapError {
+        match Bitmap::open(fs, &dir()) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e @ BitmapError::Io { .. }) => panic!("{what}: untyped {e}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Proves every truncation and extension of the bitmap file is a typed error.
+    #[test]
+    fn truncated_or_extended_files_are_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        let orig = fs.durable_contents(&bitmap_path()).unwrap();
+        assert_eq!(orig.len(), HEADER_BYTES + 8);
+        for len in 0..orig.len() {
+            rewrite(&fs, &bitmap_path(), &orig[..len]);
+            match refused(&fs, &format!("len {len}")) {
+                BitmapError::Truncated { need, got, .. } => {
+                    assert!(len < HEADER_BYTES);
+                    assert_eq!((need, got), (HEADER_BYTES as u64, len as u64));
+                }
+                BitmapError::SizeMismatch { file, .. } => {
+                    assert!(len >= HEADER_BYTES);
+                    assert_eq!(file, BITMAP);
+                }
+                e => panic!("len {len}: {e}"),
+            }
+        }
+        let mut longer = orig.clone();
+        longer.extend_from_slice(&[0; 8]);
+        rewrite(&fs, &bitmap_path(), &longer);
+        assert!(matches!(
+            refused(&fs, "longer"),
+            BitmapError::SizeMismatch { .. }
+        ));
+        rewrite(&fs, &bitmap_path(), &orig);
+        let log = fs.durable_contents(&log_path()).unwrap();
+        for len in [
+            0,
+            SLOT_BYTES,
+            LOG_BYTES as usize - 1,
+            LOG_BYTES as usize + 1,
+        ] {
+            let mut l = log.clone();
+            l.resize(len, 0);
+            rewrite(&fs, &log_path(), &l);
+            assert!(matches!(
+                refused(&fs, &format!("log len {len}")),
+                BitmapError::SizeMismatch { file: LOG, .. }
+            ));
+        }
+        rewrite(&fs, &log_path(), &log);
+        assert!(Bitmap::open(&fs, &dir()).is_ok());
+    }
+
+    /// Proves bit flips anywhere in the header are refused with a typed error.
+    #[test]
+    fn header_bit_flips_are_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        let path = bitmap_path();
+        let mut flips: Vec<(usize, u8)> = (0..HEADER_FIELDS_BYTES)
+            .flat_map(|byte| (0..8).map(move |bit| (byte, bit)))
+            .collect();
+        flips.extend((HEADER_FIELDS_BYTES..HEADER_BYTES).map(|byte| (byte, (byte % 8) as u8)));
+        for (byte, bit) in flips {
+            fs.flip_bit(&path, byte, bit);
+            let e = refused(&fs, &format!("byte {byte} bit {bit}"));
+            match byte {
+                0..4 => assert!(matches!(e, BitmapError::BadMagic { .. })),
+                4..6 => assert!(matches!(e, BitmapError::UnsupportedVersion { .. })),
+                _ => assert!(matches!(e, BitmapError::CrcMismatch { .. }), "{e}"),
+            }
+            fs.flip_bit(&path, byte, bit);
+        }
+        assert!(Bitmap::open(&fs, &dir()).is_ok());
+    }
+
+    /// Proves random bytes as a header, with or without a valid magic, version and crc,
+    /// are always refused with a typed error.
+    #[test]
+    fn random_headers_are_refused() {
+        let disk = 256 * KIB;
+        let (fs, bm) = setup(disk, cfg(32 * KIB, 8));
+        drop(bm);
+        let orig = fs.durable_contents(&bitmap_path()).unwrap();
+        let mut rng = Rng::new(7);
+        for i in 0..300 {
+            let mut head = [0u8; HEADER_BYTES];
+            rng.fill(&mut head);
+            let head = match i % 3 {
+                0 => head.to_vec(),
+                1 => header_with(disk, |b| b[6..].copy_from_slice(&head[6..])),
+                _ => header_with(disk, |b| {
+                    // Plausible field values, random within their types.
+                    b[8..16].copy_from_slice(&(rng.below(1 << 30) * 512).to_le_bytes());
+                    b[20..24].copy_from_slice(&(rng.below(600) as u32).to_le_bytes());
+                    b[24..32].copy_from_slice(&(rng.below(64) * 32 * KIB).to_le_bytes());
+                    b[32..40].copy_from_slice(&rng.next().to_le_bytes());
+                }),
+            };
+            let mut file = head;
+            file.extend_from_slice(&orig[HEADER_BYTES..]);
+            rewrite(&fs, &bitmap_path(), &file);
+            refused(&fs, &format!("case {i}"));
+        }
+    }
+
+    /// Proves unknown versions of the bitmap header and of a log slot are refused.
+    #[test]
+    fn unsupported_versions_are_refused() {
+        let disk = 256 * KIB;
+        let (fs, bm) = setup(disk, cfg(32 * KIB, 8));
+        drop(bm);
+        let orig = fs.durable_contents(&bitmap_path()).unwrap();
+        let mut file = header_with(disk, |b| b[4..6].copy_from_slice(&2u16.to_le_bytes()));
+        file.extend_from_slice(&orig[HEADER_BYTES..]);
+        rewrite(&fs, &bitmap_path(), &file);
+        assert!(matches!(
+            refused(&fs, "header v2"),
+            BitmapError::UnsupportedVersion {
+                file: BITMAP,
+                version: 2
+            }
+        ));
+        rewrite(&fs, &bitmap_path(), &orig);
+        let mut log = fs.durable_contents(&log_path()).unwrap();
+        let mut slot = encode_slot(2, &[1]);
+        slot[4] = 2;
+        let crc = crc32fast::hash(&slot[..SLOT_CRC_OFFSET]);
+        slot[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        log[2 * SLOT_BYTES..3 * SLOT_BYTES].copy_from_slice(&slot);
+        rewrite(&fs, &log_path(), &log);
+        assert!(matches!(
+            refused(&fs, "slot v2"),
+            BitmapError::UnsupportedVersion {
+                file: LOG,
+                version: 2
+            }
+        ));
+    }
+
+    /// Proves a bit flip anywhere in the newest log slot makes recovery fall back to the
+    /// previous transaction instead of failing or panicking.
+    #[test]
+    fn damaged_newest_slot_falls_back_to_previous() {
+        let (fs, mut bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        bm.mark(&[ext(0, 512)]).unwrap(); // seq 2 in slot 2: {0}
+        bm.mark(&[ext(32 * KIB, 512)]).unwrap(); // seq 3 in slot 3: {0, 1}
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let bitmap = fs.durable_contents(&bitmap_path()).unwrap();
+        let log = fs.durable_contents(&log_path()).unwrap();
+        {
+            let bm = Bitmap::open(&fs, &dir()).unwrap();
+            assert_eq!(dirty_list(&bm), (0..16).collect::<Vec<_>>());
+        }
+        let mut flips: Vec<(usize, u8)> = (0..SLOT_HEAD_BYTES + 16)
+            .chain(SLOT_CRC_OFFSET..SLOT_BYTES)
+            .flat_map(|byte| (0..8).map(move |bit| (byte, bit)))
+            .collect();
+        flips.extend(
+            (SLOT_HEAD_BYTES + 16..SLOT_CRC_OFFSET)
+                .step_by(61)
+                .map(|b| (b, (b % 8) as u8)),
+        );
+        for (byte, bit) in flips {
+            rewrite(&fs, &bitmap_path(), &bitmap);
+            rewrite(&fs, &log_path(), &log);
+            fs.flip_bit(&log_path(), 3 * SLOT_BYTES + byte, bit);
+            let bm =
+                Bitmap::open(&fs, &dir()).unwrap_or_else(|e| panic!("byte {byte} bit {bit}: {e}"));
+            assert_eq!(
+                dirty_list(&bm),
+                (0..8).collect::<Vec<_>>(),
+                "byte {byte} bit {bit}"
+            );
+        }
+    }
+
+    /// Proves random log contents give a typed error: no valid slot when no crc
+    /// matches, and a named field when a crc matches but the contents are wrong.
+    #[test]
+    fn random_log_bytes_are_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        let orig = fs.durable_contents(&log_path()).unwrap();
+        let mut rng = Rng::new(11);
+        for i in 0..300 {
+            let mut log = orig.clone();
+            if i % 3 == 0 {
+                rng.fill(&mut log);
+                rewrite(&fs, &log_path(), &log);
+                assert!(matches!(
+                    refused(&fs, &format!("case {i}")),
+                    BitmapError::NoValidLogSlot
+                ));
+                continue;
+            }
+            let mut slot = [0u8; SLOT_BYTES];
+            rng.fill(&mut slot);
+            if i % 3 == 2 {
+                // Valid magic, version and slot number; random count, regions, padding.
+                slot[..SLOT_HEAD_BYTES].copy_from_slice(&encode_slot(2, &[])[..SLOT_HEAD_BYTES]);
+                slot[16..20].copy_from_slice(&(rng.below(12) as u32).to_le_bytes());
+            }
+            let crc = crc32fast::hash(&slot[..SLOT_CRC_OFFSET]);
+            slot[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+            log[2 * SLOT_BYTES..3 * SLOT_BYTES].copy_from_slice(&slot);
+            rewrite(&fs, &log_path(), &log);
+            refused(&fs, &format!("case {i}"));
+        }
+    }
+
+    /// Proves a bitmap made for another disk size is refused, by the caller's size and
+    /// by a header that does not match the file length.
+    #[test]
+    fn other_disk_size_is_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        assert!(matches!(
+            Bitmap::open_for_disk(&fs, &dir(), 512 * KIB),
+            Err(BitmapError::DiskSizeMismatch {
+                bitmap_disk_bytes: 262_144,
+                disk_bytes: 524_288
+            })
+        ));
+        let orig = fs.durable_contents(&bitmap_path()).unwrap();
+        let mut file = header_with(512 * KIB, |_| {});
+        file.extend_from_slice(&orig[HEADER_BYTES..]);
+        rewrite(&fs, &bitmap_path(), &file);
+        assert!(matches!(
+            refused(&fs, "header of another disk"),
+            BitmapError::SizeMismatch { file: BITMAP, .. }
+        ));
+        rewrite(&fs, &bitmap_path(), &orig);
+        let bm = Bitmap::open_for_disk(&fs, &dir(), 256 * KIB).unwrap();
+        assert_eq!(bm.disk_bytes(), 256 * KIB);
+    }
+
+    /// Proves runs over a large, sparse bitmap are found (zero words skipped) and end
+    /// at the right blocks.
+    #[test]
+    fn runs_on_a_large_sparse_disk() {
+        let disk = 16 << 30;
+        let (_fs, mut bm) = setup(disk, BitmapConfig::default());
+        bm.mark(&[ext(4096 * 63, 4096 * 2), ext(disk - 8192, 8192)])
+            .unwrap();
+        bm.mark(&[ext(4096 * 1_000_000, 4096 * 200)]).unwrap();
+        let runs: Vec<Extent> = bm.dirty_runs().collect();
+        assert_eq!(
+            runs,
+            vec![
+                ext(4096 * 63, 8192),
+                ext(4096 * 1_000_000, 4096 * 200),
+                ext(disk - 8192, 8192)
+            ]
+        );
+        assert_eq!(bm.dirty_blocks(), 204);
+    }
+
+    /// Proves the real file system and memory map keep bits and hot regions across a
+    /// reopen without flush, and exactly the bits after a clean flush.
+    #[test]
+    fn real_fs_roundtrip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("disk0");
+        let disk = 64 << 20;
+        let mut bm = Bitmap::create(&RealFs, &d, disk, BitmapConfig::default()).unwrap();
+        bm.mark(&[ext(8192, 512)]).unwrap();
+        drop(bm);
+        let mut bm = Bitmap::open_for_disk(&RealFs, &d, disk).unwrap();
+        assert_eq!(bm.generation(), 2);
+        // Not flushed: the whole 4 MiB region 0 counts as dirty.
+        assert_eq!(
+            bm.dirty_runs().collect::<Vec<_>>(),
+            vec![ext(0, REGION_BYTES)]
+        );
+        bm.clear(ext(0, REGION_BYTES)).unwrap();
+        bm.mark(&[ext(20 << 20, 4096)]).unwrap();
+        bm.flush().unwrap();
+        drop(bm);
+        let bm = Bitmap::open(&RealFs, &d).unwrap();
+        assert_eq!(bm.generation(), 3);
+        assert_eq!(
+            bm.dirty_runs().collect::<Vec<_>>(),
+            vec![ext(20 << 20, 4096)]
+        );
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Property test against a naive model.
+
+    const PROP_DISK_BYTES: u64 = 300 * BLOCK_BYTES + 1024;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Proves marks, clears, counts and runs agree with a naive vector of bools on
+        /// an odd-sized disk, with evictions along the way.
+        #[test]
+        fn bits_match_naive_model(
+            ops in prop::collection::vec((any::<bool>(), 0u64..PROP_DISK_BYTES / 512, 1u64..48), 1..40)
+        ) {
+            let (_fs, mut bm) = setup(PROP_DISK_BYTES, cfg(32 * KIB, 3));
+            let n = bm.block_count() as usize;
+            let mut model = vec![false; n];
+            for (is_mark, sector, sectors) in ops {
+                let offset = sector * 512;
+                let len = (sectors * 512).min(PROP_DISK_BYTES - offset);
+                let e = ext(offset, len);
+                if is_mark {
+                    bm.mark(&[e]).unwrap();
+                    for b in blocks(&e) {
+                        model[b as usize] = true;
+                    }
+                } else {
+                    bm.clear(e).unwrap();
+                    for (b, m) in model.iter_mut().enumerate() {
+                        let start = b as u64 * BLOCK_BYTES;
+                        let end = (start + BLOCK_BYTES).min(PROP_DISK_BYTES);
+                        if e.offset <= start && end <= e.end() {
+                            *m = false;
+                        }
+                    }
+                }
+            }
+            for (b, &m) in model.iter().enumerate() {
+                prop_assert_eq!(bm.is_dirty(b as u64), m, "block {}", b);
+            }
+            prop_assert_eq!(bm.dirty_blocks(), model.iter().filter(|&&m| m).count() as u64);
+            let mut runs = Vec::new();
+            let mut b = 0;
+            while b < n {
+                if model[b] {
+                    let start = b;
+                    while b < n && model[b] {
+                        b += 1;
+                    }
+                    let off = start as u64 * BLOCK_BYTES;
+                    runs.push(ext(off, (b as u64 * BLOCK_BYTES).min(PROP_DISK_BYTES) - off));
+                } else {
+                    b += 1;
+                }
+            }
+            prop_assert_eq!(bm.dirty_runs().collect::<Vec<_>>(), runs);
+        }
     }
 }

@@ -26,8 +26,7 @@ pub const HASH_BYTES: usize = 32;
 
 // The largest hello and hash list bodies fit in a frame.
 const _: () = assert!(
-    8 + 65
-        + MAX_HELLO_GROUPS as usize * (2 + 65 + MAX_HELLO_DISKS as usize * (8 + 65))
+    8 + 65 + MAX_HELLO_GROUPS as usize * (2 + 65 + MAX_HELLO_DISKS as usize * (8 + 65))
         <= super::MAX_BODY_BYTES as usize
 );
 const _: () = assert!(16 + 65 + MAX_HASHES as usize * HASH_BYTES <= super::MAX_BODY_BYTES as usize);
@@ -241,7 +240,11 @@ impl HashListFrame {
     }
 }
 
-fn check_hash_list(block_size_bytes: u32, first_block: u64, count: usize) -> Result<(), FrameError> {
+fn check_hash_list(
+    block_size_bytes: u32,
+    first_block: u64,
+    count: usize,
+) -> Result<(), FrameError> {
     if block_size_bytes == 0
         || u64::from(block_size_bytes) % SECTOR_BYTES != 0
         || block_size_bytes > MAX_HASH_BLOCK_BYTES
@@ -486,13 +489,13 @@ pub fn decode_hash_list_body(body: &[u8]) -> Result<HashListFrame, FrameError> {
     // Bounded by MAX_HASHES, and every byte is known to be present.
     let mut hashes = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let h: [u8; HASH_BYTES] = r
-            .take(HASH_BYTES, "hash")?
-            .try_into()
-            .map_err(|_| FrameError::Invalid {
-                field: "hash",
-                why: "not 32 bytes".into(),
-            })?;
+        let h: [u8; HASH_BYTES] =
+            r.take(HASH_BYTES, "hash")?
+                .try_into()
+                .map_err(|_| FrameError::Invalid {
+                    field: "hash",
+                    why: "not 32 bytes".into(),
+                })?;
         hashes.push(h);
     }
     r.finish("hash list body")?;

@@ -4,8 +4,7 @@
 //! its cheap incompressibility test), the decoder and the extent checks both share.
 
 use super::{
-    FrameError, FrameHeader, FrameKind, MAX_BODY_BYTES, Reader, begin, put_id, seal,
-    verify_kind,
+    FrameError, FrameHeader, FrameKind, MAX_BODY_BYTES, Reader, begin, put_id, seal, verify_kind,
 };
 use crate::extent::{ExtentData, SECTOR_BYTES};
 
@@ -129,13 +128,13 @@ fn is_all_zero(b: &[u8]) -> bool {
 /// Checks one extent against the rules every data frame keeps (sector-aligned, not empty,
 /// no overflow, starting at or after `prev_end`) and returns its end.
 fn check_extent(index: usize, offset: u64, len: u64, prev_end: u64) -> Result<u64, FrameError> {
-    if offset % SECTOR_BYTES != 0 {
+    if !offset.is_multiple_of(SECTOR_BYTES) {
         return Err(FrameError::Invalid {
             field: "extent.offset",
             why: format!("extent {index}: offset {offset} is not a multiple of {SECTOR_BYTES}"),
         });
     }
-    if len == 0 || len % SECTOR_BYTES != 0 {
+    if len == 0 || !len.is_multiple_of(SECTOR_BYTES) {
         return Err(FrameError::Invalid {
             field: "extent.len",
             why: format!(
@@ -176,13 +175,10 @@ fn data_slices<'a>(
     extents: &'a [(u64, ExtentData<'a>)],
     zero: &'a [bool],
 ) -> impl Iterator<Item = &'a [u8]> + 'a {
-    extents
-        .iter()
-        .zip(zero)
-        .filter_map(|((_, d), &z)| match d {
-            ExtentData::Bytes(b) if !z => Some(*b),
-            _ => None,
-        })
+    extents.iter().zip(zero).filter_map(|((_, d), &z)| match d {
+        ExtentData::Bytes(b) if !z => Some(*b),
+        _ => None,
+    })
 }
 
 /// Copies `dst.len()` bytes starting at `pos` of the concatenation of `slices` into `dst`.
@@ -305,6 +301,15 @@ impl Encoder {
         }
 
         begin(out);
+        // One allocation at most for the whole frame (the raw payload is the largest).
+        out.reserve(
+            DATA_FIXED_BYTES
+                + 2
+                + meta.group.len()
+                + meta.disk.len()
+                + extents.len() * EXTENT_ENTRY_BYTES
+                + plain_bytes as usize,
+        );
         out.extend_from_slice(&meta.epoch.to_le_bytes());
         out.extend_from_slice(&(extents.len() as u32).to_le_bytes());
         let encoding_at = out.len();

@@ -156,7 +156,9 @@ fn data_round_trip_each_payload_kind() {
     let mut dec = Decoder::new();
     let mut out = Vec::new();
     for (i, (extents, encoding)) in cases.iter().enumerate() {
-        let stats = enc.encode_data(&meta(), 100 + i as u64, extents, &mut out).unwrap();
+        let stats = enc
+            .encode_data(&meta(), 100 + i as u64, extents, &mut out)
+            .unwrap();
         assert_eq!(stats.encoding, *encoding, "case {i}");
         let f = dec.decode_data(&out).unwrap();
         assert_eq!(f.seq, 100 + i as u64);
@@ -273,7 +275,11 @@ fn incompressible_detected_by_samples() {
     let s = enc
         .encode_data(&meta(), 2, &[(0, ExtentData::Bytes(&mixed))], &mut out)
         .unwrap();
-    assert_eq!(s.encoding, PayloadEncoding::Raw, "samples said incompressible");
+    assert_eq!(
+        s.encoding,
+        PayloadEncoding::Raw,
+        "samples said incompressible"
+    );
 
     // The reverse: compressible samples, random elsewhere; zstd still shrinks it a bit
     // or falls back to raw, and either way it decodes.
@@ -282,10 +288,18 @@ fn incompressible_detected_by_samples() {
     for at in [0, mid, n - SAMPLE_BYTES] {
         text_samples[at..at + SAMPLE_BYTES].copy_from_slice(&text);
     }
-    enc.encode_data(&meta(), 3, &[(0, ExtentData::Bytes(&text_samples))], &mut out)
-        .unwrap();
+    enc.encode_data(
+        &meta(),
+        3,
+        &[(0, ExtentData::Bytes(&text_samples))],
+        &mut out,
+    )
+    .unwrap();
     let f = Decoder::new().decode_data(&out).unwrap();
-    assert_eq!(f.extents().next(), Some((0, ExtentData::Bytes(&text_samples[..]))));
+    assert_eq!(
+        f.extents().next(),
+        Some((0, ExtentData::Bytes(&text_samples[..])))
+    );
 
     // Split over several extents, the samples are gathered across them.
     let parts = chunks_with_gaps(&mixed);
@@ -329,8 +343,14 @@ fn encoder_refuses_bad_extents() {
     };
     let m = meta();
     assert_eq!(field_of(&m, &[]), "extent_count");
-    assert_eq!(field_of(&m, &[(100, ExtentData::Bytes(&b))]), "extent.offset");
-    assert_eq!(field_of(&m, &[(0, ExtentData::Bytes(&b[..1000]))]), "extent.len");
+    assert_eq!(
+        field_of(&m, &[(100, ExtentData::Bytes(&b))]),
+        "extent.offset"
+    );
+    assert_eq!(
+        field_of(&m, &[(0, ExtentData::Bytes(&b[..1000]))]),
+        "extent.len"
+    );
     assert_eq!(field_of(&m, &[(0, ExtentData::Zero(0))]), "extent.len");
     let overlap = [(0, ExtentData::Bytes(&b)), (512, ExtentData::Zero(512))];
     assert_eq!(field_of(&m, &overlap), "extent.offset");
@@ -362,7 +382,10 @@ fn encoder_refuses_bad_extents() {
         .encode_data(&m, 1, &[(0, ExtentData::Bytes(&at_bound))], &mut out)
         .unwrap();
     assert_eq!(s.plain_bytes, u64::from(MAX_PLAIN_BYTES));
-    assert_eq!(Decoder::new().decode_data(&out).unwrap().plain_bytes(), s.plain_bytes);
+    assert_eq!(
+        Decoder::new().decode_data(&out).unwrap().plain_bytes(),
+        s.plain_bytes
+    );
 }
 
 /// Proves every truncation and every single-bit flip of a small data frame is refused.
@@ -406,11 +429,26 @@ fn resealed_body_corruptions_refused() {
         e => panic!("expected TooLarge, got {e:?}"),
     };
     // Extent order, overlap and alignment.
-    assert_eq!(invalid(corrupt_a(|f| put_u64(f, A_E0, 8192))), "extent.offset");
-    assert_eq!(invalid(corrupt_a(|f| put_u64(f, A_E1, 512))), "extent.offset");
-    assert_eq!(invalid(corrupt_a(|f| put_u64(f, A_E0, 100))), "extent.offset");
-    assert_eq!(invalid(corrupt_a(|f| put_u64(f, A_E1 + 8, 1000))), "extent.len");
-    assert_eq!(invalid(corrupt_a(|f| put_u64(f, A_E1 + 8, 0))), "extent.len");
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u64(f, A_E0, 8192))),
+        "extent.offset"
+    );
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u64(f, A_E1, 512))),
+        "extent.offset"
+    );
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u64(f, A_E0, 100))),
+        "extent.offset"
+    );
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u64(f, A_E1 + 8, 1000))),
+        "extent.len"
+    );
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u64(f, A_E1 + 8, 0))),
+        "extent.len"
+    );
     assert_eq!(
         invalid(corrupt_a(|f| put_u64(f, A_E1, u64::MAX - 511))),
         "extent.len"
@@ -420,7 +458,10 @@ fn resealed_body_corruptions_refused() {
         too_large(corrupt_a(|f| put_u32(f, A_COUNT, MAX_EXTENTS + 1))),
         "extent_count"
     );
-    assert_eq!(invalid(corrupt_a(|f| put_u32(f, A_COUNT, 0))), "extent_count");
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u32(f, A_COUNT, 0))),
+        "extent_count"
+    );
     assert_eq!(invalid(corrupt_a(|f| put_u32(f, A_COUNT, 3))), "data body");
     assert_eq!(invalid(corrupt_a(|f| put_u32(f, A_COUNT, 1))), "data body");
     assert_eq!(
@@ -428,7 +469,11 @@ fn resealed_body_corruptions_refused() {
         "plain_bytes"
     );
     assert_eq!(
-        too_large(corrupt_a(|f| put_u32(f, A_PAYLOAD_LEN, MAX_PLAIN_BYTES + 1))),
+        too_large(corrupt_a(|f| put_u32(
+            f,
+            A_PAYLOAD_LEN,
+            MAX_PLAIN_BYTES + 1
+        ))),
         "payload_bytes"
     );
     assert_eq!(
@@ -437,7 +482,10 @@ fn resealed_body_corruptions_refused() {
     );
     assert_eq!(invalid(corrupt_a(|f| f.push(0))), "data body");
     // Wrong plain length: extents hold more, or less, than plain_bytes says.
-    assert_eq!(invalid(corrupt_a(|f| put_u32(f, A_E1 + 16, 0))), "plain_bytes");
+    assert_eq!(
+        invalid(corrupt_a(|f| put_u32(f, A_E1 + 16, 0))),
+        "plain_bytes"
+    );
     assert_eq!(
         invalid(corrupt_a(|f| {
             put_u32(f, A_PLAIN, 1536);
@@ -455,19 +503,34 @@ fn resealed_body_corruptions_refused() {
         "payload_bytes"
     );
     // Reserved fields and flags.
-    assert_eq!(corrupt_a(|f| f[A_RESERVED + 1] = 1), Reserved("data.reserved"));
-    assert_eq!(corrupt_a(|f| put_u32(f, A_E0 + 16, 2)), Reserved("extent.flags"));
+    assert_eq!(
+        corrupt_a(|f| f[A_RESERVED + 1] = 1),
+        Reserved("data.reserved")
+    );
+    assert_eq!(
+        corrupt_a(|f| put_u32(f, A_E0 + 16, 2)),
+        Reserved("extent.flags")
+    );
     assert_eq!(
         corrupt_a(|f| put_u32(f, A_E1 + 16, 1 | 1 << 31)),
         Reserved("extent.flags")
     );
-    assert_eq!(corrupt_a(|f| put_u32(f, A_E0 + 20, 1)), Reserved("extent.reserved"));
+    assert_eq!(
+        corrupt_a(|f| put_u32(f, A_E0 + 20, 1)),
+        Reserved("extent.reserved")
+    );
     assert_eq!(invalid(corrupt_a(|f| f[A_E1 + 24] = 1)), "extent.blake3");
     // Ids.
     assert_eq!(invalid(corrupt_a(|f| f[A_GROUP + 1] = b'G')), "group");
     // Hash mismatch under a valid crc: a payload byte, or the stored hash.
-    assert_eq!(corrupt_a(|f| f[A_PAYLOAD + 700] ^= 1), HashMismatch { index: 0 });
-    assert_eq!(corrupt_a(|f| f[A_E0 + 24] ^= 0x80), HashMismatch { index: 0 });
+    assert_eq!(
+        corrupt_a(|f| f[A_PAYLOAD + 700] ^= 1),
+        HashMismatch { index: 0 }
+    );
+    assert_eq!(
+        corrupt_a(|f| f[A_E0 + 24] ^= 0x80),
+        HashMismatch { index: 0 }
+    );
 }
 
 /// Builds a zstd frame of `plain` compressible bytes, then swaps in another payload.
@@ -502,7 +565,10 @@ fn zstd_frame_with_payload(plain: usize, payload: Option<Vec<u8>>) -> FrameError
 fn zstd_payload_corruptions_refused() {
     let e = zstd_frame_with_payload(8192, None);
     assert!(
-        matches!(e, FrameError::Decompress(_) | FrameError::HashMismatch { .. }),
+        matches!(
+            e,
+            FrameError::Decompress(_) | FrameError::HashMismatch { .. }
+        ),
         "{e:?}"
     );
     let shorter = zstd::bulk::compress(&compressible(4096, 2), 1).unwrap();
@@ -564,11 +630,22 @@ fn oversized_body_len_refused_without_allocating() {
     let mut frame = frame_a();
     put_u32(&mut frame, 8, MAX_BODY_BYTES + 1);
     let e = Decoder::new().decode_data(&frame).unwrap_err();
-    assert!(matches!(e, FrameError::TooLarge { field: "body_len", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            FrameError::TooLarge {
+                field: "body_len",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     put_u32(&mut frame, 8, MAX_BODY_BYTES);
     let e = Decoder::new().decode_data(&frame).unwrap_err();
     assert!(matches!(e, FrameError::LengthMismatch { .. }), "{e:?}");
-    let e = Decoder::new().decode_data(&frame[..HEADER_BYTES]).unwrap_err();
+    let e = Decoder::new()
+        .decode_data(&frame[..HEADER_BYTES])
+        .unwrap_err();
     assert!(matches!(e, FrameError::LengthMismatch { .. }), "{e:?}");
 }
 

@@ -32,8 +32,114 @@
 //! | 26     | 2    | `reserved`     | must be 0                                   |
 //! | 28     | 1    | `group_len`    | 1..=64                                      |
 //! | 29     | n    | `group`        | the group id (`[a-z0-9][a-z0-9_-]{0,63}`)   |
+//!
+//! An id on the wire (group, disk, node) is always a `u8` length followed by that many
+//! bytes, checked against `[a-z0-9][a-z0-9_-]{0,63}`; below, `1+n` marks one.
+//!
+//! ## Data body (kind 1): extents of one disk and their bytes
+//!
+//! | offset | size   | field           | meaning                                                  |
+//! |-------:|-------:|-----------------|----------------------------------------------------------|
+//! | 0      | 8      | `epoch`         | the epoch the writes belong to                           |
+//! | 8      | 4      | `extent_count`  | 1..=[`MAX_EXTENTS`]                                      |
+//! | 12     | 1      | `encoding`      | [`PayloadEncoding`]: 0 none, 1 raw, 2 zstd               |
+//! | 13     | 3      | `reserved`      | must be 0                                                |
+//! | 16     | 4      | `plain_bytes`   | sum of the non-zero extents' lengths, <= [`MAX_PLAIN_BYTES`] |
+//! | 20     | 4      | `payload_bytes` | bytes of the payload as stored (see below)               |
+//! | 24     | 1+g    | `group`         | group id                                                 |
+//! | 25+g   | 1+d    | `disk`          | disk id                                                  |
+//! | T=26+g+d | 56 x count | extent table | entries as below, ascending, not overlapping      |
+//! | T+56 x count | `payload_bytes` | `payload` | the payload; the body ends with it           |
+//!
+//! Extent table entry ([`EXTENT_ENTRY_BYTES`] = 56 bytes). `len` is a u64 for every
+//! extent so that one entry format serves both kinds: a zero extent (a trim, or data
+//! found to be all zeros) may cover far more than a frame's plain bytes.
+//!
+//! | offset | size | field      | meaning                                                        |
+//! |-------:|-----:|------------|----------------------------------------------------------------|
+//! | 0      | 8    | `offset`   | byte offset in the disk, a multiple of 512                     |
+//! | 8      | 8    | `len`      | bytes, a positive multiple of 512; `offset + len` no overflow  |
+//! | 16     | 4    | `flags`    | bit 0 ([`EXTENT_FLAG_ZERO`]): all zeros, no payload bytes; other bits reserved, 0 |
+//! | 20     | 4    | `reserved` | must be 0                                                      |
+//! | 24     | 32   | `blake3`   | blake3 of the extent's plain bytes; all zeros for a zero extent |
+//!
+//! Each extent starts at or after the end of the one before it. The zero extents of a
+//! frame cover at most [`MAX_ZERO_BYTES`]. The payload is the concatenation of the
+//! non-zero extents' bytes in table order, stored as:
+//!
+//! | `encoding` | `payload_bytes`           | payload                                            |
+//! |------------|---------------------------|----------------------------------------------------|
+//! | 0 none     | 0, and `plain_bytes` is 0 | absent: every extent is a zero extent              |
+//! | 1 raw      | = `plain_bytes` (> 0)     | the plain bytes                                    |
+//! | 2 zstd     | > 0 and < `plain_bytes`   | one zstd frame decompressing to exactly `plain_bytes` |
+//!
+//! Decoding checks, in this order: header, length and crc ([`verify`]); every field and
+//! bound of the body and extent table (before allocating anything sized by them); the
+//! decompressed length, into a buffer of exactly `plain_bytes`; each extent's blake3.
+//! How the encoder decides between raw and zstd without a wasted compression pass on
+//! incompressible data is described on [`Encoder`]'s payload writer (three 4 KiB samples).
+//!
+//! ## Hello body (kind 3): the opening of a connection, from each side
+//!
+//! | offset | size | field         | meaning                                              |
+//! |-------:|-----:|---------------|------------------------------------------------------|
+//! | 0      | 2    | `version_min` | lowest protocol version spoken, >= 1                 |
+//! | 2      | 2    | `version_max` | highest protocol version spoken, >= `version_min`    |
+//! | 4      | 1    | `role`        | [`Role`]: 1 process server, 2 master target          |
+//! | 5      | 1    | `reserved`    | must be 0                                            |
+//! | 6      | 2    | `group_count` | <= [`MAX_HELLO_GROUPS`]                              |
+//! | 8      | 1+n  | `node`        | the sender's node id                                 |
+//! | ...    |      | groups        | `group_count` times: group entry, then its disks     |
+//!
+//! Group entry: `disk_count` u16 (<= [`MAX_HELLO_DISKS`]), then the group id (1+n); then
+//! `disk_count` disk entries: `size_bytes` u64 (a positive multiple of 512), then the
+//! disk id (1+n). Group ids are unique in a hello, disk ids unique in their group.
+//!
+//! ## Ack body (kind 4): frames of a group up to a sequence are durable
+//!
+//! | offset | size | field         | meaning                                              |
+//! |-------:|-----:|---------------|------------------------------------------------------|
+//! | 0      | 8    | `durable_seq` | highest frame sequence of the group durable in the journal |
+//! | 8      | 1+n  | `group`       | group id                                             |
+//!
+//! ## Error body (kind 5): a refusal
+//!
+//! | offset | size | field         | meaning                                              |
+//! |-------:|-----:|---------------|------------------------------------------------------|
+//! | 0      | 2    | `code`        | non-zero; `ErrorFrame::BAD_FRAME`, `UNKNOWN_DISK`, ... |
+//! | 2      | 2    | `message_len` | <= [`MAX_ERROR_MESSAGE_BYTES`]                        |
+//! | 4      | n    | `message`     | UTF-8, for people                                    |
+//!
+//! ## Hash list body (kind 6): blake3 of consecutive blocks of a disk (resync)
+//!
+//! | offset | size    | field              | meaning                                        |
+//! |-------:|--------:|--------------------|------------------------------------------------|
+//! | 0      | 4       | `block_size_bytes` | a positive multiple of 512, <= [`MAX_HASH_BLOCK_BYTES`] |
+//! | 4      | 4       | `count`            | <= [`MAX_HASHES`]; may be 0                    |
+//! | 8      | 8       | `first_block`      | index of the first block; `(first_block + count) * block_size_bytes` fits a u64 |
+//! | 16     | 1+n     | `disk`             | disk id                                        |
+//! | 17+n   | 32 x count | `hashes`        | blake3 of each block in order; the body ends with them |
+//!
+//! Hello, ack, error and hash list frames carry `seq` 0 in the header; decoders refuse
+//! any other value. [`decode`] checks any frame and returns its typed contents.
 
 use thiserror::Error;
+
+mod control;
+mod data;
+
+pub use control::{
+    Ack, ErrorFrame, HASH_BYTES, HashListFrame, Hello, HelloDisk, HelloGroup,
+    MAX_ERROR_MESSAGE_BYTES, MAX_HASH_BLOCK_BYTES, MAX_HASHES, MAX_HELLO_DISKS, MAX_HELLO_GROUPS,
+    PROTOCOL_VERSION, Role, decode_ack, decode_ack_body, decode_error, decode_error_body,
+    decode_hash_list, decode_hash_list_body, decode_hello, decode_hello_body, encode_ack,
+    encode_error, encode_hash_list, encode_hello,
+};
+pub use data::{
+    DATA_FIXED_BYTES, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo, DataFrameMeta, Decoder,
+    EXTENT_ENTRY_BYTES, EXTENT_FLAG_ZERO, EncodeStats, Encoder, ExtentEntry, MAX_EXTENTS,
+    MAX_PLAIN_BYTES, MAX_ZERO_BYTES, PayloadEncoding, peek_data,
+};
 
 /// The frame magic. Never modify: it names the format on every wire and disk.
 pub const MAGIC: [u8; 4] = *b"BRFR";
@@ -259,13 +365,11 @@ pub fn verify_kind(frame: &[u8], kind: FrameKind) -> Result<(FrameHeader, &[u8])
 }
 
 /// A cursor over a body that turns every short read into [`FrameError::Truncated`].
-#[allow(dead_code)] // some readers arrive with the data and hello bodies
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
-#[allow(dead_code)]
 impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8]) -> Self {
         Self { buf, pos: 0 }
@@ -413,6 +517,44 @@ pub fn decode_point_body(body: &[u8]) -> Result<PointRecord, FrameError> {
         kind,
         consistent,
         group,
+    })
+}
+
+/// Any frame, decoded and verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Data(DataFrame),
+    Point(FrameHeader, PointRecord),
+    Hello(Hello),
+    Ack(Ack),
+    Error(ErrorFrame),
+    HashList(HashListFrame),
+}
+
+/// Verifies any frame (length and crc first) and decodes its body by kind. Data frames
+/// are decompressed and their blake3 hashes checked with `dec`.
+pub fn decode(frame: &[u8], dec: &mut Decoder) -> Result<Frame, FrameError> {
+    let h = verify(frame)?;
+    let body = &frame[HEADER_BYTES..];
+    Ok(match h.kind {
+        FrameKind::Data => Frame::Data(dec.decode_data_body(&h, body)?),
+        FrameKind::Point => Frame::Point(h, decode_point_body(body)?),
+        FrameKind::Hello => {
+            control::check_control_seq(&h)?;
+            Frame::Hello(decode_hello_body(body)?)
+        }
+        FrameKind::Ack => {
+            control::check_control_seq(&h)?;
+            Frame::Ack(decode_ack_body(body)?)
+        }
+        FrameKind::Error => {
+            control::check_control_seq(&h)?;
+            Frame::Error(decode_error_body(body)?)
+        }
+        FrameKind::HashList => {
+            control::check_control_seq(&h)?;
+            Frame::HashList(decode_hash_list_body(body)?)
+        }
     })
 }
 

@@ -15,11 +15,10 @@
 //! table comes from that command.
 
 use std::hint::black_box;
-use std::io::Read;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockrep::workload::{random_bytes, realistic_bytes, zero90_bytes};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use datapath::extent::ExtentData;
 use datapath::frame::{self, DataFrameMeta, Decoder, Encoder};
@@ -33,77 +32,6 @@ const EXTENT_BYTES: usize = 64 << 10;
 const EXTENTS_PER_FRAME: usize = 16;
 /// Frames per group commit in the journal bench.
 const FRAMES_PER_COMMIT: usize = 16;
-
-fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
-
-/// The machine's own files under /usr, concatenated: binaries, libraries and text, as
-/// a system disk holds them. Falls back to a text-like generator if /usr is sparse.
-fn realistic_bytes(n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n);
-    let mut stack = vec![
-        Path::new("/usr/bin").to_path_buf(),
-        Path::new("/usr/lib").to_path_buf(),
-        Path::new("/usr/share").to_path_buf(),
-    ];
-    while let Some(dir) = stack.pop() {
-        if out.len() >= n {
-            break;
-        }
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            if out.len() >= n {
-                break;
-            }
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file()
-                && let Ok(mut f) = std::fs::File::open(e.path())
-            {
-                let mut buf = Vec::new();
-                if f.by_ref().take(4 << 20).read_to_end(&mut buf).is_ok() {
-                    out.extend_from_slice(&buf);
-                }
-            }
-        }
-    }
-    let mut i = 0u64;
-    while out.len() < n {
-        i += 1;
-        out.extend_from_slice(
-            format!("line {i} of generated text, value {}\n", i * 7919 % 1000).as_bytes(),
-        );
-    }
-    out.truncate(n);
-    out
-}
-
-fn zero90_bytes(n: usize) -> Vec<u8> {
-    let real = realistic_bytes(n / 10 + EXTENT_BYTES);
-    let mut out = vec![0u8; n];
-    for (i, chunk) in out.chunks_mut(EXTENT_BYTES).enumerate() {
-        if i % 10 == 0 {
-            let src = (i / 10) * EXTENT_BYTES;
-            let len = chunk.len();
-            chunk.copy_from_slice(&real[src..src + len]);
-        }
-    }
-    out
-}
 
 fn datasets() -> Vec<(&'static str, Vec<u8>)> {
     vec![

@@ -877,6 +877,14 @@ impl Spool {
         };
         let mut firsts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         firsts.sort_unstable();
+        if firsts.first() == Some(&0) {
+            // Seqs start at 1: no spool ever names a segment 0.
+            return Err(SpoolError::Corruption {
+                segment: dir.join(segment_file_name(0)),
+                offset: 0,
+                why: "segment name has first seq 0 (seqs start at 1)".into(),
+            });
+        }
 
         if firsts.is_empty() {
             let active = create_segment(&*fs, dir, 1)?;
@@ -974,8 +982,13 @@ impl Spool {
             while pos < len {
                 let why = match read_record(&*file, pos, len, true) {
                     Ok((h, _)) if h.seq == seq => {
+                        // A valid record with the last seq there is leaves no seq for
+                        // the next append: refused like any impossible seq.
+                        let Some(next) = seq.checked_add(1) else {
+                            return Err(corrupt(pos, format!("record has seq {seq}, the last")));
+                        };
                         pos += h.total_bytes();
-                        seq += 1;
+                        seq = next;
                         records += 1;
                         continue;
                     }
@@ -1099,7 +1112,15 @@ impl Spool {
     /// syncs the old segment and creates the next one durably. `Full` and
     /// `InvalidRecord` write nothing.
     pub fn append(&mut self, rec: &SpoolRecordRef<'_>) -> Result<u64, SpoolError> {
-        let seq = self.last_seq + 1;
+        // Open refuses a record with seq u64::MAX, so this fails only at the very end
+        // of the seq space (a spool whose segment name was forged near it).
+        let seq = self
+            .last_seq
+            .checked_add(1)
+            .filter(|&s| s < u64::MAX)
+            .ok_or_else(|| SpoolError::InvalidRecord {
+                why: format!("no seq after {} is left", self.last_seq),
+            })?;
         let (disk, data) = rec.disk_and_data();
         let mut head = rec.header(seq, self.durable_seq);
         if disk.len() > DISK_ID_BYTES_MAX || data.len() > RECORD_DATA_BYTES_MAX as usize {
@@ -2404,5 +2425,43 @@ mod tests {
         crc.update(&zero[..60]);
         crc.update(b"ab");
         assert_eq!(le_u32(zero, 60), crc.finalize());
+    }
+
+    /// Proves a segment file named with seq 0, or a record with seq `u64::MAX` (whose
+    /// successor does not exist), is refused with a typed error instead of a panic.
+    #[test]
+    fn extreme_seqs_in_names_and_records_are_refused() {
+        let c = cfg(4096, 1 << 20);
+        // A header-less (empty) last segment named with seq 0.
+        let fs = SimFs::new();
+        put_file(&fs, &dir().join("spool-00000000000000000000.seg"), &[]);
+        assert!(open(&fs, c).is_err());
+
+        // A valid segment whose first record has seq u64::MAX.
+        let fs = SimFs::new();
+        let mut seg = encode_segment_header(u64::MAX).to_vec();
+        let rec = SpoolRecordRef::Cut {
+            epoch: 1,
+            point_id: 1,
+            time_unix_ms: 1,
+            app_consistent: false,
+        };
+        let mut head = rec.header(u64::MAX, 0).encode();
+        let crc = crc32fast::hash(&head[..RECORD_CRC_OFFSET]);
+        head[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        seg.extend_from_slice(&head);
+        put_file(&fs, &seg_path(u64::MAX), &seg);
+        assert!(open(&fs, c).is_err());
+
+        // A header-less last segment named u64::MAX - 1 opens empty; its one append
+        // takes seq u64::MAX - 1 and the next is refused, not a panic.
+        let fs = SimFs::new();
+        put_file(&fs, &seg_path(u64::MAX - 1), &[]);
+        let (mut sp, _) = open(&fs, c).unwrap();
+        assert_eq!(sp.append(&rec).unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            sp.append(&rec),
+            Err(SpoolError::InvalidRecord { .. })
+        ));
     }
 }

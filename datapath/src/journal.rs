@@ -810,6 +810,10 @@ impl Journal {
                             h.seq
                         )));
                     }
+                    if h.seq == u64::MAX {
+                        // No seq can follow it: never written by a journal.
+                        return Err(corrupt(format!("frame seq {} is the last one", h.seq)));
+                    }
                     match h.kind {
                         FrameKind::Data => {}
                         FrameKind::Point => {
@@ -1239,7 +1243,9 @@ fn find_valid_frame(
             // Every frame is at least a header long, which bounds the seq a frame this
             // far into the tail can have; that keeps stray magic bytes inside a data
             // payload from counting.
-            let seq_max = expected + (at - from) / frame::HEADER_BYTES as u64 + 1;
+            let seq_max = expected
+                .saturating_add((at - from) / frame::HEADER_BYTES as u64)
+                .saturating_add(1);
             if let Ok(h) = read_frame_at(f, at, file_bytes, &mut candidate)
                 && matches!(h.kind, FrameKind::Data | FrameKind::Point)
                 && (expected..=seq_max).contains(&h.seq)
@@ -2448,6 +2454,24 @@ mod tests {
             drop(j);
             let (j, _) = open(&fs, JournalConfig::default()).unwrap();
             check(&j, &model)?;
+        }
+    }
+
+    /// Proves a crc-valid frame with seq `u64::MAX` (no seq can follow it) in a segment
+    /// is refused as corruption, in the last segment as well, instead of overflowing.
+    #[test]
+    fn frame_with_the_last_seq_is_refused() {
+        let fs = SimFs::new();
+        put_file(
+            &fs,
+            &dir().join(STATE_FILE),
+            &encode_state(GROUP, u64::MAX - 1),
+        );
+        let mut seg = encode_segment_header(GROUP, u64::MAX);
+        seg.extend_from_slice(&data_frame(u64::MAX, b"x"));
+        put_file(&fs, &seg_path(u64::MAX), &seg);
+        for c in [JournalConfig::default(), absolute(SEGMENT_BYTES_DEFAULT)] {
+            assert!(matches!(open(&fs, c), Err(JournalError::Corruption { .. })));
         }
     }
 }

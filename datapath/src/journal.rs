@@ -419,6 +419,20 @@ fn decode_fixed(
     Ok(le_u64(b, OFF_SEQ))
 }
 
+/// Reads the state file, or `None` when there is none. A file longer than the format
+/// is read only up to one byte past it, which [`decode_state`] then refuses by its
+/// length: the file's size never sizes an allocation.
+fn read_state_file(fs: &dyn Storage, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    if !fs.exists(path) {
+        return Ok(None);
+    }
+    let f = fs.open(path, OpenMode::ReadOnly)?;
+    let len = f.len()?.min(STATE_BYTES as u64 + 1) as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(Some(buf))
+}
+
 /// Encodes a segment header.
 pub fn encode_segment_header(group: &str, first_seq: u64) -> Vec<u8> {
     encode_fixed(SEGMENT_MAGIC, first_seq, group, SEGMENT_HEADER_BYTES)
@@ -547,7 +561,7 @@ impl Journal {
         }
         segs.sort_unstable();
         let state_path = dir.join(STATE_FILE);
-        let state = storage::read_whole(fs.as_ref(), &state_path)
+        let state = read_state_file(fs.as_ref(), &state_path)
             .map_err(io_err("read journal state", &state_path))?;
         let base_seq = match &state {
             Some(b) => decode_state(b, group, &state_path)?,
@@ -2473,5 +2487,84 @@ mod tests {
         for c in [JournalConfig::default(), absolute(SEGMENT_BYTES_DEFAULT)] {
             assert!(matches!(open(&fs, c), Err(JournalError::Corruption { .. })));
         }
+    }
+
+    /// A storage that reports a huge length for the state file, to catch a reader that
+    /// allocates what the file claims.
+    struct HugeState(SimFs);
+    struct HugeFile(Box<dyn StorageFile>);
+    impl StorageFile for HugeFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_all_at(buf, offset)
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(1 << 60)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+    }
+    impl Storage for HugeState {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+            let f = self.0.open(path, mode)?;
+            Ok(if path.ends_with(STATE_FILE) {
+                Box::new(HugeFile(f))
+            } else {
+                f
+            })
+        }
+        fn map_mut(&self, path: &Path) -> io::Result<Box<dyn crate::storage::MappedFile>> {
+            self.0.map_mut(path)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.0.create_dir_all(path)
+        }
+        fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+            self.0.list_dir(dir)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.0.exists(path)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.0.remove_file(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+    }
+
+    /// Proves a state file longer than the format is refused by its length, before a
+    /// buffer of that length is allocated.
+    #[test]
+    fn huge_state_file_refused_without_allocating() {
+        let fs = SimFs::new();
+        let mut long = encode_state(GROUP, 0);
+        long.push(0);
+        put_file(&fs, &dir().join(STATE_FILE), &long);
+        let r = Journal::open(
+            Arc::new(HugeState(fs)),
+            &dir(),
+            GROUP,
+            JournalConfig::default(),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(JournalError::BadHeader {
+                    field: "length",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
     }
 }

@@ -810,6 +810,14 @@ impl Bitmap {
             }
         }
         let (log_seq, recovered) = newest.ok_or(BitmapError::NoValidLogSlot)?;
+        if log_seq == u64::MAX {
+            // No transaction can follow it; refused before anything changes.
+            return Err(BitmapError::Invalid {
+                file: LOG,
+                field: "seq",
+                why: "at its maximum".into(),
+            });
+        }
 
         let map = fs
             .map_mut(&bitmap_path)
@@ -1002,8 +1010,15 @@ impl Bitmap {
     fn write_log(&mut self, regions: &[u64]) -> Result<(), BitmapError> {
         // The sequence advances even when the write fails, so that a retry can never
         // land in the slot holding the newest valid transaction.
-        self.log_seq += 1;
-        let seq = self.log_seq;
+        let Some(seq) = self.log_seq.checked_add(1) else {
+            self.poisoned = true;
+            return Err(BitmapError::Invalid {
+                file: LOG,
+                field: "seq",
+                why: "at its maximum".into(),
+            });
+        };
+        self.log_seq = seq;
         let slot = encode_slot(seq, regions);
         let r = self
             .log
@@ -1945,5 +1960,34 @@ mod tests {
             }
             prop_assert_eq!(bm.dirty_runs().collect::<Vec<_>>(), runs);
         }
+    }
+
+    /// Proves a crc-valid log slot holding the largest seq (no next transaction can
+    /// follow it) is refused on open with a typed error instead of overflowing.
+    #[test]
+    fn log_seq_at_its_maximum_is_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        let mut log = fs.durable_contents(&log_path()).unwrap();
+        let at = slot_offset(u64::MAX) as usize;
+        log[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(u64::MAX, &[0]));
+        rewrite(&fs, &log_path(), &log);
+        assert!(matches!(
+            Bitmap::open(&fs, &dir()),
+            Err(BitmapError::Invalid { field: "seq", .. })
+        ));
+
+        // One below the maximum opens; the transaction after the next is refused.
+        log[at..at + SLOT_BYTES].fill(0);
+        let at = slot_offset(u64::MAX - 1) as usize;
+        log[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(u64::MAX - 1, &[]));
+        rewrite(&fs, &log_path(), &log);
+        let mut bm = Bitmap::open(&fs, &dir()).unwrap();
+        bm.mark(&[ext(0, 512)]).unwrap();
+        assert!(matches!(
+            bm.mark(&[ext(64 * KIB, 512)]),
+            Err(BitmapError::Invalid { field: "seq", .. })
+        ));
+        assert!(bm.is_poisoned());
     }
 }

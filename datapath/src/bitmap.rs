@@ -55,7 +55,7 @@
 //!
 //! | operation | order |
 //! |-----------|-------|
-//! | `create`  | bitmap file: set_len, header written, `sync_data` -> log file: set_len, slot of seq 1 (empty set), `sync_data` -> `sync_dir(dir)` |
+//! | `create`  | bitmap file: set_len, header written, `sync_data` -> log file: set_len, slot of seq 1 (empty set), `sync_data` -> `sync_dir(dir)` -> `sync_dir` of its parent |
 //! | `mark`    | evicted regions' bits flushed (one `flush_range` each) -> log slot written, `sync_data` -> bits set in the map |
 //! | `clear`   | bits cleared in the map (no sync) |
 //! | `open`    | header and log read and checked -> recovered regions' bits set, generation bumped -> whole map flushed -> (if any region was recovered) empty log slot, `sync_data` |
@@ -698,6 +698,11 @@ impl Bitmap {
             .map_err(io_err("write hot-region log slot"))?;
         log.sync_data().map_err(io_err("sync hot-region log"))?;
         fs.sync_dir(dir).map_err(io_err("sync state directory"))?;
+        // The state directory may be new: make its own name durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent)
+                .map_err(io_err("sync parent of state directory"))?;
+        }
         let map = fs
             .map_mut(&bitmap_path)
             .map_err(io_err("map bitmap file"))?;
@@ -810,6 +815,14 @@ impl Bitmap {
             }
         }
         let (log_seq, recovered) = newest.ok_or(BitmapError::NoValidLogSlot)?;
+        if log_seq == u64::MAX {
+            // No transaction can follow it; refused before anything changes.
+            return Err(BitmapError::Invalid {
+                file: LOG,
+                field: "seq",
+                why: "at its maximum".into(),
+            });
+        }
 
         let map = fs
             .map_mut(&bitmap_path)
@@ -1002,8 +1015,15 @@ impl Bitmap {
     fn write_log(&mut self, regions: &[u64]) -> Result<(), BitmapError> {
         // The sequence advances even when the write fails, so that a retry can never
         // land in the slot holding the newest valid transaction.
-        self.log_seq += 1;
-        let seq = self.log_seq;
+        let Some(seq) = self.log_seq.checked_add(1) else {
+            self.poisoned = true;
+            return Err(BitmapError::Invalid {
+                file: LOG,
+                field: "seq",
+                why: "at its maximum".into(),
+            });
+        };
+        self.log_seq = seq;
         let slot = encode_slot(seq, regions);
         let r = self
             .log
@@ -1945,5 +1965,74 @@ mod tests {
             }
             prop_assert_eq!(bm.dirty_runs().collect::<Vec<_>>(), runs);
         }
+    }
+
+    /// Proves a crc-valid log slot holding the largest seq (no next transaction can
+    /// follow it) is refused on open with a typed error instead of overflowing.
+    #[test]
+    fn log_seq_at_its_maximum_is_refused() {
+        let (fs, bm) = setup(256 * KIB, cfg(32 * KIB, 8));
+        drop(bm);
+        let mut log = fs.durable_contents(&log_path()).unwrap();
+        let at = slot_offset(u64::MAX) as usize;
+        log[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(u64::MAX, &[0]));
+        rewrite(&fs, &log_path(), &log);
+        assert!(matches!(
+            Bitmap::open(&fs, &dir()),
+            Err(BitmapError::Invalid { field: "seq", .. })
+        ));
+
+        // One below the maximum opens; the transaction after the next is refused.
+        log[at..at + SLOT_BYTES].fill(0);
+        let at = slot_offset(u64::MAX - 1) as usize;
+        log[at..at + SLOT_BYTES].copy_from_slice(&encode_slot(u64::MAX - 1, &[]));
+        rewrite(&fs, &log_path(), &log);
+        let mut bm = Bitmap::open(&fs, &dir()).unwrap();
+        bm.mark(&[ext(0, 512)]).unwrap();
+        assert!(matches!(
+            bm.mark(&[ext(64 * KIB, 512)]),
+            Err(BitmapError::Invalid { field: "seq", .. })
+        ));
+        assert!(bm.is_poisoned());
+    }
+
+    /// Proves create makes the state directory's own name durable (a sync of its
+    /// parent), not only the files inside it: a bitmap whose directory vanishes in a
+    /// crash would let the caller start over without the dirt it had recorded.
+    #[test]
+    fn create_syncs_the_parent_directory() {
+        struct Recording(SimFs, std::sync::Mutex<Vec<PathBuf>>);
+        impl Storage for Recording {
+            fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+                self.0.open(path, mode)
+            }
+            fn map_mut(&self, path: &Path) -> io::Result<Box<dyn MappedFile>> {
+                self.0.map_mut(path)
+            }
+            fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+                self.0.create_dir_all(path)
+            }
+            fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+                self.0.list_dir(dir)
+            }
+            fn exists(&self, path: &Path) -> bool {
+                self.0.exists(path)
+            }
+            fn remove_file(&self, path: &Path) -> io::Result<()> {
+                self.0.remove_file(path)
+            }
+            fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+                self.0.rename(from, to)
+            }
+            fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+                self.1.lock().unwrap().push(dir.to_path_buf());
+                self.0.sync_dir(dir)
+            }
+        }
+        let fs = Recording(SimFs::new(), Default::default());
+        Bitmap::create(&fs, &dir(), 256 * KIB, cfg(32 * KIB, 8)).unwrap();
+        let synced = fs.1.lock().unwrap().clone();
+        assert!(synced.contains(&dir()), "{synced:?}");
+        assert!(synced.contains(&PathBuf::from("/state")), "{synced:?}");
     }
 }

@@ -46,7 +46,9 @@
 //! carry at most `frame_bytes_max` payload bytes and at most [`CHUNK_EXTENTS_MAX`]
 //! extents; one group becomes one frame. Groups are filled greedily: a data extent
 //! that does not fit in what is left of a group is split at a sector boundary and
-//! continues in the next group. Zero extents carry no payload and are never split.
+//! continues in the next group. Zero extents carry no payload; they are split only
+//! where a group would otherwise cover more than a data frame's bound on zero bytes
+//! ([`crate::frame::MAX_ZERO_BYTES`]), so that every group encodes into one frame.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map;
@@ -71,6 +73,10 @@ pub const CHUNK_EXTENTS_MAX: usize = 4096;
 
 const _: () =
     assert!(EXTENT_BYTES_MAX.is_multiple_of(SECTOR_BYTES) && EXTENT_BYTES_MAX >= SECTOR_BYTES);
+const _: () = assert!(
+    crate::frame::MAX_ZERO_BYTES.is_multiple_of(SECTOR_BYTES)
+        && crate::frame::MAX_ZERO_BYTES >= SECTOR_BYTES
+);
 
 /// Why a byte range was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -422,8 +428,9 @@ impl EpochMap {
 
     /// The map split, in order, into non-empty groups of at most `frame_bytes_max`
     /// payload bytes (rounded down to a sector multiple) and at most `extents_max`
-    /// extents each. A data extent that does not fit in what is left of a group is
-    /// split at a sector boundary. Concatenated, the groups are exactly the map.
+    /// extents each, and zero extents covering at most [`crate::frame::MAX_ZERO_BYTES`].
+    /// An extent that does not fit in what is left of a group is split at a sector
+    /// boundary. Concatenated, the groups are exactly the map.
     ///
     /// # Panics
     /// When `frame_bytes_max < SECTOR_BYTES` or `extents_max == 0`: no group could
@@ -438,6 +445,7 @@ impl EpochMap {
             entries: self.entries.iter(),
             pending: None,
             payload_bytes_max: frame_bytes_max - frame_bytes_max % SECTOR_BYTES,
+            zero_bytes_max: crate::frame::MAX_ZERO_BYTES,
             extents_max,
         }
     }
@@ -560,6 +568,8 @@ pub struct Chunks<'a> {
     /// The rest of a data extent split at the end of the previous group.
     pending: Option<(u64, ExtentData<'a>)>,
     payload_bytes_max: u64,
+    /// A data frame refuses more zero bytes than this (a sector multiple).
+    zero_bytes_max: u64,
     extents_max: usize,
 }
 
@@ -569,6 +579,7 @@ impl<'a> Iterator for Chunks<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         let mut group = Vec::new();
         let mut payload_bytes = 0;
+        let mut zero_bytes = 0;
         while group.len() < self.extents_max {
             let Some((offset, data)) = self
                 .pending
@@ -578,7 +589,22 @@ impl<'a> Iterator for Chunks<'a> {
                 break;
             };
             match data {
-                ExtentData::Zero(_) => group.push((offset, data)),
+                ExtentData::Zero(n) => {
+                    // A sector multiple, like the bound.
+                    let room = self.zero_bytes_max - zero_bytes;
+                    if room == 0 {
+                        self.pending = Some((offset, data));
+                        break;
+                    }
+                    if n <= room {
+                        zero_bytes += n;
+                        group.push((offset, data));
+                    } else {
+                        group.push((offset, ExtentData::Zero(room)));
+                        self.pending = Some((offset + room, ExtentData::Zero(n - room)));
+                        break;
+                    }
+                }
                 ExtentData::Bytes(b) => {
                     // A sector multiple: the bound is one and so is every payload.
                     let room = self.payload_bytes_max - payload_bytes;
@@ -897,6 +923,38 @@ mod tests {
             Some(&(4 << 20, ExtentData::Zero(1 << 20)))
         );
         assert_eq!(EpochMap::new(S).chunks(S).count(), 0);
+    }
+
+    /// Proves a trim larger than a data frame may carry (and many trims that together
+    /// are) comes out in chunks that each stay within the frame's zero-byte bound, so
+    /// every chunk encodes into a frame.
+    #[test]
+    fn chunks_bound_zero_bytes_per_frame() {
+        let max = crate::frame::MAX_ZERO_BYTES;
+        let mut m = EpochMap::new(8 * max);
+        m.insert_zero(0, 2 * max + S).unwrap();
+        m.insert(3 * max, &[7u8; 512]).unwrap();
+        m.insert_zero(4 * max, max - S).unwrap();
+        m.insert_zero(5 * max, 2 * S).unwrap();
+        let mut enc = crate::frame::Encoder::uncompressed();
+        let meta = crate::frame::DataFrameMeta {
+            group: "g".into(),
+            disk: "d".into(),
+            epoch: 1,
+        };
+        let mut out = Vec::new();
+        let mut covered = 0;
+        for group in m.chunks(1 << 20) {
+            let zero: u64 = group
+                .iter()
+                .filter(|(_, d)| matches!(d, ExtentData::Zero(_)))
+                .map(|(_, d)| d.len())
+                .sum();
+            assert!(zero <= max, "a chunk carries {zero} zero bytes");
+            covered += group.iter().map(|(_, d)| d.len()).sum::<u64>();
+            enc.encode_data(&meta, 1, &group, &mut out).unwrap();
+        }
+        assert_eq!(covered, m.covered_bytes());
     }
 
     fn snapshot(m: &EpochMap) -> Vec<(u64, Vec<u8>)> {

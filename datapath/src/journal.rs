@@ -419,6 +419,20 @@ fn decode_fixed(
     Ok(le_u64(b, OFF_SEQ))
 }
 
+/// Reads the state file, or `None` when there is none. A file longer than the format
+/// is read only up to one byte past it, which [`decode_state`] then refuses by its
+/// length: the file's size never sizes an allocation.
+fn read_state_file(fs: &dyn Storage, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    if !fs.exists(path) {
+        return Ok(None);
+    }
+    let f = fs.open(path, OpenMode::ReadOnly)?;
+    let len = f.len()?.min(STATE_BYTES as u64 + 1) as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(Some(buf))
+}
+
 /// Encodes a segment header.
 pub fn encode_segment_header(group: &str, first_seq: u64) -> Vec<u8> {
     encode_fixed(SEGMENT_MAGIC, first_seq, group, SEGMENT_HEADER_BYTES)
@@ -547,7 +561,7 @@ impl Journal {
         }
         segs.sort_unstable();
         let state_path = dir.join(STATE_FILE);
-        let state = storage::read_whole(fs.as_ref(), &state_path)
+        let state = read_state_file(fs.as_ref(), &state_path)
             .map_err(io_err("read journal state", &state_path))?;
         let base_seq = match &state {
             Some(b) => decode_state(b, group, &state_path)?,
@@ -809,6 +823,10 @@ impl Journal {
                             "frame seq {} where {expected} belongs",
                             h.seq
                         )));
+                    }
+                    if h.seq == u64::MAX {
+                        // No seq can follow it: never written by a journal.
+                        return Err(corrupt(format!("frame seq {} is the last one", h.seq)));
                     }
                     match h.kind {
                         FrameKind::Data => {}
@@ -1239,11 +1257,27 @@ fn find_valid_frame(
             // Every frame is at least a header long, which bounds the seq a frame this
             // far into the tail can have; that keeps stray magic bytes inside a data
             // payload from counting.
-            let seq_max = expected + (at - from) / frame::HEADER_BYTES as u64 + 1;
-            if let Ok(h) = read_frame_at(f, at, file_bytes, &mut candidate)
-                && matches!(h.kind, FrameKind::Data | FrameKind::Point)
-                && (expected..=seq_max).contains(&h.seq)
-            {
+            let seq_max = expected
+                .saturating_add((at - from) / frame::HEADER_BYTES as u64)
+                .saturating_add(1);
+            // The header alone rules most candidates out; only a plausible one has
+            // its body read and its crc checked, so stray headers cost 32 bytes each.
+            if file_bytes - at < frame::HEADER_BYTES as u64 {
+                continue;
+            }
+            let mut head = [0u8; frame::HEADER_BYTES];
+            match chunk.get(i..i + frame::HEADER_BYTES) {
+                Some(b) => head.copy_from_slice(b),
+                None => f
+                    .read_exact_at(&mut head, at)
+                    .map_err(io_err("scan segment tail", path))?,
+            }
+            let plausible = FrameHeader::parse(&head).is_ok_and(|h| {
+                matches!(h.kind, FrameKind::Data | FrameKind::Point)
+                    && (expected..=seq_max).contains(&h.seq)
+                    && h.frame_len() as u64 <= file_bytes - at
+            });
+            if plausible && let Ok(h) = read_frame_at(f, at, file_bytes, &mut candidate) {
                 return Ok(Some((at, h.seq)));
             }
         }
@@ -2449,5 +2483,186 @@ mod tests {
             let (j, _) = open(&fs, JournalConfig::default()).unwrap();
             check(&j, &model)?;
         }
+    }
+
+    /// Proves a crc-valid frame with seq `u64::MAX` (no seq can follow it) in a segment
+    /// is refused as corruption, in the last segment as well, instead of overflowing.
+    #[test]
+    fn frame_with_the_last_seq_is_refused() {
+        let fs = SimFs::new();
+        put_file(
+            &fs,
+            &dir().join(STATE_FILE),
+            &encode_state(GROUP, u64::MAX - 1),
+        );
+        let mut seg = encode_segment_header(GROUP, u64::MAX);
+        seg.extend_from_slice(&data_frame(u64::MAX, b"x"));
+        put_file(&fs, &seg_path(u64::MAX), &seg);
+        for c in [JournalConfig::default(), absolute(SEGMENT_BYTES_DEFAULT)] {
+            assert!(matches!(open(&fs, c), Err(JournalError::Corruption { .. })));
+        }
+    }
+
+    /// A storage that reports a huge length for the state file, to catch a reader that
+    /// allocates what the file claims.
+    struct HugeState(SimFs);
+    struct HugeFile(Box<dyn StorageFile>);
+    impl StorageFile for HugeFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_all_at(buf, offset)
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(1 << 60)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+    }
+    impl Storage for HugeState {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+            let f = self.0.open(path, mode)?;
+            Ok(if path.ends_with(STATE_FILE) {
+                Box::new(HugeFile(f))
+            } else {
+                f
+            })
+        }
+        fn map_mut(&self, path: &Path) -> io::Result<Box<dyn crate::storage::MappedFile>> {
+            self.0.map_mut(path)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.0.create_dir_all(path)
+        }
+        fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+            self.0.list_dir(dir)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.0.exists(path)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.0.remove_file(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+    }
+
+    /// Proves a state file longer than the format is refused by its length, before a
+    /// buffer of that length is allocated.
+    #[test]
+    fn huge_state_file_refused_without_allocating() {
+        let fs = SimFs::new();
+        let mut long = encode_state(GROUP, 0);
+        long.push(0);
+        put_file(&fs, &dir().join(STATE_FILE), &long);
+        let r = Journal::open(
+            Arc::new(HugeState(fs)),
+            &dir(),
+            GROUP,
+            JournalConfig::default(),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(JournalError::BadHeader {
+                    field: "length",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    /// A storage that counts the bytes read from files, to bound the work of a scan.
+    struct CountingFs(SimFs, Arc<std::sync::atomic::AtomicU64>);
+    struct CountingFile(Box<dyn StorageFile>, Arc<std::sync::atomic::AtomicU64>);
+    impl StorageFile for CountingFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            let n = self.0.read_at(buf, offset)?;
+            self.1
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_all_at(buf, offset)
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+    }
+    impl Storage for CountingFs {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+            Ok(Box::new(CountingFile(
+                self.0.open(path, mode)?,
+                Arc::clone(&self.1),
+            )))
+        }
+        fn map_mut(&self, path: &Path) -> io::Result<Box<dyn crate::storage::MappedFile>> {
+            self.0.map_mut(path)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.0.create_dir_all(path)
+        }
+        fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+            self.0.list_dir(dir)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.0.exists(path)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.0.remove_file(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+    }
+
+    /// Proves the scan after a damaged tail reads a candidate frame's body only when its
+    /// header could follow (kind and seq): stray frame headers in a torn tail (a guest
+    /// can write them into its disk, and so into raw payloads) cost a header read each,
+    /// not a read and crc of the body they claim.
+    #[test]
+    fn tail_scan_skips_implausible_headers_cheaply() {
+        let fs = SimFs::new();
+        build(&fs, JournalConfig::default(), 2, 10);
+        let path = seg_path(1);
+        let mut seg = fs.durable_contents(&path).unwrap();
+        // A torn frame, then 64 stray headers claiming 1 MiB bodies of seq 0.
+        seg.extend_from_slice(&data_frame(3, b"torn")[..20]);
+        let mut stray = data_frame(0, b"");
+        stray[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        for _ in 0..64 {
+            seg.extend_from_slice(&stray);
+        }
+        seg.resize(seg.len() + (1 << 20), 0);
+        // A magic in the last bytes of the file, too short for a header.
+        seg.extend_from_slice(&frame::MAGIC);
+        put_file(&fs, &path, &seg);
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counting = CountingFs(fs, Arc::clone(&read));
+        let (j, rec) =
+            Journal::open(Arc::new(counting), &dir(), GROUP, JournalConfig::default()).unwrap();
+        assert_eq!(j.write_seq(), 2);
+        assert!(rec.truncated_bytes > 1 << 20);
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 8 << 20, "the scan read {read} bytes");
     }
 }

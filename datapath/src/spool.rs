@@ -68,6 +68,10 @@
 //!
 //! Invariant: `first_seq - 1 <= durable_seq <= last_seq`.
 //!
+//! A failed sync or roll stops the spool ([`SpoolError::Poisoned`]) until it is
+//! reopened: after a failed `fsync` the kernel may have dropped the pages it was given,
+//! so a later sync that succeeds would report lost records durable.
+//!
 //! # Recovery policy (on [`Spool::open`])
 //!
 //! Every segment is scanned in seq order and every record's crc verified; seqs must be
@@ -380,6 +384,11 @@ pub enum SpoolError {
     Released { seq: u64, first_seq: u64 },
     #[error("release up to seq {up_to_seq} asked, but the last seq is {last_seq}")]
     ReleaseBeyondEnd { up_to_seq: u64, last_seq: u64 },
+    /// A sync or a roll failed earlier: what is durable is unknown (a failed fsync may
+    /// drop the dirty pages it was given), so the spool refuses appends and syncs until
+    /// it is reopened, which re-derives the durable state from the disk.
+    #[error("spool stopped after an earlier failure ({why}); reopen it")]
+    Poisoned { why: String },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
@@ -837,6 +846,8 @@ pub struct Spool {
     /// A write failed: bytes past the active segment's size may be garbage and are cut
     /// before the next write or sync.
     tail_unknown: bool,
+    /// Set by a failed sync or roll; see [`SpoolError::Poisoned`].
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -877,6 +888,14 @@ impl Spool {
         };
         let mut firsts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         firsts.sort_unstable();
+        if firsts.first() == Some(&0) {
+            // Seqs start at 1: no spool ever names a segment 0.
+            return Err(SpoolError::Corruption {
+                segment: dir.join(segment_file_name(0)),
+                offset: 0,
+                why: "segment name has first seq 0 (seqs start at 1)".into(),
+            });
+        }
 
         if firsts.is_empty() {
             let active = create_segment(&*fs, dir, 1)?;
@@ -895,6 +914,7 @@ impl Spool {
                 durable_seq: 0,
                 used_bytes: seg.size_bytes,
                 tail_unknown: false,
+                failed: None,
             };
             let rec = SpoolRecovery {
                 created: true,
@@ -974,8 +994,13 @@ impl Spool {
             while pos < len {
                 let why = match read_record(&*file, pos, len, true) {
                     Ok((h, _)) if h.seq == seq => {
+                        // A valid record with the last seq there is leaves no seq for
+                        // the next append: refused like any impossible seq.
+                        let Some(next) = seq.checked_add(1) else {
+                            return Err(corrupt(pos, format!("record has seq {seq}, the last")));
+                        };
                         pos += h.total_bytes();
-                        seq += 1;
+                        seq = next;
                         records += 1;
                         continue;
                     }
@@ -1062,6 +1087,7 @@ impl Spool {
             durable_seq: last_seq,
             used_bytes,
             tail_unknown: false,
+            failed: None,
         };
         spool.assert_invariants();
         Ok((spool, recovery))
@@ -1082,6 +1108,21 @@ impl Spool {
             .join(segment_file_name(self.active_segment().first_seq))
     }
 
+    fn check_usable(&self) -> Result<(), SpoolError> {
+        match &self.failed {
+            Some(why) => Err(SpoolError::Poisoned { why: why.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a failed sync or roll: after it the spool refuses appends and syncs.
+    fn fail<T>(&mut self, r: Result<T, SpoolError>) -> Result<T, SpoolError> {
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
     /// Cuts bytes a failed write may have left past the active segment's end.
     fn trim_unknown_tail(&mut self) -> Result<(), SpoolError> {
         if self.tail_unknown {
@@ -1099,7 +1140,16 @@ impl Spool {
     /// syncs the old segment and creates the next one durably. `Full` and
     /// `InvalidRecord` write nothing.
     pub fn append(&mut self, rec: &SpoolRecordRef<'_>) -> Result<u64, SpoolError> {
-        let seq = self.last_seq + 1;
+        self.check_usable()?;
+        // Open refuses a record with seq u64::MAX, so this fails only at the very end
+        // of the seq space (a spool whose segment name was forged near it).
+        let seq = self
+            .last_seq
+            .checked_add(1)
+            .filter(|&s| s < u64::MAX)
+            .ok_or_else(|| SpoolError::InvalidRecord {
+                why: format!("no seq after {} is left", self.last_seq),
+            })?;
         let (disk, data) = rec.disk_and_data();
         let mut head = rec.header(seq, self.durable_seq);
         if disk.len() > DISK_ID_BYTES_MAX || data.len() > RECORD_DATA_BYTES_MAX as usize {
@@ -1128,7 +1178,8 @@ impl Spool {
             });
         }
         if roll {
-            self.roll()?;
+            let r = self.roll();
+            self.fail(r)?;
             head.synced_seq = self.durable_seq;
         }
         self.trim_unknown_tail()?;
@@ -1187,13 +1238,16 @@ impl Spool {
     /// Makes every record appended so far durable with one `sync_data` (none when
     /// nothing was appended since the last sync). Returns the durable seq.
     pub fn sync(&mut self) -> Result<u64, SpoolError> {
+        self.check_usable()?;
         if self.last_seq == self.durable_seq && !self.tail_unknown {
             return Ok(self.durable_seq);
         }
         self.trim_unknown_tail()?;
-        self.active
+        let r = self
+            .active
             .sync_data()
-            .map_err(io_err(format!("sync {}", self.active_path().display())))?;
+            .map_err(io_err(format!("sync {}", self.active_path().display())));
+        self.fail(r)?;
         self.durable_seq = self.last_seq;
         self.active_durable_bytes = self.active_segment().size_bytes;
         self.assert_invariants();
@@ -2404,5 +2458,87 @@ mod tests {
         crc.update(&zero[..60]);
         crc.update(b"ab");
         assert_eq!(le_u32(zero, 60), crc.finalize());
+    }
+
+    /// Proves a segment file named with seq 0, or a record with seq `u64::MAX` (whose
+    /// successor does not exist), is refused with a typed error instead of a panic.
+    #[test]
+    fn extreme_seqs_in_names_and_records_are_refused() {
+        let c = cfg(4096, 1 << 20);
+        // A header-less (empty) last segment named with seq 0.
+        let fs = SimFs::new();
+        put_file(&fs, &dir().join("spool-00000000000000000000.seg"), &[]);
+        assert!(open(&fs, c).is_err());
+
+        // A valid segment whose first record has seq u64::MAX.
+        let fs = SimFs::new();
+        let mut seg = encode_segment_header(u64::MAX).to_vec();
+        let rec = SpoolRecordRef::Cut {
+            epoch: 1,
+            point_id: 1,
+            time_unix_ms: 1,
+            app_consistent: false,
+        };
+        let mut head = rec.header(u64::MAX, 0).encode();
+        let crc = crc32fast::hash(&head[..RECORD_CRC_OFFSET]);
+        head[RECORD_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        seg.extend_from_slice(&head);
+        put_file(&fs, &seg_path(u64::MAX), &seg);
+        assert!(open(&fs, c).is_err());
+
+        // A header-less last segment named u64::MAX - 1 opens empty; its one append
+        // takes seq u64::MAX - 1 and the next is refused, not a panic.
+        let fs = SimFs::new();
+        put_file(&fs, &seg_path(u64::MAX - 1), &[]);
+        let (mut sp, _) = open(&fs, c).unwrap();
+        assert_eq!(sp.append(&rec).unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            sp.append(&rec),
+            Err(SpoolError::InvalidRecord { .. })
+        ));
+    }
+
+    /// Proves a failed sync stops the spool: the records it covered may be gone from
+    /// the page cache (the kernel drops dirty pages after a failed fsync), so a later
+    /// sync that succeeds must not report them durable; a failed roll stops it too.
+    #[test]
+    fn failed_sync_stops_the_spool_until_reopen() {
+        let c = cfg(4096, 1 << 20);
+        let fs = SimFs::new();
+        let (mut sp, _) = open(&fs, c).unwrap();
+        sp.append(&small_write(1).record_ref()).unwrap();
+        assert_eq!(sp.sync().unwrap(), 1);
+        sp.append(&small_write(2).record_ref()).unwrap();
+        fs.crash_after(1);
+        assert!(sp.sync().is_err());
+        // The un-synced record is lost while the process goes on.
+        fs.crash(CrashMode::DropUnsynced);
+        assert!(matches!(sp.sync(), Err(SpoolError::Poisoned { .. })));
+        assert!(matches!(
+            sp.append(&small_write(3).record_ref()),
+            Err(SpoolError::Poisoned { .. })
+        ));
+        assert_eq!(sp.durable_seq(), 1);
+        drop(sp);
+        let (sp, _) = open(&fs, c).unwrap();
+        assert_eq!(sp.last_seq(), 1);
+
+        // A roll whose new segment could not be made durable stops it as well: a
+        // later, smaller record must not go on into the old segment past a new file
+        // that may be there.
+        let fs = SimFs::new();
+        let (mut sp, _) = open(&fs, c).unwrap();
+        // 32 + 7 x 578 bytes fill the 4096-byte segment: the 8th record rolls.
+        for i in 1..=7 {
+            sp.append(&small_write(i).record_ref()).unwrap();
+        }
+        sp.sync().unwrap();
+        fs.crash_after(2); // the new segment's sync, then its directory's sync
+        assert!(sp.append(&small_write(8).record_ref()).is_err());
+        fs.crash(CrashMode::DropUnsynced);
+        assert!(matches!(
+            sp.append(&small_write(8).record_ref()),
+            Err(SpoolError::Poisoned { .. })
+        ));
     }
 }

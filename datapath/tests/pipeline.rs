@@ -144,8 +144,7 @@ fn apply_range(
         let (_, bytes) = item.expect("frame reads back");
         if let Frame::Data(df) = frame::decode(&bytes, &mut dec).expect("frame decodes") {
             let exts: Vec<(u64, ExtentData<'_>)> = df.extents().collect();
-            apply::apply_extents(target, DISK_BYTES, &exts, undo.as_deref_mut())
-                .expect("apply");
+            apply::apply_extents(target, DISK_BYTES, &exts, undo.as_deref_mut()).expect("apply");
         }
     }
     apply::sync_target(target).expect("sync target");
@@ -288,5 +287,8 @@ fn whole_path_random_seeds() {
         crashes += r.unwrap_or(false) as u32;
     }
     // The crash must really hit shipping in most runs, or the test proves little.
-    assert!(crashes * 2 > seeds as u32, "only {crashes} of {seeds} runs crashed");
+    assert!(
+        crashes * 2 > seeds as u32,
+        "only {crashes} of {seeds} runs crashed"
+    );
 }

@@ -47,7 +47,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let disk_mib: u64 = args.first().map_or(Ok(256), |s| s.parse())?;
     let epochs: u64 = args.get(1).map_or(Ok(8), |s| s.parse())?;
-    ensure!(disk_mib >= 4 && epochs >= 1, "need DISK_MIB >= 4 and EPOCHS >= 1");
+    ensure!(
+        disk_mib >= 4 && epochs >= 1,
+        "need DISK_MIB >= 4 and EPOCHS >= 1"
+    );
     let disk_bytes = disk_mib << 20;
 
     let tmp = tempfile::tempdir().context("create temp dir")?;
@@ -80,7 +83,8 @@ fn main() -> Result<()> {
         segment_bytes_max: 64 << 20,
         spool_bytes_max: 4 << 30,
     };
-    let (mut spool, _) = Spool::open(fs.clone(), &dir.join("spool"), spool_cfg).context("open spool")?;
+    let (mut spool, _) =
+        Spool::open(fs.clone(), &dir.join("spool"), spool_cfg).context("open spool")?;
 
     // Capture: each epoch writes ~3% of the disk in 64 KiB writes (half of them into a
     // hot 10% of the disk, as real workloads do), and trims one range.
@@ -94,14 +98,23 @@ fn main() -> Result<()> {
     let t = Instant::now();
     for epoch in 1..=epochs {
         for _ in 0..writes_per_epoch {
-            let block = if rng.below(2) == 0 { rng.below(blocks / 10 + 1) } else { rng.below(blocks) };
+            let block = if rng.below(2) == 0 {
+                rng.below(blocks / 10 + 1)
+            } else {
+                rng.below(blocks)
+            };
             let offset = block.min(blocks - 1) * WRITE_BYTES as u64;
             let src = rng.below((pool.len() - WRITE_BYTES) as u64 / 512) as usize * 512;
             let data = &pool[src..src + WRITE_BYTES];
             let ext = Extent::new(offset, WRITE_BYTES as u64, disk_bytes)?;
             log_syncs += bitmap.mark(&[ext])?.log_synced as u64;
             source.write_all_at(data, offset)?;
-            spool.append(&SpoolRecordRef::Write { epoch, disk: DISK, offset, data })?;
+            spool.append(&SpoolRecordRef::Write {
+                epoch,
+                disk: DISK,
+                offset,
+                data,
+            })?;
             captured_bytes += WRITE_BYTES as u64;
             captured_writes += 1;
         }
@@ -109,7 +122,12 @@ fn main() -> Result<()> {
         let trim_at = rng.below(blocks - 16) * WRITE_BYTES as u64;
         bitmap.mark(&[Extent::new(trim_at, trim_len, disk_bytes)?])?;
         source.write_all_at(&vec![0; trim_len as usize], trim_at)?;
-        spool.append(&SpoolRecordRef::Zero { epoch, disk: DISK, offset: trim_at, len: trim_len })?;
+        spool.append(&SpoolRecordRef::Zero {
+            epoch,
+            disk: DISK,
+            offset: trim_at,
+            len: trim_len,
+        })?;
 
         // The cut: every write before it is in the epoch; FLUSH-like durability.
         let app = epoch % 3 == 0;
@@ -135,19 +153,35 @@ fn main() -> Result<()> {
 
     // Ship: coalesce each epoch, encode, journal with one commit per epoch, then ack.
     let t = Instant::now();
-    let (mut journal, _) = Journal::open(fs.clone(), &dir.join("journal"), GROUP, JournalConfig::default())
-        .context("open journal")?;
+    let (mut journal, _) = Journal::open(
+        fs.clone(),
+        &dir.join("journal"),
+        GROUP,
+        JournalConfig::default(),
+    )
+    .context("open journal")?;
     let mut enc = Encoder::new(frame::DEFAULT_ZSTD_LEVEL);
     let mut map = EpochMap::new(disk_bytes);
     let mut out = Vec::new();
     let (mut plain, mut wire, mut frames) = (0u64, 0u64, 0u64);
-    let records: Vec<_> = spool.read_from(spool.first_seq()).collect::<Result<_, _>>()?;
+    let records: Vec<_> = spool
+        .read_from(spool.first_seq())
+        .collect::<Result<_, _>>()?;
     for rec in records {
         match rec.entry {
             SpoolEntry::Write { offset, data, .. } => map.insert(offset, &data)?,
             SpoolEntry::Zero { offset, len, .. } => map.insert_zero(offset, len)?,
-            SpoolEntry::Cut { epoch, point_id, time_unix_ms, app_consistent } => {
-                let meta = DataFrameMeta { group: GROUP.into(), disk: DISK.into(), epoch };
+            SpoolEntry::Cut {
+                epoch,
+                point_id,
+                time_unix_ms,
+                app_consistent,
+            } => {
+                let meta = DataFrameMeta {
+                    group: GROUP.into(),
+                    disk: DISK.into(),
+                    epoch,
+                };
                 for chunk in map.chunks(FRAME_BYTES_MAX) {
                     let st = enc.encode_data(&meta, journal.next_seq(), &chunk, &mut out)?;
                     plain += st.plain_bytes;
@@ -155,8 +189,19 @@ fn main() -> Result<()> {
                     frames += 1;
                     journal.append(&out)?;
                 }
-                let kind = if app_consistent { PointKind::App } else { PointKind::Crash };
-                let point = PointRecord { point_id, epoch, time_unix_ms, kind, consistent: true, group: GROUP.into() };
+                let kind = if app_consistent {
+                    PointKind::App
+                } else {
+                    PointKind::Crash
+                };
+                let point = PointRecord {
+                    point_id,
+                    epoch,
+                    time_unix_ms,
+                    kind,
+                    consistent: true,
+                    group: GROUP.into(),
+                };
                 frame::encode_point(&point, journal.next_seq(), &mut out);
                 journal.append(&out)?;
                 journal.commit()?;
@@ -204,21 +249,33 @@ fn main() -> Result<()> {
         "failback to latest app-consistent point {app_id}: {:.1} MB applied in {secs:.2} s ({:.0} MB/s), replica {}",
         mb(bytes),
         mb(bytes) / secs,
-        if ok { "matches the source at that cut, block for block" } else { "DIFFERS" }
+        if ok {
+            "matches the source at that cut, block for block"
+        } else {
+            "DIFFERS"
+        }
     );
     ensure!(ok, "replica differs from the source at point {app_id}");
 
     let t = Instant::now();
     undo.replay(replica.as_ref())?;
     undo.reset()?;
-    let latest = journal.latest_point().context("latest point")?.record.point_id;
+    let latest = journal
+        .latest_point()
+        .context("latest point")?
+        .record
+        .point_id;
     let (_, bytes) = failback(&journal, latest, replica.as_ref(), disk_bytes, &mut undo)?;
     let ok = hash(&replica_path)?.hashes == hash(&source_path)?.hashes;
     println!(
         "change of point to latest {latest}: undo replayed and {:.1} MB applied in {:.2} s, replica {}",
         mb(bytes),
         t.elapsed().as_secs_f64(),
-        if ok { "matches the source now, block for block" } else { "DIFFERS" }
+        if ok {
+            "matches the source now, block for block"
+        } else {
+            "DIFFERS"
+        }
     );
     ensure!(ok, "replica differs from the source at point {latest}");
     undo.discard()?;

@@ -314,7 +314,13 @@ pub fn apply_extents(
 }
 
 /// Makes everything applied to `target` durable. Call it at the end of a run of
-/// [`apply_extents`] calls, and always before [`UndoLog::discard`].
+/// [`apply_extents`] calls, and always before [`UndoLog::discard`] or before the
+/// journal drops the frames that were applied (retention fold).
+///
+/// A failed sync leaves it unknown which of the writes since the last good sync reached
+/// the disk (Linux may drop the failed pages and report success on a retry). Never
+/// retry the sync alone: re-apply everything since the last good sync (or replay the
+/// undo log), then sync again.
 pub fn sync_target(target: &dyn StorageFile) -> Result<(), ApplyError> {
     target.sync_data()?;
     Ok(())

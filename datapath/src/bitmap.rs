@@ -678,6 +678,19 @@ impl Bitmap {
         };
         let bitmap_path = dir.join(BITMAP_FILE);
         let log_path = dir.join(LOG_FILE);
+        // A bitmap in use always has both files: one without the other is what a crash
+        // inside an earlier `create` leaves (before the directory sync made both names
+        // durable). No write was ever tracked by it, so it is removed and created anew.
+        match (fs.exists(&bitmap_path), fs.exists(&log_path)) {
+            (true, true) => return Err(BitmapError::Exists { path: bitmap_path }),
+            (true, false) => fs
+                .remove_file(&bitmap_path)
+                .map_err(io_err("remove bitmap file of an interrupted create"))?,
+            (false, true) => fs
+                .remove_file(&log_path)
+                .map_err(io_err("remove hot-region log of an interrupted create"))?,
+            (false, false) => {}
+        }
         let header = Header {
             disk_bytes,
             config,
@@ -1444,6 +1457,37 @@ mod tests {
         drop(bm);
         fs.crash(CrashMode::DropUnsynced);
         assert!(Bitmap::open(&fs, &dir()).is_ok());
+    }
+
+    /// Proves a crash at any step of `create` leaves a state from which `open` or a new
+    /// `create` succeeds, including one file's name durable without the other's.
+    #[test]
+    fn interrupted_create_can_be_created_again() {
+        for step in 1..=8 {
+            let fs = SimFs::new();
+            fs.crash_after(step);
+            let done = Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()).is_ok();
+            fs.crash(CrashMode::Torn { seed: step });
+            // What a process server does at start: open, or create when that fails.
+            let opened = Bitmap::open(&fs, &dir()).is_ok();
+            assert!(opened || !done, "step {step}: a completed create must open");
+            if !opened {
+                assert!(
+                    Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()).is_ok(),
+                    "step {step}"
+                );
+            }
+        }
+        // The directory sync of a real file system may persist one name and not the other.
+        for missing in [LOG_FILE, BITMAP_FILE] {
+            let fs = SimFs::new();
+            drop(Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()).unwrap());
+            fs.remove_file(&dir().join(missing)).unwrap();
+            fs.sync_dir(&dir()).unwrap();
+            assert!(Bitmap::open(&fs, &dir()).is_err());
+            let bm = Bitmap::create(&fs, &dir(), 1 << 20, BitmapConfig::default()).unwrap();
+            assert_eq!(bm.dirty_blocks(), 0);
+        }
     }
 
     // -----------------------------------------------------------------------------------

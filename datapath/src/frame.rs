@@ -71,7 +71,7 @@
 //! |------------|---------------------------|----------------------------------------------------|
 //! | 0 none     | 0, and `plain_bytes` is 0 | absent: every extent is a zero extent              |
 //! | 1 raw      | = `plain_bytes` (> 0)     | the plain bytes                                    |
-//! | 2 zstd     | > 0 and < `plain_bytes`   | one zstd frame decompressing to exactly `plain_bytes` |
+//! | 2 zstd     | > 0 and < `plain_bytes`   | one zstd frame whose header declares its content size, exactly `plain_bytes` |
 //!
 //! Decoding checks, in this order: header, length and crc ([`verify`]); every field and
 //! bound of the body and extent table (before allocating anything sized by them); the

@@ -793,12 +793,30 @@ impl Decoder {
             PayloadEncoding::None => {}
             PayloadEncoding::Raw => data.extend_from_slice(t.payload),
             PayloadEncoding::Zstd => {
-                // The output is exactly the declared size (bounded by MAX_PLAIN_BYTES):
-                // a payload that would decompress to more fails instead of growing it.
-                data.resize(plain, 0);
+                // The zstd frame must declare exactly `plain_bytes` (bounded by
+                // MAX_PLAIN_BYTES) before a byte is allocated for it: a tiny payload
+                // cannot make the decoder reserve megabytes it then throws away.
+                match zstd::zstd_safe::get_frame_content_size(t.payload) {
+                    Ok(Some(n)) if n == plain as u64 => {}
+                    Ok(Some(n)) => {
+                        return Err(invalid(
+                            "payload",
+                            format!("zstd frame declares {n} bytes, plain_bytes says {plain}"),
+                        ));
+                    }
+                    Ok(None) | Err(_) => {
+                        return Err(invalid(
+                            "payload",
+                            "zstd frame header does not declare its content size".into(),
+                        ));
+                    }
+                }
+                // zstd writes into the spare capacity (no zero-filling first) and fails
+                // if the data does not match the size its header declared.
+                data.reserve_exact(plain);
                 let n = self
                     .decompressor
-                    .decompress_to_buffer(t.payload, &mut data[..])
+                    .decompress_to_buffer(t.payload, data)
                     .map_err(|e| FrameError::Decompress(e.to_string()))?;
                 if n != plain {
                     return Err(invalid(

@@ -567,7 +567,12 @@ fn zstd_payload_corruptions_refused() {
     assert!(
         matches!(
             e,
-            FrameError::Decompress(_) | FrameError::HashMismatch { .. }
+            FrameError::Decompress(_)
+                | FrameError::HashMismatch { .. }
+                | FrameError::Invalid {
+                    field: "payload",
+                    ..
+                }
         ),
         "{e:?}"
     );
@@ -583,8 +588,38 @@ fn zstd_payload_corruptions_refused() {
     assert!(longer.len() < 8192);
     assert!(matches!(
         zstd_frame_with_payload(8192, Some(longer)),
-        FrameError::Decompress(_)
+        FrameError::Invalid {
+            field: "payload",
+            ..
+        }
     ));
+    // A zstd frame that does not declare its size (streamed) is refused before any
+    // buffer is sized for it.
+    let unsized_payload = zstd::stream::encode_all(&compressible(8192, 2)[..], 1).unwrap();
+    assert!(
+        zstd::zstd_safe::get_frame_content_size(&unsized_payload)
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        zstd_frame_with_payload(8192, Some(unsized_payload)),
+        FrameError::Invalid {
+            field: "payload",
+            ..
+        }
+    ));
+    // A 1-byte payload claiming 16 MiB of plain data: refused by its header alone.
+    let e = zstd_frame_with_payload(16 << 20, Some(vec![0]));
+    assert!(
+        matches!(
+            e,
+            FrameError::Invalid {
+                field: "payload",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let other = zstd::bulk::compress(&compressible(8192, 99), 1).unwrap();
     assert_eq!(
         zstd_frame_with_payload(8192, Some(other)),

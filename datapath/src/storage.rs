@@ -340,8 +340,9 @@ fn apply_write(buf: &mut Vec<u8>, offset: u64, data: &[u8]) {
 pub enum CrashMode {
     /// Every un-synced write and name change is lost.
     DropUnsynced,
-    /// Each un-synced write is kept, lost, or cut short at a sector boundary (chosen by
-    /// the seed); un-synced pages of memory maps may have been written back.
+    /// Each 4 KiB page of each un-synced write is kept, lost, or cut short at a sector
+    /// boundary, independently (chosen by the seed), as page-cache writeback does;
+    /// un-synced pages of memory maps may have been written back.
     Torn { seed: u64 },
 }
 
@@ -405,16 +406,30 @@ impl SimFs {
                                 durable.resize(len as usize, 0);
                             }
                         }
-                        PendingOp::Write { offset, data } => match r {
-                            0 => {}
-                            1 => apply_write(&mut durable, offset, &data),
-                            _ => {
-                                let sectors = data.len().div_ceil(SIM_SECTOR_BYTES) as u64;
-                                let keep = (s.next_rand() % (sectors + 1)) as usize;
-                                let keep = (keep * SIM_SECTOR_BYTES).min(data.len());
-                                apply_write(&mut durable, offset, &data[..keep]);
+                        // The page cache writes a large write back page by page, in
+                        // any order: each page of it is kept, lost, or cut short at a
+                        // sector boundary on its own.
+                        PendingOp::Write { offset, data } => {
+                            let mut at = 0usize;
+                            while at < data.len() {
+                                let page_end = ((offset as usize + at) / SIM_PAGE_BYTES + 1)
+                                    * SIM_PAGE_BYTES
+                                    - offset as usize;
+                                let piece = &data[at..page_end.min(data.len())];
+                                let off = offset + at as u64;
+                                match s.next_rand() % 3 {
+                                    0 => {}
+                                    1 => apply_write(&mut durable, off, piece),
+                                    _ => {
+                                        let sectors = piece.len().div_ceil(SIM_SECTOR_BYTES);
+                                        let keep = (s.next_rand() as usize) % (sectors + 1);
+                                        let keep = (keep * SIM_SECTOR_BYTES).min(piece.len());
+                                        apply_write(&mut durable, off, &piece[..keep]);
+                                    }
+                                }
+                                at += piece.len();
                             }
-                        },
+                        }
                     }
                 }
             }

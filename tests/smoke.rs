@@ -1,26 +1,26 @@
-//! End-to-end smoke test: the binaries build and answer `--version`.
+//! End-to-end smoke test: the binaries build and answer `--version` and `--help`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-/// The path of a workspace binary next to this test executable (`cargo test
-/// --workspace` builds them into the same target directory).
-fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join(name)
-}
-
-/// Proves both binaries start and report their version.
+/// Proves both binaries start, report their version and print their help.
 #[test]
-fn binaries_report_version() {
+fn binaries_report_version_and_help() {
     for bin in ["process-server", "master-target"] {
-        let out = Command::new(bin_path(bin))
+        let path = common::bin_path(bin);
+        let out = Command::new(&path)
             .arg("--version")
             .output()
-            .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+            .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
         assert!(out.status.success(), "{bin}: {out:?}");
         let s = String::from_utf8_lossy(&out.stdout);
         assert!(s.contains(bin), "{bin} printed {s}");
+        let out = Command::new(&path)
+            .arg("--help")
+            .output()
+            .expect("run --help");
+        assert!(out.status.success(), "{bin} --help: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
 }

@@ -80,8 +80,8 @@
 //!
 //! | operation          | order                                                                    |
 //! |--------------------|--------------------------------------------------------------------------|
-//! | append             | frame verified -> copied to the commit buffer (nothing written yet)      |
-//! | commit             | the whole buffer written at the end of the active segment, and the segment header rewritten with `synced_seq` = the durable seq *before* this commit (two writes, either order) -> ONE `sync_data` of the segment |
+//! | append             | frame verified -> written at the end of the active segment (not synced)  |
+//! | commit             | the segment header rewritten with `synced_seq` = the durable seq *before* this commit -> ONE `sync_data` of the segment, covering every frame appended since the last commit |
 //! | roll (new segment) | commit of the old segment -> new file created -> header (`synced_seq` = `first_seq - 1`) written -> `sync_data` -> `sync_dir` |
 //! | drop_through(seq)  | state file replaced ([`storage::write_atomic`]) -> whole segments <= seq removed -> `sync_dir` |
 //! | open               | every segment verified (nothing changed yet) -> segments wholly <= base removed -> torn tail cut (`set_len`) -> `sync_data` of the last segment -> `sync_dir` |
@@ -99,10 +99,9 @@
 //! whole or not at all: a disk writes a sector atomically (SimFs tears at sector
 //! granularity too). Either the new mark or the old one then survives, both true.
 //!
-//! Appends are still buffered until commit so that a commit costs two writes and one
-//! sync however many frames it covers. The buffer is bounded by [`PENDING_BYTES_MAX`]:
-//! an append that would overflow it commits first (durability earlier than asked for
-//! is always allowed).
+//! Appends are written straight to the segment (no copy in memory): the mark makes any
+//! order in which they reach the disk safe, so a commit costs one header write and one
+//! sync however many frames it covers.
 //!
 //! The segment is synced before the next one is created, so only the last segment can
 //! ever hold un-synced bytes: damage anywhere else is rot, never a crash.
@@ -166,10 +165,6 @@ pub const SEGMENT_BYTES_MIN: u64 = 1024;
 pub const SEGMENT_BYTES_LIMIT: u64 = 16 << 30;
 /// Default [`JournalConfig::segment_bytes_max`].
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
-/// Bound on the frames appended but not yet written (the commit buffer).
-pub const PENDING_BYTES_MAX: usize = 64 << 20;
-/// Capacity the commit buffer keeps after a commit; more is given back.
-const PENDING_RETAIN_BYTES: usize = 1 << 20;
 
 /// Room for a group id in the fixed headers.
 const GROUP_FIELD_BYTES: usize = 64;
@@ -194,7 +189,6 @@ const _: () = assert!(SEGMENT_HEADER_BYTES <= 512);
 const _: () = assert!(SEGMENT_CRC_OFFSET == 124 && STATE_CRC_OFFSET == 92);
 const _: () =
     assert!(SEGMENT_HEADER_BYTES as u64 + frame::HEADER_BYTES as u64 <= SEGMENT_BYTES_MIN);
-const _: () = assert!(PENDING_BYTES_MAX >= frame::HEADER_BYTES + frame::MAX_BODY_BYTES as usize);
 
 /// What [`Journal::open`] does with a damaged tail.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -552,9 +546,9 @@ pub fn decode_state(b: &[u8], group: &str, file: &Path) -> Result<u64, JournalEr
 #[derive(Clone, Debug)]
 struct Segment {
     first_seq: u64,
-    /// Bytes in the segment, including those still in the commit buffer.
+    /// Bytes in the segment, including frames not yet committed.
     len_bytes: u64,
-    /// Frames in the segment, including those still in the commit buffer.
+    /// Frames in the segment, including those not yet committed.
     frames: u64,
 }
 
@@ -567,10 +561,6 @@ pub struct Journal {
     /// Oldest first; the last one is the active segment. Never empty.
     segments: VecDeque<Segment>,
     active: Box<dyn StorageFile>,
-    /// Frames appended since the last write, in order; they belong at `pending_offset`
-    /// of the active segment.
-    pending: Vec<u8>,
-    pending_offset: u64,
     /// Index of the frames after the base, contiguous by seq.
     frames: VecDeque<FrameEntry>,
     points: Vec<PointEntry>,
@@ -670,8 +660,6 @@ impl Journal {
             group: group.to_string(),
             cfg,
             segments: VecDeque::new(),
-            pending: Vec::new(),
-            pending_offset: 0,
             frames: VecDeque::new(),
             points: Vec::new(),
             base_seq,
@@ -811,7 +799,6 @@ impl Journal {
                 .map_err(io_err("sync active segment", &path))?;
             j.fs.sync_dir(dir)
                 .map_err(io_err("sync journal directory", dir))?;
-            j.pending_offset = j.segments.back().map(|s| s.len_bytes).unwrap_or(0);
             j.active = f;
             j.durable_seq = j.write_seq;
         }
@@ -838,7 +825,6 @@ impl Journal {
             len_bytes: SEGMENT_HEADER_BYTES as u64,
             frames: 0,
         });
-        self.pending_offset = SEGMENT_HEADER_BYTES as u64;
         self.write_seq = self.base_seq;
         self.durable_seq = self.base_seq;
         Ok(())
@@ -1065,8 +1051,9 @@ impl Journal {
         self.segments.len()
     }
 
-    /// Appends one whole frame (a data or point frame as verified off the wire). It must
-    /// carry [`Journal::next_seq`]. Not durable until [`Journal::commit`]. Returns its seq.
+    /// Appends one whole frame (a data or point frame as verified off the wire): writes it
+    /// at the end of the active segment. It must carry [`Journal::next_seq`]. Not durable
+    /// until [`Journal::commit`]. Returns its seq.
     pub fn append(&mut self, frame: &[u8]) -> Result<u64, JournalError> {
         self.check_usable()?;
         let h = frame::verify(frame)?;
@@ -1114,20 +1101,23 @@ impl Journal {
             let r = self.roll(h.seq);
             self.fail(r)?;
         }
-        if !self.pending.is_empty() && self.pending.len() + frame.len() > PENDING_BYTES_MAX {
-            let r = self.flush();
-            self.fail(r)?;
-        }
+        let seg = self
+            .segments
+            .back()
+            .expect("a journal always has an active segment");
+        let (offset, segment) = (seg.len_bytes, seg.first_seq);
+        let path = self.active_path();
+        let r = self
+            .active
+            .write_all_at(frame, offset)
+            .map_err(io_err("write frame", &path));
+        self.fail(r)?;
         let seg = self
             .segments
             .back_mut()
             .expect("a journal always has an active segment");
-        let offset = seg.len_bytes;
         seg.len_bytes += len;
         seg.frames += 1;
-        let segment = seg.first_seq;
-        debug_assert_eq!(offset, self.pending_offset + self.pending.len() as u64);
-        self.pending.extend_from_slice(frame);
         self.frames.push_back(FrameEntry {
             seq: h.seq,
             segment,
@@ -1143,8 +1133,8 @@ impl Journal {
         Ok(h.seq)
     }
 
-    /// Makes every frame appended so far durable with one write of the frames, one
-    /// rewrite of the segment header (its mark) and one `sync_data` (group commit).
+    /// Makes every frame appended so far durable with one rewrite of the segment header
+    /// (its mark) and one `sync_data` (group commit).
     /// Returns the durable seq. Without new frames it does nothing.
     pub fn commit(&mut self) -> Result<u64, JournalError> {
         self.check_usable()?;
@@ -1153,19 +1143,15 @@ impl Journal {
         Ok(self.durable_seq)
     }
 
-    /// Writes the commit buffer and the active segment's header, whose mark moves to
+    /// Rewrites the active segment's header, whose mark moves to
     /// the durable seq before this commit (already true, however the writes tear), then
     /// syncs the active segment once.
     fn flush(&mut self) -> Result<(), JournalError> {
-        if self.pending.is_empty() {
-            debug_assert_eq!(self.durable_seq, self.write_seq);
+        if self.durable_seq == self.write_seq {
             return Ok(());
         }
         let path = self.active_path();
         let first_seq = self.segments.back().map(|s| s.first_seq).unwrap_or(1);
-        self.active
-            .write_all_at(&self.pending, self.pending_offset)
-            .map_err(io_err("write frames", &path))?;
         let header = encode_segment_header(&self.group, first_seq, self.durable_seq);
         self.active
             .write_all_at(&header, 0)
@@ -1173,11 +1159,6 @@ impl Journal {
         self.active
             .sync_data()
             .map_err(io_err("sync frames", &path))?;
-        self.pending_offset += self.pending.len() as u64;
-        self.pending.clear();
-        if self.pending.capacity() > PENDING_RETAIN_BYTES {
-            self.pending.shrink_to(PENDING_RETAIN_BYTES);
-        }
         self.durable_seq = self.write_seq;
         self.check_invariants();
         Ok(())
@@ -1198,7 +1179,6 @@ impl Journal {
             len_bytes: SEGMENT_HEADER_BYTES as u64,
             frames: 0,
         });
-        self.pending_offset = SEGMENT_HEADER_BYTES as u64;
         Ok(())
     }
 
@@ -1378,31 +1358,17 @@ impl FrameIter<'_> {
             last: j.write_seq,
         })?;
         let path = j.segment_path(e.segment);
-        let active = j.segments.back().map(|s| s.first_seq) == Some(e.segment);
         let mut buf = vec![0u8; e.len as usize];
-        if active && e.offset >= j.pending_offset {
-            // Appended but not yet written: the bytes are in the commit buffer.
-            let start = (e.offset - j.pending_offset) as usize;
-            let src = j.pending.get(start..start + buf.len()).ok_or_else(|| {
-                JournalError::Corruption {
-                    segment: path.clone(),
-                    offset: e.offset,
-                    why: "frame missing from the commit buffer".into(),
-                }
-            })?;
-            buf.copy_from_slice(src);
-        } else {
-            let f = match self.file.take() {
-                Some((s, f)) if s == e.segment => f,
-                _ => {
-                    j.fs.open(&path, OpenMode::ReadOnly)
-                        .map_err(io_err("open segment", &path))?
-                }
-            };
-            let r = f.read_exact_at(&mut buf, e.offset);
-            self.file = Some((e.segment, f));
-            r.map_err(io_err("read frame", &path))?;
-        }
+        let f = match self.file.take() {
+            Some((s, f)) if s == e.segment => f,
+            _ => {
+                j.fs.open(&path, OpenMode::ReadOnly)
+                    .map_err(io_err("open segment", &path))?
+            }
+        };
+        let r = f.read_exact_at(&mut buf, e.offset);
+        self.file = Some((e.segment, f));
+        r.map_err(io_err("read frame", &path))?;
         let corrupt = |why: String| JournalError::Corruption {
             segment: path.clone(),
             offset: e.offset,
@@ -1663,7 +1629,7 @@ mod tests {
             frames.push(f);
             seq += 1;
         }
-        // Readable before the commit (from the commit buffer) ...
+        // Readable before the commit (from the segment file, not yet synced) ...
         assert_eq!(read_all(&j), frames);
         assert_eq!(j.durable_seq(), 0);
         assert_eq!(j.commit().unwrap(), 12);

@@ -330,13 +330,10 @@ impl Encoder {
             let flags = if zero { EXTENT_FLAG_ZERO } else { 0 };
             out.extend_from_slice(&flags.to_le_bytes());
             out.extend_from_slice(&0u32.to_le_bytes());
-            match data {
-                ExtentData::Bytes(b) if !zero => {
-                    out.extend_from_slice(blake3::hash(b).as_bytes());
-                }
-                _ => out.extend_from_slice(&[0; 32]),
-            }
+            // The hash is filled in below, once the payload is built.
+            out.extend_from_slice(&[0; 32]);
         }
+        let table_end = out.len();
 
         let payload_start = out.len();
         let encoding = if plain_bytes == 0 {
@@ -345,6 +342,32 @@ impl Encoder {
             self.write_payload(extents, plain_bytes as usize, out)
         };
         let payload_bytes = out.len() - payload_start;
+
+        // blake3 of each non-zero extent, hashed from the copy that was touched last (the
+        // raw payload in `out`, or the concatenation zstd just read), which is still in
+        // cache, rather than from the caller's buffers a second time.
+        let single = data_slices(extents, &self.zero).nth(1).is_none();
+        let (head, payload) = out.split_at_mut(table_end);
+        let plain_copy: Option<&[u8]> = match encoding {
+            PayloadEncoding::Raw => Some(&payload[..]),
+            PayloadEncoding::Zstd if !single => Some(&self.plain[..]),
+            _ => None,
+        };
+        let mut pos = 0usize;
+        let entries_at = table_end - extents.len() * EXTENT_ENTRY_BYTES;
+        for (i, ((_, data), &zero)) in extents.iter().zip(&self.zero).enumerate() {
+            let ExtentData::Bytes(b) = data else { continue };
+            if zero {
+                continue;
+            }
+            let src = match plain_copy {
+                Some(copy) => &copy[pos..pos + b.len()],
+                None => b,
+            };
+            pos += b.len();
+            let at = entries_at + i * EXTENT_ENTRY_BYTES + 24;
+            head[at..at + 32].copy_from_slice(blake3::hash(src).as_bytes());
+        }
         out[encoding_at] = encoding as u8;
         out[payload_len_at..payload_len_at + 4]
             .copy_from_slice(&(payload_bytes as u32).to_le_bytes());

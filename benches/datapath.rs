@@ -18,78 +18,31 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockrep::workload::{random_bytes, realistic_bytes, zero90_bytes};
+use blockrep::workload::{
+    BLOCK_BYTES, EXTENTS_PER_FRAME, bench_meta, datasets, encode_frames, frames_of, realistic_bytes,
+};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use datapath::extent::ExtentData;
-use datapath::frame::{self, DataFrameMeta, Decoder, Encoder};
+use datapath::frame::{self, Decoder, Encoder};
 use datapath::storage::{OpenMode, RealFs, Storage};
 
 /// Size of each data set.
 const DATA_BYTES: usize = 32 << 20;
 /// Extent size: what a guest's 64 KiB writes become.
-const EXTENT_BYTES: usize = 64 << 10;
 /// Extents per frame (1 MiB of plain data per frame).
-const EXTENTS_PER_FRAME: usize = 16;
 /// Frames per group commit in the journal bench.
 const FRAMES_PER_COMMIT: usize = 16;
 
-fn datasets() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("random", random_bytes(DATA_BYTES, 0x9E37_79B9_7F4A_7C15)),
-        ("realistic", realistic_bytes(DATA_BYTES)),
-        ("zero90", zero90_bytes(DATA_BYTES)),
-    ]
-}
-
-fn meta() -> DataFrameMeta {
-    DataFrameMeta {
-        group: "g".into(),
-        disk: "d".into(),
-        epoch: 1,
-    }
-}
-
-/// The frames' extent lists: 1 MiB frames of 64 KiB extents.
-fn frames_of(data: &[u8]) -> Vec<Vec<(u64, ExtentData<'_>)>> {
-    data.chunks(EXTENT_BYTES * EXTENTS_PER_FRAME)
-        .enumerate()
-        .map(|(f, frame)| {
-            frame
-                .chunks(EXTENT_BYTES)
-                .enumerate()
-                .map(|(e, ext)| {
-                    let off = (f * EXTENTS_PER_FRAME + e) * EXTENT_BYTES;
-                    (off as u64, ExtentData::Bytes(ext))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn encode_all(data: &[u8], level: i32) -> Vec<Vec<u8>> {
-    let mut enc = Encoder::new(level);
-    frames_of(data)
-        .iter()
-        .enumerate()
-        .map(|(i, exts)| {
-            let mut out = Vec::new();
-            enc.encode_data(&meta(), i as u64 + 1, exts, &mut out)
-                .expect("encode");
-            out
-        })
-        .collect()
-}
-
 fn bench_codec(c: &mut Criterion) {
     let level = frame::DEFAULT_ZSTD_LEVEL;
-    for (kind, data) in datasets() {
+    for (kind, data) in datasets(DATA_BYTES) {
         let mut g = c.benchmark_group(format!("encode/{kind}"));
         g.throughput(Throughput::Bytes(data.len() as u64));
         g.bench_function(BenchmarkId::new("zstd_baseline", level), |b| {
             let mut cctx = zstd::bulk::Compressor::new(level).expect("zstd");
             let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(1 << 20));
             b.iter(|| {
-                for chunk in data.chunks(EXTENT_BYTES * EXTENTS_PER_FRAME) {
+                for chunk in data.chunks(BLOCK_BYTES * EXTENTS_PER_FRAME) {
                     out.clear();
                     cctx.compress_to_buffer(chunk, &mut out).expect("zstd");
                     black_box(&out);
@@ -102,7 +55,7 @@ fn bench_codec(c: &mut Criterion) {
             let mut out = Vec::new();
             b.iter(|| {
                 for (i, exts) in frames.iter().enumerate() {
-                    enc.encode_data(&meta(), i as u64 + 1, exts, &mut out)
+                    enc.encode_data(&bench_meta(), i as u64 + 1, exts, &mut out)
                         .expect("encode");
                     black_box(&out);
                 }
@@ -110,7 +63,7 @@ fn bench_codec(c: &mut Criterion) {
         });
         g.finish();
 
-        let encoded = encode_all(&data, level);
+        let encoded = encode_frames(&data, level);
         let wire: usize = encoded.iter().map(Vec::len).sum();
         eprintln!(
             "{kind}: {} plain bytes encode to {wire} frame bytes (ratio {:.2})",
@@ -118,7 +71,7 @@ fn bench_codec(c: &mut Criterion) {
             data.len() as f64 / wire as f64
         );
         let compressed: Vec<Vec<u8>> = data
-            .chunks(EXTENT_BYTES * EXTENTS_PER_FRAME)
+            .chunks(BLOCK_BYTES * EXTENTS_PER_FRAME)
             .map(|c| zstd::bulk::compress(c, level).expect("zstd"))
             .collect();
         let mut g = c.benchmark_group(format!("decode/{kind}"));
@@ -148,7 +101,7 @@ fn bench_codec(c: &mut Criterion) {
 
 fn bench_journal(c: &mut Criterion) {
     let data = realistic_bytes(64 << 20);
-    let frames = encode_all(&data, frame::DEFAULT_ZSTD_LEVEL);
+    let frames = encode_frames(&data, frame::DEFAULT_ZSTD_LEVEL);
     let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
     let mut g = c.benchmark_group("journal");
     g.throughput(Throughput::Bytes(bytes));
@@ -211,9 +164,9 @@ fn bench_apply(c: &mut Criterion) {
     // Overwrite in place: a replica's blocks exist already (new blocks cost 10x more).
     std::fs::write(&path, vec![1u8; data.len()]).expect("prefill");
     let extents: Vec<(u64, ExtentData<'_>)> = data
-        .chunks(EXTENT_BYTES)
+        .chunks(BLOCK_BYTES)
         .enumerate()
-        .map(|(i, c)| ((i * EXTENT_BYTES) as u64, ExtentData::Bytes(c)))
+        .map(|(i, c)| ((i * BLOCK_BYTES) as u64, ExtentData::Bytes(c)))
         .collect();
     let mut g = c.benchmark_group("apply");
     g.throughput(Throughput::Bytes(target_bytes));

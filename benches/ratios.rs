@@ -9,15 +9,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockrep::workload::{random_bytes, realistic_bytes, zero90_bytes};
+use blockrep::workload::{
+    BLOCK_BYTES, EXTENTS_PER_FRAME, bench_meta, datasets, encode_frames, frames_of, realistic_bytes,
+};
 use datapath::extent::ExtentData;
-use datapath::frame::{self, DataFrameMeta, Decoder, Encoder};
+use datapath::frame::{self, Decoder, Encoder};
 use datapath::journal::{Journal, JournalConfig};
 use datapath::storage::{OpenMode, RealFs, Storage};
 
 const DATA_BYTES: usize = 32 << 20;
-const EXTENT_BYTES: usize = 64 << 10;
-const EXTENTS_PER_FRAME: usize = 16;
 const FRAMES_PER_COMMIT: usize = 16;
 const CODEC_ROUNDS: usize = 15;
 const IO_ROUNDS: usize = 9;
@@ -71,51 +71,9 @@ fn mbs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
-fn meta() -> DataFrameMeta {
-    DataFrameMeta {
-        group: "g".into(),
-        disk: "d".into(),
-        epoch: 1,
-    }
-}
-
-fn frames_of(data: &[u8]) -> Vec<Vec<(u64, ExtentData<'_>)>> {
-    data.chunks(EXTENT_BYTES * EXTENTS_PER_FRAME)
-        .enumerate()
-        .map(|(f, frame)| {
-            frame
-                .chunks(EXTENT_BYTES)
-                .enumerate()
-                .map(|(e, ext)| {
-                    let off = (f * EXTENTS_PER_FRAME + e) * EXTENT_BYTES;
-                    (off as u64, ExtentData::Bytes(ext))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn encode_all(data: &[u8]) -> Vec<Vec<u8>> {
-    let mut enc = Encoder::new(frame::DEFAULT_ZSTD_LEVEL);
-    frames_of(data)
-        .iter()
-        .enumerate()
-        .map(|(i, exts)| {
-            let mut out = Vec::new();
-            enc.encode_data(&meta(), i as u64 + 1, exts, &mut out)
-                .expect("encode");
-            out
-        })
-        .collect()
-}
-
 fn codec_rows(rows: &mut Vec<Row>) {
     let level = frame::DEFAULT_ZSTD_LEVEL;
-    for (kind, data) in [
-        ("random", random_bytes(DATA_BYTES, 7)),
-        ("realistic", realistic_bytes(DATA_BYTES)),
-        ("zero90", zero90_bytes(DATA_BYTES)),
-    ] {
+    for (kind, data) in datasets(DATA_BYTES) {
         let frames = frames_of(&data);
         let mut cctx = zstd::bulk::Compressor::new(level).expect("zstd");
         let mut zout = Vec::with_capacity(2 << 20);
@@ -124,7 +82,7 @@ fn codec_rows(rows: &mut Vec<Row>) {
         let (base, ours) = pair(
             CODEC_ROUNDS,
             || {
-                for chunk in data.chunks(EXTENT_BYTES * EXTENTS_PER_FRAME) {
+                for chunk in data.chunks(BLOCK_BYTES * EXTENTS_PER_FRAME) {
                     zout.clear();
                     cctx.compress_to_buffer(chunk, &mut zout).expect("zstd");
                     black_box(&zout);
@@ -132,7 +90,7 @@ fn codec_rows(rows: &mut Vec<Row>) {
             },
             || {
                 for (i, exts) in frames.iter().enumerate() {
-                    enc.encode_data(&meta(), i as u64 + 1, exts, &mut out)
+                    enc.encode_data(&bench_meta(), i as u64 + 1, exts, &mut out)
                         .expect("encode");
                     black_box(&out);
                 }
@@ -164,9 +122,9 @@ fn codec_rows(rows: &mut Vec<Row>) {
             });
         }
 
-        let encoded = encode_all(&data);
+        let encoded = encode_frames(&data, frame::DEFAULT_ZSTD_LEVEL);
         let compressed: Vec<Vec<u8>> = data
-            .chunks(EXTENT_BYTES * EXTENTS_PER_FRAME)
+            .chunks(BLOCK_BYTES * EXTENTS_PER_FRAME)
             .map(|c| zstd::bulk::compress(c, level).expect("zstd"))
             .collect();
         let mut dctx = zstd::bulk::Decompressor::new().expect("zstd");
@@ -207,7 +165,7 @@ fn codec_rows(rows: &mut Vec<Row>) {
 
 fn journal_row(rows: &mut Vec<Row>) {
     let data = realistic_bytes(64 << 20);
-    let frames = encode_all(&data);
+    let frames = encode_frames(&data, frame::DEFAULT_ZSTD_LEVEL);
     let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
     let fs: Arc<dyn Storage> = Arc::new(RealFs);
     let (base, ours) = pair(
@@ -254,9 +212,9 @@ fn apply_rows(rows: &mut Vec<Row>) {
     let path = dir.path().join("replica");
     std::fs::write(&path, vec![1u8; data.len()]).expect("prefill");
     let extents: Vec<(u64, ExtentData<'_>)> = data
-        .chunks(EXTENT_BYTES)
+        .chunks(BLOCK_BYTES)
         .enumerate()
-        .map(|(i, c)| ((i * EXTENT_BYTES) as u64, ExtentData::Bytes(c)))
+        .map(|(i, c)| ((i * BLOCK_BYTES) as u64, ExtentData::Bytes(c)))
         .collect();
     let f = RealFs.open(&path, OpenMode::Existing).expect("open");
     let pwrite = || {
@@ -312,7 +270,7 @@ fn main() {
     println!(
         "\nzstd level {}, {} KiB extents, {} extents per frame; median of interleaved rounds\n",
         frame::DEFAULT_ZSTD_LEVEL,
-        EXTENT_BYTES >> 10,
+        BLOCK_BYTES >> 10,
         EXTENTS_PER_FRAME
     );
     println!(

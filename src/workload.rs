@@ -9,8 +9,13 @@
 use std::io::Read;
 use std::path::Path;
 
+use datapath::extent::ExtentData;
+use datapath::frame::{DataFrameMeta, Encoder};
+
 /// Block size of the mixed data sets: a guest's typical large write.
 pub const BLOCK_BYTES: usize = 64 << 10;
+/// Extents per frame in the benches: 16 x 64 KiB = 1 MiB of plain data per frame.
+pub const EXTENTS_PER_FRAME: usize = 16;
 /// At most this much of one file is taken, so that one huge file does not dominate.
 const FILE_BYTES_MAX: u64 = 4 << 20;
 
@@ -117,6 +122,57 @@ pub fn zero90_bytes(n: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The three data sets of the benches, `n` bytes each: random, realistic, 90% zero.
+pub fn datasets(n: usize) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("random", random_bytes(n, 0x9E37_79B9_7F4A_7C15)),
+        ("realistic", realistic_bytes(n)),
+        ("zero90", zero90_bytes(n)),
+    ]
+}
+
+/// The frame metadata the benches use.
+pub fn bench_meta() -> DataFrameMeta {
+    DataFrameMeta {
+        group: "g".into(),
+        disk: "d".into(),
+        epoch: 1,
+    }
+}
+
+/// `data` as the extent lists of frames: [`EXTENTS_PER_FRAME`] extents of
+/// [`BLOCK_BYTES`] each, at their offsets in a disk holding `data`.
+pub fn frames_of(data: &[u8]) -> Vec<Vec<(u64, ExtentData<'_>)>> {
+    data.chunks(BLOCK_BYTES * EXTENTS_PER_FRAME)
+        .enumerate()
+        .map(|(f, frame)| {
+            frame
+                .chunks(BLOCK_BYTES)
+                .enumerate()
+                .map(|(e, ext)| {
+                    let off = (f * EXTENTS_PER_FRAME + e) * BLOCK_BYTES;
+                    (off as u64, ExtentData::Bytes(ext))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `data` encoded as data frames (see [`frames_of`]) at zstd `level`, seqs from 1.
+pub fn encode_frames(data: &[u8], level: i32) -> Vec<Vec<u8>> {
+    let mut enc = Encoder::new(level);
+    frames_of(data)
+        .iter()
+        .enumerate()
+        .map(|(i, exts)| {
+            let mut out = Vec::new();
+            enc.encode_data(&bench_meta(), i as u64 + 1, exts, &mut out)
+                .expect("encode bench frames");
+            out
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -333,17 +333,7 @@ pub fn sync_target(target: &dyn StorageFile) -> Result<(), ApplyError> {
 // ---------------------------------------------------------------------------------------
 // Encoding and decoding.
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 
 /// The undo log file header for a target of `target_bytes`.
 fn encode_header(target_bytes: u64) -> [u8; HEADER_BYTES as usize] {

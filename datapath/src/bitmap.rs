@@ -317,19 +317,7 @@ pub struct MarkOutcome {
 // ---------------------------------------------------------------------------------------
 // Byte helpers. Offsets are constants inside fixed-size buffers, so these cannot fail.
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 fn all_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
@@ -1137,29 +1125,7 @@ mod tests {
     use std::ops::Range;
 
     /// xorshift64*: a seeded generator for workloads and fuzz loops.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn fill(&mut self, b: &mut [u8]) {
-            for x in b {
-                *x = self.next() as u8;
-            }
-        }
-    }
+    use crate::testutil::Rng;
 
     const KIB: u64 = 1024;
 

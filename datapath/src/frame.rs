@@ -236,15 +236,7 @@ pub struct FrameHeader {
     pub crc: u32,
 }
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
+use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 
 impl FrameHeader {
     /// Parses and checks a header: magic, version, kind, reserved fields and the body

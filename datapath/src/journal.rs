@@ -346,19 +346,7 @@ fn parse_segment_name(name: &str) -> Option<Result<u64, String>> {
     }
 }
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
+use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 
 /// Encodes the fixed record shared by the segment header and the state file: `len`
 /// bytes, crc in the last four still zero (see [`seal_fixed`]). The caller guarantees
@@ -1522,23 +1510,7 @@ mod tests {
     }
 
     /// xorshift64*: a small deterministic generator for workloads and fuzz loops.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
+    use crate::testutil::Rng;
 
     /// Builds a journal of `n` committed frames (every fourth a point) and returns them.
     fn build(fs: &SimFs, c: JournalConfig, n: u64, body_bytes: usize) -> Vec<Vec<u8>> {

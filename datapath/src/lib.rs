@@ -40,8 +40,11 @@ pub mod extent;
 pub mod frame;
 pub mod hashing;
 pub mod journal;
+mod le;
 pub mod spool;
 pub mod storage;
+#[cfg(test)]
+mod testutil;
 
 /// Whether `s` is a valid disk or group id: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn valid_id(s: &str) -> bool {

@@ -3,18 +3,7 @@ use crate::frame::{FrameKind, HEADER_BYTES, MAX_BODY_BYTES, PointKind, PointReco
 use proptest::prelude::*;
 
 /// A small deterministic generator (xorshift64*) so failures reproduce from the seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use crate::testutil::Rng;
 
 /// Text-like bytes that zstd shrinks well.
 fn compressible(n: usize, seed: u64) -> Vec<u8> {

@@ -16,6 +16,7 @@
 //! | [`journal`]  | the master target's per-group log of frames and recovery points       |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
+//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //!
 //! ## Order of writes, syncs and renames
 //!
@@ -45,6 +46,7 @@ pub mod spool;
 pub mod storage;
 #[cfg(test)]
 mod testutil;
+pub mod tracker;
 
 /// Whether `s` is a valid disk or group id: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub fn valid_id(s: &str) -> bool {

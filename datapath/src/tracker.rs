@@ -36,7 +36,8 @@
 //! consistent point.
 //!
 //! Memory: the extents of every epoch not yet acknowledged are kept (to clear bits
-//! correctly), which is bounded by what the spool holds.
+//! correctly), which is bounded by what the spool holds. [`GroupTracker::open`] reads
+//! the spool once to rebuild them.
 //!
 //! [`open`]: GroupTracker::open
 
@@ -466,6 +467,12 @@ impl GroupTracker {
             return Ok(());
         }
         self.spool.release(seq)?;
+        if self.mode != TrackMode::Spooling {
+            // Writes since the spool overflowed are known only to the bitmaps, not to
+            // `current`: clearing now could clear a block written again since. The
+            // resync that ends bitmap-only mode clears what it ships.
+            return Ok(());
+        }
         for (_, _, ext) in done {
             for (disk, extents) in ext.by_disk {
                 // Later writes to the disk, not yet safe at the target.
@@ -657,6 +664,33 @@ mod tests {
         assert_eq!(t.cut(1, false).unwrap(), None);
         // Every write is dirty in the bitmap (16 x 60 KiB from 0 = 960 KiB = 240 blocks).
         assert_eq!(t.dirty_blocks("d1"), Some(240));
+    }
+
+    /// Proves an ack after the spool overflowed clears no bit: a block written again in
+    /// bitmap-only mode is known only to the bitmap.
+    #[test]
+    fn ack_in_bitmap_only_mode_keeps_bits() {
+        let fs = SimFs::new();
+        let (mut t, _) = open(&fs);
+        t.before_write("d1", 0, 4096).unwrap();
+        t.record_write("d1", 0, &[1; 4096]).unwrap();
+        let p = t.cut(1, false).unwrap().unwrap();
+        let data = vec![7u8; 60 << 10];
+        for i in (0..16u64).chain(0..16) {
+            t.before_write("d0", i * (60 << 10), data.len() as u64)
+                .unwrap();
+            t.record_write("d0", i * (60 << 10), &data).unwrap();
+        }
+        assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+        // Written again, after the overflow: not spooled.
+        t.before_write("d1", 0, 4096).unwrap();
+        assert_eq!(t.record_write("d1", 0, &[2; 4096]).unwrap(), None);
+        t.ack_through(p.spool_seq).unwrap();
+        assert_eq!(
+            t.dirty_blocks("d1"),
+            Some(1),
+            "the rewritten block must stay dirty"
+        );
     }
 
     /// Proves a restart continues the epochs after the last cut, a clean shutdown is

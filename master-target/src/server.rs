@@ -673,7 +673,7 @@ impl ConnState {
     fn accept(&mut self, f: &[u8]) -> Result<usize, ErrorFrame> {
         let bad = |what: String| ErrorFrame::new(ErrorFrame::BAD_FRAME, &what);
         // The crc first: nothing in the body is looked at before it matches.
-        let h = frame::verify(f).map_err(|e| bad(format!("frame: {e}")))?;
+        let h = frame::verify(f).map_err(|e| bad(e.to_string()))?;
         let i = match h.kind {
             FrameKind::Data => {
                 // The table first (cheap), so that group, disk and range are refused by

@@ -251,6 +251,12 @@ fn bad_input_is_refused_and_others_are_served() {
     let e = after_hello(&f);
     assert_eq!(e.code, ErrorFrame::BAD_FRAME, "{e:?}");
     assert!(e.message.contains("blake3"), "{e:?}");
+    // An oversized body_len mid-stream, refused from the header alone.
+    let mut big = data1[..HEADER_BYTES].to_vec();
+    big[8..12].copy_from_slice(&(MAX_BODY_BYTES + 1).to_le_bytes());
+    let e = after_hello(&big);
+    assert_eq!(e.code, ErrorFrame::BAD_FRAME, "{e:?}");
+    assert!(e.message.contains("body_len"), "{e:?}");
     // A gap in the sequence.
     let e = after_hello(&wire::data_frame("g1", "disk0", 1, 5, 0));
     assert_eq!(e.code, ErrorFrame::SEQUENCE, "{e:?}");

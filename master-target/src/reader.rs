@@ -71,6 +71,9 @@ pub struct FrameReader {
     header_done: bool,
     /// When set, a header of another kind is refused before its body is read.
     pub only_kind: Option<FrameKind>,
+    /// A header announcing a longer body is refused before the body is allocated; at
+    /// most [`frame::MAX_BODY_BYTES`] (which the header check enforces anyway).
+    pub body_max: u32,
 }
 
 impl Default for FrameReader {
@@ -89,6 +92,7 @@ impl FrameReader {
             filled: 0,
             header_done: false,
             only_kind: None,
+            body_max: frame::MAX_BODY_BYTES,
         }
     }
 
@@ -166,7 +170,13 @@ impl FrameReader {
         {
             return Err(ReadError::UnexpectedKind(h.kind));
         }
-        debug_assert!(h.body_len <= frame::MAX_BODY_BYTES);
+        if h.body_len > self.body_max {
+            return Err(ReadError::Header(FrameError::TooLarge {
+                field: "body_len",
+                value: h.body_len.into(),
+                max: self.body_max.into(),
+            }));
+        }
         self.cur.resize(h.frame_len(), 0);
         self.header_done = true;
         Ok(())

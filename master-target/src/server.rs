@@ -19,8 +19,9 @@
 //!    then the body: a data frame's group and disk must have been accepted in the hello,
 //!    its extents must end within the disk's size, and its blake3 hashes must match
 //!    ([`Decoder::decode_data`]); a point frame must decode. A frame whose seq the
-//!    journal already holds (a resend after reconnect) is skipped silently; a seq beyond
-//!    the next one is a gap and refused. The ORIGINAL bytes are appended to the group's
+//!    journal already holds (a resend after reconnect) is skipped silently once its crc
+//!    and extent table passed (it is not decompressed: it will not be written); a seq
+//!    beyond the next one is a gap and refused. The ORIGINAL bytes are appended to the group's
 //!    journal, never re-encoded.
 //! 4. Group commit: the server takes every frame already received, up to
 //!    [`BATCH_FRAMES_MAX`] frames or [`BATCH_BYTES_MAX`] bytes or until the socket has
@@ -64,7 +65,7 @@ use std::time::Duration;
 use anyhow::Context;
 use datapath::frame::{
     self, Ack, Decoder, ErrorFrame, FrameError, FrameKind, Hello, HelloDisk, HelloGroup,
-    PROTOCOL_VERSION, Role,
+    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
 };
 use datapath::journal::{Journal, JournalError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,6 +82,11 @@ pub const BATCH_FRAMES_MAX: usize = 64;
 pub const BATCH_BYTES_MAX: usize = 64 << 20;
 /// Connections served at once; more are refused.
 pub const CONNECTIONS_MAX: usize = 64;
+/// Largest hello body the protocol allows (every group and disk at its bound, ids at
+/// 64 bytes): the first frame of a connection may not announce more.
+pub const HELLO_BODY_BYTES_MAX: u32 =
+    (8 + 65 + MAX_HELLO_GROUPS as usize * (2 + 65 + MAX_HELLO_DISKS as usize * (8 + 65))) as u32;
+const _: () = assert!(HELLO_BODY_BYTES_MAX <= frame::MAX_BODY_BYTES);
 /// A connection that sends no whole Hello within this time is closed.
 pub const HELLO_TIMEOUT_MS: u64 = 30_000;
 /// After a refusal, what the peer still sends is drained for at most this long ...
@@ -277,9 +283,11 @@ async fn conn(
 ) -> End {
     // 1. The hello, within a deadline; a header of another kind is refused at once.
     rd.only_kind = Some(FrameKind::Hello);
+    rd.body_max = HELLO_BODY_BYTES_MAX;
     let first =
         tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), rd.next(stream)).await;
     rd.only_kind = None;
+    rd.body_max = frame::MAX_BODY_BYTES;
     let raw = match first {
         Err(_) => {
             return refuse(

@@ -46,14 +46,18 @@
 //! | disk size differs from the replica's                | `SIZE_MISMATCH`       |
 //! | extent past the end of its disk                     | `OUT_OF_RANGE`        |
 //! | seq gap; point id not rising                        | `SEQUENCE`            |
-//! | group busy on another connection; too many connections; journal I/O failure | `INTERNAL` |
+//! | group busy on a connection of another node; too many connections; journal I/O failure | `INTERNAL` |
+//! | (to the old connection) superseded by a newer one of the same node | `INTERNAL` |
 //!
 //! # Concurrency and memory
 //!
 //! One task per connection; journal work (decompress, hash, append, fsync) runs on the
 //! blocking pool so other connections keep being served. A group is streamed by at most
 //! one connection at a time: the connection takes the group's [`Journal`] out of its
-//! slot for its lifetime and puts it back when it ends. A connection holds at most one
+//! slot for its lifetime and puts it back when it ends. A newer connection of the same
+//! node (hello `node`) takes a group over from an older one, which may be a half-open
+//! leftover of a network failure (see [`claim`]); until TLS authenticates nodes, a node
+//! id is taken on trust. A connection holds at most one
 //! frame being read (bounded by [`frame::MAX_BODY_BYTES`]) plus one batch, and at most
 //! [`CONNECTIONS_MAX`] connections are served at once.
 
@@ -70,7 +74,7 @@ use datapath::frame::{
 use datapath::journal::{Journal, JournalError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Config, GroupConfig};
 use crate::reader::{FrameReader, ReadError, Step};
@@ -89,6 +93,9 @@ pub const HELLO_BODY_BYTES_MAX: u32 =
 const _: () = assert!(HELLO_BODY_BYTES_MAX <= frame::MAX_BODY_BYTES);
 /// A connection that sends no whole Hello within this time is closed.
 pub const HELLO_TIMEOUT_MS: u64 = 30_000;
+/// A new connection waits at most this long for the old connection of the same node
+/// to let go of a group (it lets go between batches).
+pub const TAKEOVER_WAIT_MS: u64 = 10_000;
 /// After a refusal, what the peer still sends is drained for at most this long ...
 pub const LINGER_MS: u64 = 2_000;
 /// ... and at most this many bytes, then the socket is closed.
@@ -104,8 +111,17 @@ struct SlotState {
     /// `None` while a connection holds it, or after a journal failure (reopened on the
     /// next claim).
     journal: Option<Journal>,
-    /// The peer that holds the group.
-    holder: Option<SocketAddr>,
+    /// The connection that holds the group.
+    holder: Option<Holder>,
+}
+
+/// Who holds a group, and how to ask it to let go.
+struct Holder {
+    peer: SocketAddr,
+    /// The node id from its hello.
+    node: String,
+    /// Notified when a newer connection of the same node takes the group over.
+    cancel: Arc<Notify>,
 }
 
 /// What every connection shares.
@@ -303,7 +319,8 @@ async fn conn(
         Ok(h) => h,
         Err(e) => return refuse(ErrorFrame::BAD_FRAME, format!("hello: {e}")),
     };
-    let mut st = match check_hello(shared, &hello, peer).await {
+    let cancel = Arc::new(Notify::new());
+    let mut st = match check_hello(shared, &hello, peer, cancel.clone()).await {
         Ok(st) => st,
         Err(end) => return end,
     };
@@ -360,7 +377,20 @@ async fn conn(
 
     // 3. Batches of frames until the peer closes or a frame is refused.
     loop {
-        let first = match rd.next(stream).await {
+        let next = tokio::select! {
+            r = rd.next(stream) => r,
+            _ = cancel.notified() => {
+                return refuse(
+                    ErrorFrame::INTERNAL,
+                    format!(
+                        "superseded: a newer connection of node {:?} took over this \
+                         connection's groups",
+                        hello.node
+                    ),
+                );
+            }
+        };
+        let first = match next {
             Ok(Some(f)) => f,
             Ok(None) => return End::Closed,
             Err(e) => return read_refusal(e),
@@ -448,6 +478,7 @@ async fn check_hello(
     shared: &Arc<Shared>,
     hello: &Hello,
     peer: SocketAddr,
+    cancel: Arc<Notify>,
 ) -> Result<ConnState, End> {
     if hello.role != Role::ProcessServer {
         return Err(refuse(
@@ -516,37 +547,62 @@ async fn check_hello(
         wanted.push((slot.clone(), disks));
     }
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer))
+    let node = hello.node.clone();
+    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel))
         .await
         .unwrap_or_else(|e| Err(refuse(ErrorFrame::INTERNAL, format!("claim groups: {e}"))))
 }
 
 /// Takes the journals of the wanted groups out of their slots (reopening one that
 /// failed earlier); all or none.
+///
+/// A group held by another connection of the same node is taken over: a process server
+/// that reconnects after a network failure may find its old connection still open here
+/// (half-open TCP, no keepalive), and must not be locked out by it. The old connection
+/// is told to end, lets go between batches (so every frame it appended is committed and
+/// counted in the durable seq this connection is told), and this claim waits for that
+/// up to [`TAKEOVER_WAIT_MS`]. A group held by another node is refused as busy.
 fn claim(
     shared: &Shared,
     wanted: Vec<(Arc<GroupSlot>, HashMap<String, u64>)>,
     peer: SocketAddr,
+    node: &str,
+    cancel: Arc<Notify>,
 ) -> Result<ConnState, End> {
     let mut st = ConnState {
         groups: Vec::with_capacity(wanted.len()),
         decoder: Decoder::new(),
     };
     for (slot, disks) in wanted {
-        let journal = {
+        let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
+        let journal = loop {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(holder) = s.holder {
-                return Err(refuse(
-                    ErrorFrame::INTERNAL,
-                    format!(
-                        "group {:?} is busy: another connection ({holder}) is streaming it; \
-                         retry once it has closed",
-                        slot.cfg.id
-                    ),
-                ));
+            match &s.holder {
+                None => {
+                    s.holder = Some(Holder {
+                        peer,
+                        node: node.to_string(),
+                        cancel: cancel.clone(),
+                    });
+                    break s.journal.take();
+                }
+                Some(h) if h.node == node && std::time::Instant::now() < deadline => {
+                    tracing::info!(group = %slot.cfg.id, old = %h.peer, new = %peer, node, "taking the group over from an older connection of the same node");
+                    h.cancel.notify_one();
+                }
+                Some(h) => {
+                    return Err(refuse(
+                        ErrorFrame::INTERNAL,
+                        format!(
+                            "group {:?} is busy: another connection ({}, node {:?}) is \
+                             streaming it; retry once it has closed",
+                            slot.cfg.id, h.peer, h.node
+                        ),
+                    ));
+                }
             }
-            s.holder = Some(peer);
-            s.journal.take()
+            drop(s);
+            std::thread::sleep(Duration::from_millis(10));
         };
         // From here the group is ours; `ClaimedGroup`'s drop gives it back, even on error.
         let mut cg = ClaimedGroup {

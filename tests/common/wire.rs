@@ -213,7 +213,16 @@ impl Client {
         &mut self,
         groups: &[(&str, &[(&str, u64)])],
     ) -> Result<(Hello, Vec<Ack>), ErrorFrame> {
-        self.send(&hello_frame(1, PROTOCOL_VERSION, groups));
+        self.hello_as(NODE, groups)
+    }
+
+    /// [`Client::hello`] as process server node `node`.
+    pub fn hello_as(
+        &mut self,
+        node: &str,
+        groups: &[(&str, &[(&str, u64)])],
+    ) -> Result<(Hello, Vec<Ack>), ErrorFrame> {
+        self.send(&hello_frame_as(node, 1, PROTOCOL_VERSION, groups));
         let h = match self.read() {
             Got::Frame(Frame::Hello(h)) => h,
             Got::Frame(Frame::Error(e)) => return Err(e),
@@ -274,13 +283,26 @@ impl Client {
     }
 }
 
-/// A hello frame of a process server speaking versions `vmin..=vmax`.
+/// The node id of the test's process server.
+pub const NODE: &str = "ps-test";
+
+/// A hello frame of process server [`NODE`] speaking versions `vmin..=vmax`.
 pub fn hello_frame(vmin: u16, vmax: u16, groups: &[(&str, &[(&str, u64)])]) -> Vec<u8> {
+    hello_frame_as(NODE, vmin, vmax, groups)
+}
+
+/// A hello frame of process server `node`.
+pub fn hello_frame_as(
+    node: &str,
+    vmin: u16,
+    vmax: u16,
+    groups: &[(&str, &[(&str, u64)])],
+) -> Vec<u8> {
     let hello = Hello {
         version_min: vmin,
         version_max: vmax,
         role: Role::ProcessServer,
-        node: "ps-test".into(),
+        node: node.into(),
         groups: groups
             .iter()
             .map(|(g, disks)| HelloGroup {

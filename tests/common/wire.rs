@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -418,11 +418,6 @@ pub fn reseal(f: &mut [u8]) {
 /// The kind byte of a frame, for assertions.
 pub fn kind_of(f: &[u8]) -> FrameKind {
     FrameKind::from_u8(f[6]).expect("kind")
-}
-
-/// Whether `path` exists (a short alias for assertions).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }
 
 /// A parsed JSON value: just enough JSON to check the CLI's `--json` output (the root

@@ -1,9 +1,27 @@
 //! `master-target`: Journals replicated deltas durably, keeps replicas and recovery points, and fails back.
 //!
-//! The binary is thin: it parses the command line and calls into `datapath`.
-//! Serving arrives with the replication issue; for now it only knows its version.
+//! The binary is thin: it parses the command line and the config, then calls into
+//! [`server`] (the receiver) or [`query`] (points and status), which wire `datapath`'s
+//! frame codec and journal to the network and the terminal.
+//!
+//! | module     | owns                                                          |
+//! |------------|---------------------------------------------------------------|
+//! | [`config`] | the TOML config file                                          |
+//! | [`store`]  | files per group and disk, and the group lock                  |
+//! | [`reader`] | cutting the TCP stream into frames with bounded memory         |
+//! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
+//! | [`query`]  | `points` and `status`                                         |
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod query;
+mod reader;
+mod server;
+mod store;
+mod timefmt;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -11,17 +29,74 @@ use clap::Parser;
     version,
     about = "Journals replicated deltas durably, keeps replicas and recovery points, and fails back."
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Receive frames from process servers and journal them (plain TCP on loopback
+    /// until TLS arrives). Prints `listening on ADDR` once it accepts connections.
+    Serve {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List a group's recovery points, oldest first (the server must not be running).
+    Points {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// Print a JSON array of {id, time, time_unix_ms, kind, consistent, seq}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show per group the durable seq, points, RPO and journal size, and per disk its
+    /// replica (read from disk; the server must not be running).
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the versions of the formats this build reads and writes.
+    Version,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    println!(
-        "master-target {} (data path format versions: frame {}, journal {}, spool {}, bitmap {})",
-        env!("CARGO_PKG_VERSION"),
-        datapath::frame::VERSION,
-        datapath::journal::VERSION,
-        datapath::spool::VERSION,
-        datapath::bitmap::VERSION,
-    );
-    Ok(())
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            let cfg = config::Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(server::run(cfg))
+        }
+        Cmd::Points {
+            config,
+            group,
+            json,
+        } => query::points(&config::Config::load(&config)?, &group, json),
+        Cmd::Status { config, json } => query::status(&config::Config::load(&config)?, json),
+        Cmd::Version => {
+            println!(
+                "master-target {} (data path format versions: frame {}, protocol {}, journal {})",
+                env!("CARGO_PKG_VERSION"),
+                datapath::frame::VERSION,
+                datapath::frame::PROTOCOL_VERSION,
+                datapath::journal::VERSION,
+            );
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,362 @@
+//! The master target's configuration file (TOML).
+//!
+//! ```toml
+//! listen = "127.0.0.1:10900"
+//! data_dir = "mt-data"          # journals live in data_dir/<group>/journal
+//! plain_tcp_loopback = true      # plain TCP only on a loopback address, and only if set
+//! node = "mt1"                   # optional: the node id in our hello (default "master-target")
+//! [[group]]
+//! id = "g1"
+//! [[group.disk]]
+//! id = "disk0"
+//! size = "64MiB"                 # bytes as an integer, or with a unit: B, KiB, MiB, GiB, TiB
+//! replica = "replica-disk0.img"  # created (sparse, that size) by `serve` if missing
+//! ```
+//!
+//! Relative paths are taken relative to the directory of the config file, so a config
+//! works wherever the command is started from. Unknown fields are refused, and every
+//! error names the file and the field at fault.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// Node id used in our hello when the config names none.
+pub const DEFAULT_NODE: &str = "master-target";
+
+/// The whole file as written (before paths are resolved and values checked).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    data_dir: PathBuf,
+    #[serde(default)]
+    plain_tcp_loopback: bool,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default, rename = "group")]
+    groups: Vec<RawGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    id: String,
+    #[serde(default, rename = "disk")]
+    disks: Vec<RawDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    id: String,
+    size: SizeValue,
+    replica: PathBuf,
+}
+
+/// A size as written: an integer of bytes or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A checked configuration with absolute paths.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub plain_tcp_loopback: bool,
+    pub node: String,
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One replication group.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub id: String,
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One disk of a group.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub id: String,
+    pub size_bytes: u64,
+    pub replica: PathBuf,
+}
+
+impl Config {
+    /// Reads and checks the config file at `file`.
+    pub fn load(file: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("read config file {}", file.display()))?;
+        let raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", file.display()))?;
+        let base = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base)
+            .with_context(|| format!("resolve the directory of {}", file.display()))?;
+        Self::check(file, &base, raw)
+    }
+
+    fn check(file: &Path, base: &Path, raw: RawConfig) -> anyhow::Result<Config> {
+        let at = |field: &str, why: &dyn fmt::Display| -> anyhow::Error {
+            anyhow::anyhow!("config file {}: {field}: {why}", file.display())
+        };
+        let listen: SocketAddr = raw.listen.parse().map_err(|e| {
+            at(
+                "listen",
+                &format!("{:?} is not an ip:port ({e})", raw.listen),
+            )
+        })?;
+        let node = raw.node.unwrap_or_else(|| DEFAULT_NODE.to_string());
+        if !datapath::valid_id(&node) {
+            return Err(at(
+                "node",
+                &format!("{node:?} is not an id ([a-z0-9][a-z0-9_-]{{0,63}})"),
+            ));
+        }
+        if raw.groups.is_empty() {
+            return Err(at("group", &"at least one [[group]] is needed"));
+        }
+        let mut group_ids = BTreeSet::new();
+        let mut groups = Vec::with_capacity(raw.groups.len());
+        for g in raw.groups {
+            let gfield = format!("group {:?}", g.id);
+            if !datapath::valid_id(&g.id) {
+                return Err(at(
+                    "group.id",
+                    &format!("{:?} is not an id ([a-z0-9][a-z0-9_-]{{0,63}})", g.id),
+                ));
+            }
+            if !group_ids.insert(g.id.clone()) {
+                return Err(at("group.id", &format!("{:?} is named twice", g.id)));
+            }
+            if g.disks.is_empty() {
+                return Err(at(&gfield, &"at least one [[group.disk]] is needed"));
+            }
+            if g.disks.len() > usize::from(datapath::frame::MAX_HELLO_DISKS) {
+                return Err(at(
+                    &gfield,
+                    &format!(
+                        "{} disks, a hello carries at most {}",
+                        g.disks.len(),
+                        datapath::frame::MAX_HELLO_DISKS
+                    ),
+                ));
+            }
+            let mut disk_ids = BTreeSet::new();
+            let mut disks = Vec::with_capacity(g.disks.len());
+            for d in g.disks {
+                let dfield = format!("{gfield} disk {:?}", d.id);
+                if !datapath::valid_id(&d.id) {
+                    return Err(at(
+                        &format!("{gfield} disk.id"),
+                        &format!("{:?} is not an id ([a-z0-9][a-z0-9_-]{{0,63}})", d.id),
+                    ));
+                }
+                if !disk_ids.insert(d.id.clone()) {
+                    return Err(at(
+                        &format!("{gfield} disk.id"),
+                        &format!("{:?} is named twice", d.id),
+                    ));
+                }
+                let size_bytes =
+                    parse_size(&d.size).map_err(|why| at(&format!("{dfield} size"), &why))?;
+                if d.replica.as_os_str().is_empty() {
+                    return Err(at(&format!("{dfield} replica"), &"empty path"));
+                }
+                disks.push(DiskConfig {
+                    id: d.id,
+                    size_bytes,
+                    replica: base.join(d.replica),
+                });
+            }
+            groups.push(GroupConfig { id: g.id, disks });
+        }
+        if groups.len() > usize::from(datapath::frame::MAX_HELLO_GROUPS) {
+            return Err(at(
+                "group",
+                &format!(
+                    "{} groups, a hello carries at most {}",
+                    groups.len(),
+                    datapath::frame::MAX_HELLO_GROUPS
+                ),
+            ));
+        }
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(at("data_dir", &"empty path"));
+        }
+        Ok(Config {
+            file: file.to_path_buf(),
+            listen,
+            data_dir: base.join(raw.data_dir),
+            plain_tcp_loopback: raw.plain_tcp_loopback,
+            node,
+            groups,
+        })
+    }
+
+    /// The group with this id.
+    pub fn group(&self, id: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+
+    /// The group's directory: its lock file and journal live there.
+    pub fn group_dir(&self, group: &str) -> PathBuf {
+        self.data_dir.join(group)
+    }
+
+    /// The group's journal directory.
+    pub fn journal_dir(&self, group: &str) -> PathBuf {
+        self.group_dir(group).join("journal")
+    }
+
+    /// Refuses a listen address the server may not use without TLS (which does not
+    /// exist yet): plain TCP needs `plain_tcp_loopback = true` and a loopback address.
+    pub fn check_plain_tcp(&self) -> anyhow::Result<()> {
+        if !self.plain_tcp_loopback {
+            bail!(
+                "config file {}: plain_tcp_loopback: TLS is not implemented yet, so serving \
+                 needs plain_tcp_loopback = true (and a loopback listen address)",
+                self.file.display()
+            );
+        }
+        if !self.listen.ip().is_loopback() {
+            bail!(
+                "config file {}: listen: {} is not a loopback address; plain TCP is only \
+                 allowed on loopback (TLS is not implemented yet)",
+                self.file.display(),
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+impl GroupConfig {
+    /// The disk with this id.
+    pub fn disk(&self, id: &str) -> Option<&DiskConfig> {
+        self.disks.iter().find(|d| d.id == id)
+    }
+}
+
+/// Parses a size: an integer of bytes, or a string `<n><unit>` with unit B, KiB, MiB,
+/// GiB or TiB (spaces allowed). It must be a positive multiple of 512.
+fn parse_size(v: &SizeValue) -> Result<u64, String> {
+    let bytes = match v {
+        SizeValue::Bytes(n) => *n,
+        SizeValue::Text(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("{s:?} does not start with a number of bytes"))?;
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                "TiB" => 1 << 40,
+                u => {
+                    return Err(format!(
+                        "unknown unit {u:?} in {s:?} (B, KiB, MiB, GiB, TiB)"
+                    ));
+                }
+            };
+            n.checked_mul(mult)
+                .ok_or_else(|| format!("{s:?} overflows 64 bits"))?
+        }
+    };
+    if bytes == 0 || bytes % datapath::extent::SECTOR_BYTES != 0 {
+        return Err(format!(
+            "{bytes} bytes is not a positive multiple of {}",
+            datapath::extent::SECTOR_BYTES
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("mt.toml");
+        std::fs::write(&file, text)?;
+        Config::load(&file)
+    }
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:10900"
+data_dir = "mt-data"
+plain_tcp_loopback = true
+[[group]]
+id = "g1"
+[[group.disk]]
+id = "disk0"
+size = "64MiB"
+replica = "replica-disk0.img"
+[[group.disk]]
+id = "disk1"
+size = 1048576
+replica = "/abs/replica-disk1.img"
+"#;
+
+    /// Proves a good config loads with sizes parsed and relative paths resolved
+    /// against the config file's directory (absolute ones kept).
+    #[test]
+    fn good_config_loads() {
+        let c = load_str(GOOD).unwrap();
+        assert_eq!(c.groups.len(), 1);
+        let g = &c.groups[0];
+        assert_eq!(g.disks[0].size_bytes, 64 << 20);
+        assert_eq!(g.disks[1].size_bytes, 1 << 20);
+        assert!(g.disks[0].replica.is_absolute());
+        assert!(g.disks[0].replica.ends_with("replica-disk0.img"));
+        assert_eq!(g.disks[1].replica, PathBuf::from("/abs/replica-disk1.img"));
+        assert!(c.data_dir.is_absolute() && c.data_dir.ends_with("mt-data"));
+        assert_eq!(c.node, DEFAULT_NODE);
+        c.check_plain_tcp().unwrap();
+    }
+
+    /// Proves bad configs are refused with a message naming the file and the field.
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (GOOD.replace("plain_tcp_loopback", "plain_tcp"), "plain_tcp"),
+            (GOOD.replace("\"64MiB\"", "\"64MB\""), "size"),
+            (GOOD.replace("\"64MiB\"", "\"1000B\""), "size"),
+            (GOOD.replace("id = \"disk1\"", "id = \"disk0\""), "disk.id"),
+            (GOOD.replace("id = \"g1\"", "id = \"G1\""), "group.id"),
+            (GOOD.replace("127.0.0.1:10900", "nowhere"), "listen"),
+            (GOOD.replace("size = 1048576\n", ""), "size"),
+        ];
+        for (text, field) in cases {
+            let e = format!("{:#}", load_str(&text).unwrap_err());
+            assert!(e.contains("mt.toml"), "no file in {e}");
+            assert!(e.contains(field), "no {field} in {e}");
+        }
+    }
+
+    /// Proves plain TCP is refused off loopback or without the opt-in.
+    #[test]
+    fn plain_tcp_needs_loopback_and_opt_in() {
+        let c = load_str(&GOOD.replace("127.0.0.1", "0.0.0.0")).unwrap();
+        assert!(c.check_plain_tcp().is_err());
+        let c = load_str(&GOOD.replace("plain_tcp_loopback = true", "")).unwrap();
+        assert!(c.check_plain_tcp().is_err());
+    }
+}

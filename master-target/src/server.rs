@@ -1,0 +1,859 @@
+//! The receiver: process servers connect, name their groups, and stream frames that
+//! are verified, journaled, synced and acknowledged.
+//!
+//! # Protocol on one TCP connection
+//!
+//! Every message is a [`datapath::frame`] frame.
+//!
+//! 1. The process server sends a Hello (role process server; its groups, each with its
+//!    disks' ids and sizes). Nothing else is accepted first: a header of another kind is
+//!    refused before its body is read.
+//! 2. The master target checks it: role, a common protocol version
+//!    ([`Hello::negotiate`]), every group configured here, every disk configured in its
+//!    group with the same size, and no group already streamed by another connection.
+//!    Then it answers with its own Hello (the accepted groups with their configured
+//!    disks) followed by one Ack per accepted group, in hello order, carrying the
+//!    group's journal `durable_seq`: the resume point.
+//! 3. The process server streams Data and Point frames of its groups; a frame's `seq` is
+//!    its group's sequence. Each frame is verified fully: crc first ([`frame::verify`]),
+//!    then the body: a data frame's group and disk must have been accepted in the hello,
+//!    its extents must end within the disk's size, and its blake3 hashes must match
+//!    ([`Decoder::decode_data`]); a point frame must decode. A frame whose seq the
+//!    journal already holds (a resend after reconnect) is skipped silently once its crc
+//!    and extent table passed (it is not decompressed: it will not be written); a seq
+//!    beyond the next one is a gap and refused. The ORIGINAL bytes are appended to the group's
+//!    journal, never re-encoded.
+//! 4. Group commit: the server takes every frame already received, up to
+//!    [`BATCH_FRAMES_MAX`] frames or [`BATCH_BYTES_MAX`] bytes or until the socket has
+//!    nothing more buffered, appends them, commits each touched journal once (one
+//!    fsync), and then sends one Ack per touched group with its new `durable_seq`
+//!    (groups whose frames were all duplicates are acked too).
+//!
+//! A refusal is one Error frame ([`ErrorFrame`] code and a message naming the thing at
+//! fault), after which the server stops reading, half-closes, drains what the peer
+//! still sends for a short while ([`LINGER_MS`], [`LINGER_BYTES_MAX`]) so that the
+//! Error frame is not lost to a TCP reset, and closes. When a frame mid-batch is
+//! refused, the good frames before it are still committed and acknowledged first; the
+//! refused frame never reaches the journal.
+//!
+//! | refusal                                             | code                  |
+//! |-----------------------------------------------------|-----------------------|
+//! | bad header, bad crc, truncated, oversized body_len  | `BAD_FRAME`           |
+//! | first frame not a Hello, Hello after the opening    | `BAD_FRAME`           |
+//! | frame header version, or no common hello version    | `UNSUPPORTED_VERSION` |
+//! | group not configured (or not in this hello)         | `UNKNOWN_GROUP`       |
+//! | disk not configured in its group (or not in hello)  | `UNKNOWN_DISK`        |
+//! | disk size differs from the replica's                | `SIZE_MISMATCH`       |
+//! | extent past the end of its disk                     | `OUT_OF_RANGE`        |
+//! | seq gap; point id not rising                        | `SEQUENCE`            |
+//! | group busy on a connection of another node; too many connections; journal I/O failure | `INTERNAL` |
+//! | (to the old connection) superseded by a newer one of the same node | `INTERNAL` |
+//!
+//! # Concurrency and memory
+//!
+//! One task per connection; journal work (decompress, hash, append, fsync) runs on the
+//! blocking pool so other connections keep being served. A group is streamed by at most
+//! one connection at a time: the connection takes the group's [`Journal`] out of its
+//! slot for its lifetime and puts it back when it ends. A newer connection of the same
+//! node (hello `node`) takes a group over from an older one, which may be a half-open
+//! leftover of a network failure (see [`claim`]); until TLS authenticates nodes, a node
+//! id is taken on trust. A connection holds at most one
+//! frame being read (bounded by [`frame::MAX_BODY_BYTES`]) plus one batch, and at most
+//! [`CONNECTIONS_MAX`] connections are served at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use datapath::frame::{
+    self, Ack, Decoder, ErrorFrame, FrameError, FrameKind, Hello, HelloDisk, HelloGroup,
+    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
+};
+use datapath::journal::{Journal, JournalError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::{Config, GroupConfig};
+use crate::reader::{FrameReader, ReadError, Step};
+use crate::store::{self, GroupLock};
+
+/// A batch takes at most this many frames before it is committed.
+pub const BATCH_FRAMES_MAX: usize = 64;
+/// A batch takes no further frame once it holds this many bytes.
+pub const BATCH_BYTES_MAX: usize = 64 << 20;
+/// Connections served at once; more are refused.
+pub const CONNECTIONS_MAX: usize = 64;
+/// Largest hello body the protocol allows (every group and disk at its bound, ids at
+/// 64 bytes): the first frame of a connection may not announce more.
+pub const HELLO_BODY_BYTES_MAX: u32 =
+    (8 + 65 + MAX_HELLO_GROUPS as usize * (2 + 65 + MAX_HELLO_DISKS as usize * (8 + 65))) as u32;
+const _: () = assert!(HELLO_BODY_BYTES_MAX <= frame::MAX_BODY_BYTES);
+/// A connection that sends no whole Hello within this time is closed.
+pub const HELLO_TIMEOUT_MS: u64 = 30_000;
+/// A new connection waits at most this long for the old connection of the same node
+/// to let go of a group (it lets go between batches).
+pub const TAKEOVER_WAIT_MS: u64 = 10_000;
+/// After a refusal, what the peer still sends is drained for at most this long ...
+pub const LINGER_MS: u64 = 2_000;
+/// ... and at most this many bytes, then the socket is closed.
+pub const LINGER_BYTES_MAX: u64 = 64 << 20;
+
+/// One configured group and its journal, which a connection borrows for its lifetime.
+struct GroupSlot {
+    cfg: GroupConfig,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    /// `None` while a connection holds it, or after a journal failure (reopened on the
+    /// next claim).
+    journal: Option<Journal>,
+    /// The connection that holds the group.
+    holder: Option<Holder>,
+}
+
+/// Who holds a group, and how to ask it to let go.
+struct Holder {
+    peer: SocketAddr,
+    /// The node id from its hello.
+    node: String,
+    /// Notified when a newer connection of the same node takes the group over.
+    cancel: Arc<Notify>,
+}
+
+/// What every connection shares.
+struct Shared {
+    cfg: Config,
+    groups: HashMap<String, Arc<GroupSlot>>,
+    /// Held for the server's lifetime: no other process opens these journals.
+    _locks: Vec<GroupLock>,
+}
+
+/// Why a connection ended.
+enum End {
+    /// The peer closed between frames (or the connection failed below the protocol).
+    Closed,
+    /// We refuse: send this, then close.
+    Refuse(ErrorFrame),
+}
+
+fn refuse(code: u16, message: impl AsRef<str>) -> End {
+    End::Refuse(ErrorFrame::new(code, message.as_ref()))
+}
+
+/// Prepares every group (lock, replicas, journal) and serves until SIGINT or SIGTERM.
+/// Prints `listening on ADDR` on stdout once the socket accepts connections.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.check_plain_tcp()?;
+    let mut locks = Vec::new();
+    let mut groups = HashMap::new();
+    for g in &cfg.groups {
+        locks.push(GroupLock::acquire(&cfg, &g.id)?);
+        for d in &g.disks {
+            store::prepare_replica(&g.id, d)?;
+        }
+        let (journal, rec) = store::open_journal(&cfg, &g.id)?;
+        tracing::info!(
+            group = %g.id,
+            durable_seq = journal.durable_seq(),
+            frames = rec.frames,
+            points = rec.points,
+            truncated_bytes = rec.truncated_bytes,
+            "journal opened"
+        );
+        groups.insert(
+            g.id.clone(),
+            Arc::new(GroupSlot {
+                cfg: g.clone(),
+                state: Mutex::new(SlotState {
+                    journal: Some(journal),
+                    holder: None,
+                }),
+            }),
+        );
+    }
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.listen))?;
+    let local = listener.local_addr().context("local address")?;
+    tracing::info!(%local, "listening (plain TCP on loopback)");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {local}").context("write to stdout")?;
+        out.flush().context("flush stdout")?;
+    }
+    let shared = Arc::new(Shared {
+        cfg,
+        groups,
+        _locks: locks,
+    });
+    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        };
+        let shared = shared.clone();
+        let permit = permits.clone().try_acquire_owned();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            match permit {
+                Ok(_permit) => serve_conn(shared, stream, peer).await,
+                Err(_) => {
+                    let e = ErrorFrame::new(
+                        ErrorFrame::INTERNAL,
+                        &format!("too many connections (at most {CONNECTIONS_MAX}); retry later"),
+                    );
+                    tracing::warn!(%peer, "{}", e.message);
+                    send_error_and_close(stream, &e).await;
+                }
+            }
+        });
+    }
+    tracing::info!("shutting down: every acknowledged frame is already durable");
+    Ok(())
+}
+
+async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    tracing::debug!(%peer, "connection");
+    let mut rd = FrameReader::new();
+    let end = conn(&shared, &stream, peer, &mut rd).await;
+    match end {
+        End::Closed => tracing::info!(%peer, "connection closed"),
+        End::Refuse(e) => {
+            tracing::warn!(
+                %peer,
+                code = ErrorFrame::code_name(e.code),
+                "refused: {}",
+                e.message
+            );
+            send_error_and_close(stream, &e).await;
+        }
+    }
+}
+
+/// Sends an Error frame, half-closes, drains the peer for a bounded while, closes.
+async fn send_error_and_close(mut stream: TcpStream, e: &ErrorFrame) {
+    let mut out = Vec::new();
+    if frame::encode_error(e, &mut out).is_err() {
+        return;
+    }
+    if stream.write_all(&out).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = vec![0u8; 16 << 10];
+        let mut total = 0u64;
+        while total < LINGER_BYTES_MAX {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(LINGER_MS), drain).await;
+}
+
+fn read_refusal(e: ReadError) -> End {
+    match e {
+        ReadError::Io(e) => {
+            tracing::debug!("read: {e}");
+            End::Closed
+        }
+        ReadError::Header(FrameError::UnsupportedVersion(v)) => refuse(
+            ErrorFrame::UNSUPPORTED_VERSION,
+            format!(
+                "frame header version {v} is not supported (this master target reads frame \
+                 version {})",
+                frame::VERSION
+            ),
+        ),
+        ReadError::UnexpectedKind(k) => refuse(
+            ErrorFrame::BAD_FRAME,
+            format!("the first frame must be a Hello, got a {k:?} frame"),
+        ),
+        e => refuse(ErrorFrame::BAD_FRAME, e.to_string()),
+    }
+}
+
+async fn conn(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    peer: SocketAddr,
+    rd: &mut FrameReader,
+) -> End {
+    // 1. The hello, within a deadline; a header of another kind is refused at once.
+    rd.only_kind = Some(FrameKind::Hello);
+    rd.body_max = HELLO_BODY_BYTES_MAX;
+    let first =
+        tokio::time::timeout(Duration::from_millis(HELLO_TIMEOUT_MS), rd.next(stream)).await;
+    rd.only_kind = None;
+    rd.body_max = frame::MAX_BODY_BYTES;
+    let raw = match first {
+        Err(_) => {
+            return refuse(
+                ErrorFrame::BAD_FRAME,
+                format!("no Hello within {HELLO_TIMEOUT_MS} ms"),
+            );
+        }
+        Ok(Err(e)) => return read_refusal(e),
+        Ok(Ok(None)) => return End::Closed,
+        Ok(Ok(Some(f))) => f,
+    };
+    let hello = match frame::decode_hello(&raw) {
+        Ok(h) => h,
+        Err(e) => return refuse(ErrorFrame::BAD_FRAME, format!("hello: {e}")),
+    };
+    let cancel = Arc::new(Notify::new());
+    let mut st = match check_hello(shared, &hello, peer, cancel.clone()).await {
+        Ok(st) => st,
+        Err(end) => return end,
+    };
+    tracing::info!(
+        %peer,
+        node = %hello.node,
+        groups = ?st.groups.iter().map(|g| (g.id.as_str(), g.durable_seq())).collect::<Vec<_>>(),
+        "process server connected"
+    );
+
+    // 2. Our hello and the resume points.
+    let reply = Hello {
+        version_min: 1,
+        version_max: PROTOCOL_VERSION,
+        role: Role::MasterTarget,
+        node: shared.cfg.node.clone(),
+        groups: st
+            .groups
+            .iter()
+            .map(|g| HelloGroup {
+                id: g.id.clone(),
+                disks: g
+                    .slot
+                    .cfg
+                    .disks
+                    .iter()
+                    .map(|d| HelloDisk {
+                        id: d.id.clone(),
+                        size_bytes: d.size_bytes,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    let mut out = Vec::new();
+    if let Err(e) = frame::encode_hello(&reply, &mut out) {
+        return refuse(ErrorFrame::INTERNAL, format!("encode our hello: {e}"));
+    }
+    let acks: Vec<Ack> = st
+        .groups
+        .iter()
+        .map(|g| Ack {
+            group: g.id.clone(),
+            durable_seq: g.durable_seq(),
+        })
+        .collect();
+    if let Err(end) = append_acks(&acks, &mut out) {
+        return end;
+    }
+    if let Err(e) = write_all(stream, &out).await {
+        tracing::debug!(%peer, "write hello: {e}");
+        return End::Closed;
+    }
+
+    // 3. Batches of frames until the peer closes or a frame is refused.
+    loop {
+        let next = tokio::select! {
+            r = rd.next(stream) => r,
+            _ = cancel.notified() => {
+                return refuse(
+                    ErrorFrame::INTERNAL,
+                    format!(
+                        "superseded: a newer connection of node {:?} took over this \
+                         connection's groups",
+                        hello.node
+                    ),
+                );
+            }
+        };
+        let first = match next {
+            Ok(Some(f)) => f,
+            Ok(None) => return End::Closed,
+            Err(e) => return read_refusal(e),
+        };
+        let mut bytes = first.len();
+        let mut batch = vec![first];
+        let mut after: Option<End> = None;
+        while batch.len() < BATCH_FRAMES_MAX && bytes < BATCH_BYTES_MAX {
+            match rd.try_step(stream) {
+                Ok(Step::Frame(f)) => {
+                    bytes += f.len();
+                    batch.push(f);
+                }
+                Ok(Step::WouldBlock) => break,
+                Ok(Step::Eof) => {
+                    after = Some(End::Closed);
+                    break;
+                }
+                Err(e) => {
+                    after = Some(read_refusal(e));
+                    break;
+                }
+            }
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            let outcome = st.process(batch);
+            (st, outcome)
+        })
+        .await;
+        let outcome;
+        (st, outcome) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                // The connection state was dropped during the panic, and with it the
+                // claims: the slots get `None` back and reopen their journals.
+                return refuse(
+                    ErrorFrame::INTERNAL,
+                    format!("batch processing failed: {e}"),
+                );
+            }
+        };
+        let mut out = Vec::new();
+        if let Err(end) = append_acks(&outcome.acks, &mut out) {
+            return end;
+        }
+        if !out.is_empty()
+            && let Err(e) = write_all(stream, &out).await
+        {
+            tracing::debug!(%peer, "write acks: {e}");
+            return End::Closed;
+        }
+        if let Some(e) = outcome.error {
+            return End::Refuse(e);
+        }
+        if let Some(end) = after {
+            return end;
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn append_acks(acks: &[Ack], out: &mut Vec<u8>) -> Result<(), End> {
+    let mut one = Vec::new();
+    for a in acks {
+        frame::encode_ack(a, &mut one)
+            .map_err(|e| refuse(ErrorFrame::INTERNAL, format!("encode ack: {e}")))?;
+        out.extend_from_slice(&one);
+    }
+    Ok(())
+}
+
+/// Checks the peer's hello against the config and claims its groups (all or none).
+async fn check_hello(
+    shared: &Arc<Shared>,
+    hello: &Hello,
+    peer: SocketAddr,
+    cancel: Arc<Notify>,
+) -> Result<ConnState, End> {
+    if hello.role != Role::ProcessServer {
+        return Err(refuse(
+            ErrorFrame::BAD_FRAME,
+            format!(
+                "hello: role is {:?}, a master target only talks to a process server",
+                hello.role
+            ),
+        ));
+    }
+    let ours = Hello {
+        version_min: 1,
+        version_max: PROTOCOL_VERSION,
+        role: Role::MasterTarget,
+        node: shared.cfg.node.clone(),
+        groups: Vec::new(),
+    };
+    if ours.negotiate(hello).is_none() {
+        return Err(refuse(
+            ErrorFrame::UNSUPPORTED_VERSION,
+            format!(
+                "hello: process server {:?} speaks protocol versions {}..={}, this master target \
+                 {}..={}",
+                hello.node,
+                hello.version_min,
+                hello.version_max,
+                ours.version_min,
+                ours.version_max
+            ),
+        ));
+    }
+    let mut wanted = Vec::with_capacity(hello.groups.len());
+    for g in &hello.groups {
+        let Some(slot) = shared.groups.get(&g.id) else {
+            return Err(refuse(
+                ErrorFrame::UNKNOWN_GROUP,
+                format!(
+                    "hello: group {:?} is not configured on this master target",
+                    g.id
+                ),
+            ));
+        };
+        let mut disks = HashMap::with_capacity(g.disks.len());
+        for d in &g.disks {
+            let Some(dc) = slot.cfg.disk(&d.id) else {
+                return Err(refuse(
+                    ErrorFrame::UNKNOWN_DISK,
+                    format!(
+                        "hello: disk {:?} is not configured in group {:?}",
+                        d.id, g.id
+                    ),
+                ));
+            };
+            if dc.size_bytes != d.size_bytes {
+                return Err(refuse(
+                    ErrorFrame::SIZE_MISMATCH,
+                    format!(
+                        "hello: disk {:?} of group {:?} is {} bytes at the process server, the \
+                         replica here is {} bytes",
+                        d.id, g.id, d.size_bytes, dc.size_bytes
+                    ),
+                ));
+            }
+            disks.insert(d.id.clone(), d.size_bytes);
+        }
+        wanted.push((slot.clone(), disks));
+    }
+    let shared = shared.clone();
+    let node = hello.node.clone();
+    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel))
+        .await
+        .unwrap_or_else(|e| Err(refuse(ErrorFrame::INTERNAL, format!("claim groups: {e}"))))
+}
+
+/// Takes the journals of the wanted groups out of their slots (reopening one that
+/// failed earlier); all or none.
+///
+/// A group held by another connection of the same node is taken over: a process server
+/// that reconnects after a network failure may find its old connection still open here
+/// (half-open TCP, no keepalive), and must not be locked out by it. The old connection
+/// is told to end, lets go between batches (so every frame it appended is committed and
+/// counted in the durable seq this connection is told), and this claim waits for that
+/// up to [`TAKEOVER_WAIT_MS`]. A group held by another node is refused as busy.
+fn claim(
+    shared: &Shared,
+    wanted: Vec<(Arc<GroupSlot>, HashMap<String, u64>)>,
+    peer: SocketAddr,
+    node: &str,
+    cancel: Arc<Notify>,
+) -> Result<ConnState, End> {
+    let mut st = ConnState {
+        groups: Vec::with_capacity(wanted.len()),
+        decoder: Decoder::new(),
+    };
+    for (slot, disks) in wanted {
+        let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
+        let journal = loop {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            match &s.holder {
+                None => {
+                    s.holder = Some(Holder {
+                        peer,
+                        node: node.to_string(),
+                        cancel: cancel.clone(),
+                    });
+                    break s.journal.take();
+                }
+                Some(h) if h.node == node && std::time::Instant::now() < deadline => {
+                    tracing::info!(group = %slot.cfg.id, old = %h.peer, new = %peer, node, "taking the group over from an older connection of the same node");
+                    h.cancel.notify_one();
+                }
+                Some(h) => {
+                    return Err(refuse(
+                        ErrorFrame::INTERNAL,
+                        format!(
+                            "group {:?} is busy: another connection ({}, node {:?}) is \
+                             streaming it; retry once it has closed",
+                            slot.cfg.id, h.peer, h.node
+                        ),
+                    ));
+                }
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // From here the group is ours; `ClaimedGroup`'s drop gives it back, even on error.
+        let mut cg = ClaimedGroup {
+            id: slot.cfg.id.clone(),
+            slot,
+            disks,
+            journal,
+        };
+        if cg.journal.is_none() {
+            match store::open_journal(&shared.cfg, &cg.id) {
+                Ok((j, rec)) => {
+                    tracing::info!(group = %cg.id, durable_seq = j.durable_seq(), truncated_bytes = rec.truncated_bytes, "journal reopened");
+                    cg.journal = Some(j);
+                }
+                Err(e) => {
+                    return Err(refuse(
+                        ErrorFrame::INTERNAL,
+                        format!("group {:?}: {e:#}", cg.id),
+                    ));
+                }
+            }
+        }
+        st.groups.push(cg);
+    }
+    Ok(st)
+}
+
+/// A group a connection holds.
+struct ClaimedGroup {
+    id: String,
+    slot: Arc<GroupSlot>,
+    /// Disks named in the hello (size checked against the config).
+    disks: HashMap<String, u64>,
+    /// `None` after a journal failure: the slot reopens it on the next claim.
+    journal: Option<Journal>,
+}
+
+impl ClaimedGroup {
+    fn durable_seq(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| j.durable_seq())
+    }
+}
+
+impl Drop for ClaimedGroup {
+    fn drop(&mut self) {
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A journal dropped during a panic may be mid-change: it is reopened instead.
+        let journal = self.journal.take();
+        s.journal = if std::thread::panicking() {
+            None
+        } else {
+            journal
+        };
+        s.holder = None;
+    }
+}
+
+/// The state of one connection past its hello; moved to the blocking pool per batch.
+struct ConnState {
+    groups: Vec<ClaimedGroup>,
+    decoder: Decoder,
+}
+
+/// What one batch produced.
+struct Outcome {
+    acks: Vec<Ack>,
+    /// The refusal of a frame in the batch; frames after it were not looked at.
+    error: Option<ErrorFrame>,
+}
+
+impl ConnState {
+    /// Appends the batch's frames in order until one is refused, commits every touched
+    /// journal once, and returns the acks.
+    fn process(&mut self, batch: Vec<Vec<u8>>) -> Outcome {
+        let mut touched = vec![false; self.groups.len()];
+        let mut error = None;
+        for f in &batch {
+            match self.accept(f) {
+                Ok(i) => touched[i] = true,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(batch);
+        let mut acks = Vec::new();
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            if !touched[i] {
+                continue;
+            }
+            let Some(j) = g.journal.as_mut() else {
+                continue;
+            };
+            match j.commit() {
+                Ok(durable_seq) => acks.push(Ack {
+                    group: g.id.clone(),
+                    durable_seq,
+                }),
+                Err(e) => {
+                    tracing::error!(group = %g.id, "journal commit failed: {e}");
+                    g.journal = None;
+                    error.get_or_insert_with(|| {
+                        ErrorFrame::new(
+                            ErrorFrame::INTERNAL,
+                            &format!("group {:?}: journal commit failed: {e}", g.id),
+                        )
+                    });
+                }
+            }
+        }
+        Outcome { acks, error }
+    }
+
+    fn group_index(&self, group: &str, what: &str, seq: u64) -> Result<usize, ErrorFrame> {
+        self.groups
+            .iter()
+            .position(|g| g.id == group)
+            .ok_or_else(|| {
+                ErrorFrame::new(
+                    ErrorFrame::UNKNOWN_GROUP,
+                    &format!(
+                        "{what} frame seq {seq}: group {group:?} was not accepted in this \
+                     connection's hello"
+                    ),
+                )
+            })
+    }
+
+    /// Verifies one frame and appends it to its group's journal, or skips it as a
+    /// duplicate. Returns the index of its group.
+    fn accept(&mut self, f: &[u8]) -> Result<usize, ErrorFrame> {
+        let bad = |what: String| ErrorFrame::new(ErrorFrame::BAD_FRAME, &what);
+        // The crc first: nothing in the body is looked at before it matches.
+        let h = frame::verify(f).map_err(|e| bad(e.to_string()))?;
+        let i = match h.kind {
+            FrameKind::Data => {
+                // The table first (cheap), so that group, disk and range are refused by
+                // name before any decompression.
+                let info = frame::peek_data(f)
+                    .map_err(|e| bad(format!("data frame seq {}: {e}", h.seq)))?;
+                let i = self.group_index(&info.meta.group, "data", h.seq)?;
+                let g = &self.groups[i];
+                let Some(&size) = g.disks.get(&info.meta.disk) else {
+                    return Err(ErrorFrame::new(
+                        ErrorFrame::UNKNOWN_DISK,
+                        &format!(
+                            "data frame seq {}: disk {:?} of group {:?} was not accepted in \
+                             this connection's hello",
+                            h.seq, info.meta.disk, g.id
+                        ),
+                    ));
+                };
+                if let Some(e) = info.entries.iter().find(|e| e.end() > size) {
+                    return Err(ErrorFrame::new(
+                        ErrorFrame::OUT_OF_RANGE,
+                        &format!(
+                            "data frame seq {}: extent at byte {} of {} bytes ends past the end \
+                             of disk {:?} ({size} bytes)",
+                            h.seq, e.offset, e.len, info.meta.disk
+                        ),
+                    ));
+                }
+                if self.is_duplicate(i, h.seq)? {
+                    return Ok(i);
+                }
+                let plain = self
+                    .decoder
+                    .decode_data(f)
+                    .map_err(|e| bad(format!("data frame seq {}: {e}", h.seq)))?;
+                self.decoder.recycle(plain);
+                i
+            }
+            FrameKind::Point => {
+                let (_, p) = frame::decode_point(f)
+                    .map_err(|e| bad(format!("point frame seq {}: {e}", h.seq)))?;
+                let i = self.group_index(&p.group, "point", h.seq)?;
+                if self.is_duplicate(i, h.seq)? {
+                    return Ok(i);
+                }
+                i
+            }
+            k => {
+                return Err(bad(format!(
+                    "a {k:?} frame is not accepted after the hello (only Data and Point)"
+                )));
+            }
+        };
+        let g = &mut self.groups[i];
+        let Some(j) = g.journal.as_mut() else {
+            return Err(ErrorFrame::new(
+                ErrorFrame::INTERNAL,
+                &format!(
+                    "group {:?}: journal unavailable after an earlier failure",
+                    g.id
+                ),
+            ));
+        };
+        match j.append(f) {
+            Ok(_) => Ok(i),
+            Err(e) => {
+                let code = match &e {
+                    JournalError::Frame(_)
+                    | JournalError::PointGroup { .. }
+                    | JournalError::WrongKind(_) => ErrorFrame::BAD_FRAME,
+                    JournalError::PointIdNotRising { .. }
+                    | JournalError::Gap { .. }
+                    | JournalError::Duplicate { .. } => ErrorFrame::SEQUENCE,
+                    _ => {
+                        tracing::error!(group = %g.id, "journal append failed: {e}");
+                        g.journal = None;
+                        ErrorFrame::INTERNAL
+                    }
+                };
+                Err(ErrorFrame::new(
+                    code,
+                    &format!("group {:?}: frame seq {}: {e}", g.id, h.seq),
+                ))
+            }
+        }
+    }
+
+    /// Whether the group's journal already holds `seq` (a resend: skip it); a seq past
+    /// the next one is a gap.
+    fn is_duplicate(&self, i: usize, seq: u64) -> Result<bool, ErrorFrame> {
+        let g = &self.groups[i];
+        let Some(j) = g.journal.as_ref() else {
+            return Err(ErrorFrame::new(
+                ErrorFrame::INTERNAL,
+                &format!(
+                    "group {:?}: journal unavailable after an earlier failure",
+                    g.id
+                ),
+            ));
+        };
+        if seq == 0 {
+            return Err(ErrorFrame::new(
+                ErrorFrame::SEQUENCE,
+                &format!("group {:?}: frame seq 0; sequences start at 1", g.id),
+            ));
+        }
+        if seq > j.next_seq() {
+            return Err(ErrorFrame::new(
+                ErrorFrame::SEQUENCE,
+                &format!(
+                    "group {:?}: frame seq {seq} leaves a gap: the next seq is {}",
+                    g.id,
+                    j.next_seq()
+                ),
+            ));
+        }
+        Ok(seq < j.next_seq())
+    }
+}

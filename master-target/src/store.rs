@@ -1,0 +1,128 @@
+//! What the master target keeps on disk, per group and per disk, and who may open it.
+//!
+//! | path                          | what                                                   |
+//! |-------------------------------|--------------------------------------------------------|
+//! | `data_dir/<group>/lock`       | empty; `serve`, `points` and `status` hold an exclusive `flock` on it while they use the group |
+//! | `data_dir/<group>/journal/`   | the group's [`datapath::journal`]                      |
+//! | each disk's `replica`         | the replica image, `size` bytes (sparse when created)  |
+//!
+//! **Why a lock.** [`Journal::open`] may cut a torn tail and remove folded segments; two
+//! processes doing that to the same directory, or one doing it under a running server,
+//! would destroy acknowledged frames. The lock is an advisory `flock` that the kernel
+//! drops when the process dies (kill -9 included), so it never goes stale. `points` and
+//! `status` therefore refuse a group while `serve` runs; they read the files a stopped
+//! server left.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use datapath::journal::{Journal, JournalConfig, JournalRecovery};
+use datapath::storage::RealFs;
+
+use crate::config::{Config, DiskConfig};
+
+/// An exclusive hold on one group's files; released on drop or process exit.
+#[derive(Debug)]
+pub struct GroupLock {
+    _file: File,
+}
+
+impl GroupLock {
+    /// Takes the group's lock without waiting; an error says who holds it.
+    pub fn acquire(cfg: &Config, group: &str) -> anyhow::Result<GroupLock> {
+        let dir = cfg.group_dir(group);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("create group directory {}", dir.display()))?;
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(GroupLock { _file: file }),
+            Err(TryLockError::WouldBlock) => bail!(
+                "group {group:?} is in use by another master-target process (lock {} is \
+                 held; is `master-target serve` running? stop it first)",
+                path.display()
+            ),
+            Err(TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("lock {}", path.display()))
+            }
+        }
+    }
+}
+
+/// Opens (creating if needed) the journal of `group`. The caller holds its [`GroupLock`].
+pub fn open_journal(cfg: &Config, group: &str) -> anyhow::Result<(Journal, JournalRecovery)> {
+    let dir = cfg.journal_dir(group);
+    Journal::open(Arc::new(RealFs), &dir, group, JournalConfig::default())
+        .with_context(|| format!("open journal of group {group:?} in {}", dir.display()))
+}
+
+/// Creates a missing replica (sparse, `size` bytes, durably named) or checks the size of
+/// an existing one.
+pub fn prepare_replica(group: &str, d: &DiskConfig) -> anyhow::Result<()> {
+    match std::fs::metadata(&d.replica) {
+        Ok(m) => {
+            if m.len() != d.size_bytes {
+                bail!(
+                    "replica {} of disk {:?} in group {group:?} is {} bytes, the config says \
+                     {} bytes",
+                    d.replica.display(),
+                    d.id,
+                    m.len(),
+                    d.size_bytes
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = d
+                .replica
+                .parent()
+                .context("a replica path has a parent directory")?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("create replica directory {}", dir.display()))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&d.replica)
+                .with_context(|| format!("create replica {}", d.replica.display()))?;
+            f.set_len(d.size_bytes)
+                .with_context(|| format!("size replica {}", d.replica.display()))?;
+            f.sync_all()
+                .with_context(|| format!("sync replica {}", d.replica.display()))?;
+            // The new name is durable only once its directory is synced.
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("sync directory {}", dir.display()))?;
+            tracing::info!(group, disk = %d.id, replica = %d.replica.display(), size_bytes = d.size_bytes, "created replica");
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("stat replica {}", d.replica.display())),
+    }
+}
+
+/// Bytes of the files directly in `dir` (0 when it does not exist).
+pub fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+    };
+    let mut total = 0u64;
+    for ent in rd {
+        let ent = ent.with_context(|| format!("list {}", dir.display()))?;
+        let m = ent
+            .metadata()
+            .with_context(|| format!("stat {}", ent.path().display()))?;
+        if m.is_file() {
+            total = total.saturating_add(m.len());
+        }
+    }
+    Ok(total)
+}

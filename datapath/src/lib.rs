@@ -16,6 +16,7 @@
 //! | [`journal`]  | the master target's per-group log of frames and recovery points       |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
+//! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
 //!
 //! ## Order of writes, syncs and renames
 //!
@@ -41,6 +42,7 @@ pub mod frame;
 pub mod hashing;
 pub mod journal;
 mod le;
+pub mod nbd;
 pub mod spool;
 pub mod storage;
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! and the data path format versions.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -83,9 +84,9 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         None => {
             print_versions();
             Ok(())
@@ -93,8 +94,17 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::Serve { config }) => {
             init_logging();
             tokio::runtime::Runtime::new()
-                .context("start the tokio runtime")?
-                .block_on(serve(config))
+                .context("start the tokio runtime")
+                .and_then(|rt| rt.block_on(serve(config)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole context chain, no backtrace: these are
+            // operator errors (bad config, port in use), not bugs.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

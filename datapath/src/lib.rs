@@ -17,6 +17,7 @@
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
+//! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
 //!
 //! ## Order of writes, syncs and renames
 //!
@@ -42,6 +43,7 @@ pub mod frame;
 pub mod hashing;
 pub mod journal;
 mod le;
+pub mod nbd;
 pub mod spool;
 pub mod storage;
 #[cfg(test)]

@@ -1,0 +1,329 @@
+//! The config file (TOML). Every path is relative to the file's directory, unknown
+//! fields are refused, and every error names the file and the field.
+//!
+//! ```toml
+//! [nbd]
+//! listen = "127.0.0.1:10809"   # port 0: any free port (logged at start)
+//!
+//! [[group]]
+//! id = "g1"
+//! [[group.disk]]
+//! id = "disk0"                 # the NBD export name
+//! path = "disk0.img"           # file or block device
+//! size = "64MiB"               # created sparse if missing; if present, must match
+//! ```
+//!
+//! `size` takes an integer (bytes) or a string with a suffix `B`, `KiB`, `MiB`, `GiB`,
+//! `TiB`. It may be left out when the path exists: the disk then has its current size.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The config as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    nbd: FileNbd,
+    #[serde(rename = "group", default)]
+    groups: Vec<FileGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNbd {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGroup {
+    id: String,
+    #[serde(rename = "disk", default)]
+    disks: Vec<FileDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    id: String,
+    path: PathBuf,
+    size: Option<SizeSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Bytes(u64),
+    Text(String),
+}
+
+/// The validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where the NBD server listens.
+    pub listen: SocketAddr,
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One consistency group: its disks are cut together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub id: String,
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One protected disk, served as the NBD export named `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub id: String,
+    /// Absolute (resolved against the config file's directory).
+    pub path: PathBuf,
+    /// Required size; `None`: whatever the existing file or device has.
+    pub size_bytes: Option<u64>,
+}
+
+/// Parses a size: an integer of bytes with an optional binary suffix.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "K" => 10,
+        "MiB" | "M" => 20,
+        "GiB" | "G" => 30,
+        "TiB" | "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, dir).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses config text; relative paths are resolved against `dir`.
+    pub fn parse(text: &str, dir: &Path) -> anyhow::Result<Self> {
+        let file: FileConfig = toml::from_str(text)?;
+        let listen: SocketAddr =
+            file.nbd.listen.parse().with_context(|| {
+                format!("nbd.listen: {:?} is not an address:port", file.nbd.listen)
+            })?;
+        let mut groups = Vec::new();
+        let mut group_ids = HashSet::new();
+        let mut disk_ids = HashSet::new();
+        for (gi, g) in file.groups.into_iter().enumerate() {
+            if !datapath::valid_id(&g.id) {
+                bail!(
+                    "group[{gi}].id: {:?} is not a valid id ([a-z0-9][a-z0-9_-]{{0,63}})",
+                    g.id
+                );
+            }
+            if !group_ids.insert(g.id.clone()) {
+                bail!("group[{gi}].id: {:?} appears twice", g.id);
+            }
+            let mut disks = Vec::new();
+            for (di, d) in g.disks.into_iter().enumerate() {
+                let field = format!("group[{gi}].disk[{di}]");
+                if !datapath::valid_id(&d.id) {
+                    bail!(
+                        "{field}.id: {:?} is not a valid id ([a-z0-9][a-z0-9_-]{{0,63}})",
+                        d.id
+                    );
+                }
+                if !disk_ids.insert(d.id.clone()) {
+                    bail!(
+                        "{field}.id: {:?} appears twice (disk ids are export names and must be unique)",
+                        d.id
+                    );
+                }
+                let size_bytes = match d.size {
+                    None => None,
+                    Some(SizeSpec::Bytes(n)) => Some(n),
+                    Some(SizeSpec::Text(s)) => Some(parse_size(&s).with_context(|| {
+                        format!(
+                            "{field}.size: {s:?} is not a size (e.g. 4096, \"64MiB\", \"2GiB\")"
+                        )
+                    })?),
+                };
+                if size_bytes == Some(0) {
+                    bail!("{field}.size: must not be zero");
+                }
+                if d.path.as_os_str().is_empty() {
+                    bail!("{field}.path: empty");
+                }
+                disks.push(DiskConfig {
+                    id: d.id,
+                    path: dir.join(d.path),
+                    size_bytes,
+                });
+            }
+            groups.push(GroupConfig { id: g.id, disks });
+        }
+        if disk_ids.is_empty() {
+            bail!("group: no disk configured (add [[group]] with [[group.disk]])");
+        }
+        Ok(Self { listen, groups })
+    }
+}
+
+impl DiskConfig {
+    /// Opens the backing file or device for reading and writing, creating a sparse
+    /// file of the configured size if the path does not exist. Returns it with its size.
+    pub fn open(&self) -> anyhow::Result<(File, u64)> {
+        let exists = self.path.exists();
+        if !exists && self.size_bytes.is_none() {
+            bail!(
+                "disk {}: {} does not exist and no size is configured to create it",
+                self.id,
+                self.path.display()
+            );
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!exists)
+            .truncate(false)
+            .open(&self.path)
+            .with_context(|| format!("disk {}: open {}", self.id, self.path.display()))?;
+        if !exists {
+            let size = self.size_bytes.unwrap_or(0);
+            file.set_len(size).with_context(|| {
+                format!("disk {}: size {} to {size}", self.id, self.path.display())
+            })?;
+            file.sync_all()
+                .with_context(|| format!("disk {}: sync {}", self.id, self.path.display()))?;
+            if let Some(parent) = self.path.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| {
+                        format!("disk {}: sync directory {}", self.id, parent.display())
+                    })?;
+            }
+        }
+        // Seeking to the end measures regular files and block devices alike (the
+        // metadata length of a block device is 0).
+        let size = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("disk {}: measure {}", self.id, self.path.display()))?;
+        if let Some(want) = self.size_bytes
+            && want != size
+        {
+            bail!(
+                "disk {}: {} has {size} bytes but the config says size = {want}",
+                self.id,
+                self.path.display()
+            );
+        }
+        if size == 0 {
+            bail!("disk {}: {} is empty", self.id, self.path.display());
+        }
+        Ok((file, size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[nbd]
+listen = "127.0.0.1:0"
+[[group]]
+id = "g1"
+[[group.disk]]
+id = "disk0"
+path = "d0.img"
+size = "1MiB"
+[[group.disk]]
+id = "disk1"
+path = "/abs/d1.img"
+size = 4096
+"#;
+
+    /// Proves a good config parses, with relative paths under the config's directory.
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/ps")).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        let d = &c.groups[0].disks;
+        assert_eq!(d[0].path, Path::new("/etc/ps/d0.img"));
+        assert_eq!(d[0].size_bytes, Some(1 << 20));
+        assert_eq!(d[1].path, Path::new("/abs/d1.img"));
+        assert_eq!(d[1].size_bytes, Some(4096));
+    }
+
+    /// Proves unknown fields, bad ids, duplicate ids and bad sizes are refused, naming the field.
+    #[test]
+    fn refuses_bad_configs() {
+        let cases = [
+            (
+                GOOD.replace("size = 4096", "size = 4096\ncolor = 1"),
+                "color",
+            ),
+            (
+                GOOD.replace("id = \"disk1\"", "id = \"Disk1\""),
+                "group[0].disk[1].id",
+            ),
+            (
+                GOOD.replace("id = \"disk1\"", "id = \"disk0\""),
+                "appears twice",
+            ),
+            (
+                GOOD.replace("\"1MiB\"", "\"1 parsec\""),
+                "group[0].disk[0].size",
+            ),
+            (GOOD.replace("127.0.0.1:0", "nowhere"), "nbd.listen"),
+            (GOOD.replace("[nbd]", "[nbdx]"), "nbdx"),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", Config::parse(&text, Path::new("/")).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+    }
+
+    /// Proves sizes parse with and without suffixes and overflow is refused.
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64MiB"), Some(64 << 20));
+        assert_eq!(parse_size("2 GiB"), Some(2 << 30));
+        assert_eq!(parse_size("99999999999TiB"), None);
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1.5GiB"), None);
+    }
+
+    /// Proves open creates a sparse file of the configured size, reopens it, and
+    /// refuses a size mismatch.
+    #[test]
+    fn open_creates_and_checks_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = DiskConfig {
+            id: "d".into(),
+            path: dir.path().join("d.img"),
+            size_bytes: Some(1 << 20),
+        };
+        assert_eq!(d.open().unwrap().1, 1 << 20);
+        assert_eq!(d.open().unwrap().1, 1 << 20);
+        d.size_bytes = None;
+        assert_eq!(d.open().unwrap().1, 1 << 20);
+        d.size_bytes = Some(2 << 20);
+        let err = format!("{:#}", d.open().unwrap_err());
+        assert!(err.contains("config says"), "{err}");
+        d.path = dir.path().join("missing.img");
+        d.size_bytes = None;
+        assert!(d.open().is_err());
+    }
+}

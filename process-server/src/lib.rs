@@ -1,0 +1,12 @@
+//! `process-server` as a library: the binary (`main.rs`) parses the command line and
+//! calls [`nbd_server::serve`]; tests drive the same code in-process.
+//!
+//! | module           | owns                                                              |
+//! |------------------|-------------------------------------------------------------------|
+//! | [`config`]       | the TOML config file: listen address, groups, disks               |
+//! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
+//! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
+
+pub mod capture;
+pub mod config;
+pub mod nbd_server;

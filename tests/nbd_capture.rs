@@ -30,6 +30,12 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts the server with `extra` appended to the config (e.g. a `[tracking]`
+    /// section).
+    fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("ps.toml");
         std::fs::write(
@@ -48,6 +54,7 @@ size = "{mib}MiB"
 id = "disk1"
 path = "disk1.img"
 size = {DISK_BYTES}
+{extra}
 "#,
                 mib = DISK_BYTES >> 20
             ),
@@ -437,4 +444,92 @@ fn write_beyond_end_is_refused() {
     run_fail(&mut qemu_io(&uri, &[&format!("write -P 0x77 {near} 4096")]));
     assert!(s.backing("disk0") == vec![0u8; DISK_BYTES]);
     s.assert_alive();
+}
+
+/// Proves captured writes reach the group's spool in their order with their data (and
+/// trims as zero records), the cutter seals epochs on its timer so writes far apart in
+/// time land in different epochs, and SIGTERM closes change tracking cleanly.
+#[test]
+fn writes_are_spooled_and_cut_into_epochs() {
+    use datapath::spool::{Spool, SpoolConfig, SpoolEntry};
+    use datapath::storage::RealFs;
+
+    let mut s = Server::start_with("[tracking]\ncut_interval_ms = 50\nstate_dir = \"state\"\n");
+    run_ok(&mut qemu_io(
+        &s.uri("disk0"),
+        &["write -P 0xab 0 64k", "flush"],
+    ));
+    std::thread::sleep(Duration::from_millis(400));
+    run_ok(&mut qemu_io(
+        &s.uri("disk1"),
+        &["write -P 0xcd 1M 4k", "flush"],
+    ));
+    run_ok(&mut qemu_io(&s.uri("disk0"), &["write -z 2M 64k", "flush"]));
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = s.child.id().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let status = s.child.wait().expect("wait for the server");
+    assert!(status.success(), "{status:?}; log:\n{}", s.log());
+    assert!(
+        s.log().contains("change tracking closed cleanly"),
+        "{}",
+        s.log()
+    );
+    let state = s.path("state/g1");
+    assert!(state.join("clean").exists(), "no clean marker");
+
+    let (spool, _) = Spool::open(
+        std::sync::Arc::new(RealFs),
+        &state.join("spool"),
+        SpoolConfig {
+            segment_bytes_max: 64 << 20,
+            spool_bytes_max: 1 << 30,
+        },
+    )
+    .expect("open the spool");
+    let records: Vec<_> = spool
+        .read_from(spool.first_seq())
+        .collect::<Result<_, _>>()
+        .expect("read the spool");
+    let epoch_of = |want: &dyn Fn(&SpoolEntry) -> bool| {
+        records
+            .iter()
+            .find(|r| want(&r.entry))
+            .map(|r| match r.entry {
+                SpoolEntry::Write { epoch, .. }
+                | SpoolEntry::Zero { epoch, .. }
+                | SpoolEntry::Cut { epoch, .. } => epoch,
+            })
+    };
+    let first = epoch_of(&|e| {
+        matches!(e, SpoolEntry::Write { disk, offset: 0, data, .. }
+            if disk == "disk0" && data.len() == 65536 && data.iter().all(|&b| b == 0xab))
+    })
+    .expect("the 0xab write of disk0 is spooled");
+    let second = epoch_of(&|e| {
+        matches!(e, SpoolEntry::Write { disk, offset: 1048576, data, .. }
+            if disk == "disk1" && data.len() == 4096 && data.iter().all(|&b| b == 0xcd))
+    })
+    .expect("the 0xcd write of disk1 is spooled");
+    let zero = epoch_of(&|e| {
+        matches!(e, SpoolEntry::Zero { disk, offset: 2097152, len: 65536, .. } if disk == "disk0")
+    })
+    .expect("the write-zeroes of disk0 is spooled");
+    assert!(first < second, "writes 400 ms apart share epoch {first}");
+    assert!(second <= zero);
+    // Cuts: rising epochs, one per epoch, and the first write's epoch was sealed.
+    let cuts: Vec<u64> = records
+        .iter()
+        .filter_map(|r| match r.entry {
+            SpoolEntry::Cut {
+                epoch, point_id, ..
+            } => {
+                assert_eq!(epoch, point_id);
+                Some(epoch)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+    assert!(cuts.contains(&first), "epoch {first} never cut: {cuts:?}");
 }

@@ -87,6 +87,8 @@ pub enum TrackerError {
     },
     #[error("spool record for {0:?}, which is not a disk of this group")]
     SpoolForeignDisk(String),
+    #[error("change tracking of this group was closed (the server is stopping)")]
+    Closed,
 }
 
 /// One disk of the group.
@@ -153,6 +155,8 @@ pub struct GroupTracker {
     /// Sealed epochs not yet acknowledged: (epoch, cut seq, extents), oldest first.
     unacked: VecDeque<(u64, u64, EpochExtents)>,
     current: EpochExtents,
+    /// Set by [`GroupTracker::close`]: every later write is refused.
+    closed: bool,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> TrackerError {
@@ -214,6 +218,7 @@ impl GroupTracker {
             mode: TrackMode::Spooling,
             unacked: VecDeque::new(),
             current: EpochExtents::default(),
+            closed: false,
         };
         // Rebuild the epochs still in the spool (all of it is unacknowledged as far as
         // this side knows; the master target's resume point releases the rest).
@@ -261,6 +266,11 @@ impl GroupTracker {
         } else {
             last_epoch.max(1)
         };
+        if unclean {
+            t.mode = TrackMode::BitmapOnly {
+                reason: "the previous run did not shut down cleanly: writes that reached a backing disk may be missing from the spool, so the dirty blocks must be resynced before the next recovery point".into(),
+            };
+        }
         let report = OpenReport {
             unclean,
             needs_resync: unclean,
@@ -275,6 +285,9 @@ impl GroupTracker {
     }
 
     fn disk(&mut self, disk: &str) -> Result<(usize, &mut Disk), TrackerError> {
+        if self.closed {
+            return Err(TrackerError::Closed);
+        }
         let i = self
             .index(disk)
             .ok_or_else(|| TrackerError::UnknownDisk(disk.to_string()))?;
@@ -504,12 +517,28 @@ impl GroupTracker {
 
     /// A clean stop: spool synced, bitmaps flushed, then the clean marker written.
     pub fn shutdown(mut self) -> Result<(), TrackerError> {
+        self.close()
+    }
+
+    /// [`GroupTracker::shutdown`] for a tracker shared with threads that may still try
+    /// to write: after it every write is refused ([`TrackerError::Closed`]), so nothing
+    /// can follow the clean marker.
+    pub fn close(&mut self) -> Result<(), TrackerError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
         self.spool.sync()?;
         for d in &mut self.disks {
             d.bitmap.flush().map_err(|source| TrackerError::Bitmap {
                 disk: d.id.clone(),
                 source,
             })?;
+        }
+        // The mode is not in the marker: a group that was bitmap-only stays so only
+        // through the bitmaps' dirty bits, which a resync clears.
+        if self.mode != TrackMode::Spooling {
+            return Ok(());
         }
         write_atomic(self.fs.as_ref(), &self.dir, CLEAN_MARKER, CLEAN_CONTENTS)
             .map_err(io_err("write clean marker"))
@@ -712,9 +741,18 @@ mod tests {
         assert_eq!(t.cut(2, false).unwrap().unwrap().point_id, 2);
         drop(t);
         fs.crash(CrashMode::DropUnsynced);
-        let (_, rep) = open(&fs);
+        let (mut t, rep) = open(&fs);
         assert!(rep.unclean && rep.needs_resync);
         assert_eq!(rep.epoch, 3);
+        // No recovery point from an unclean state.
+        assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+        assert_eq!(t.cut(3, false).unwrap(), None);
+        // Closed: writes are refused.
+        t.close().unwrap();
+        assert!(matches!(
+            t.before_write("d0", 0, 512),
+            Err(TrackerError::Closed)
+        ));
     }
 
     /// Proves, at every durability step of a random workload with crashes, that every

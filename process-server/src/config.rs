@@ -30,6 +30,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     nbd: FileNbd,
+    #[serde(default)]
+    tracking: FileTracking,
     #[serde(rename = "group", default)]
     groups: Vec<FileGroup>,
 }
@@ -38,6 +40,15 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileNbd {
     listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTracking {
+    state_dir: Option<PathBuf>,
+    cut_interval_ms: Option<u64>,
+    spool_bytes_max: Option<SizeSpec>,
+    spool_segment_bytes: Option<SizeSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,7 +79,38 @@ enum SizeSpec {
 pub struct Config {
     /// Where the NBD server listens.
     pub listen: SocketAddr,
+    pub tracking: TrackingConfig,
     pub groups: Vec<GroupConfig>,
+}
+
+/// Change tracking (`[tracking]`, every field optional).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackingConfig {
+    /// Spools and dirty bitmaps live in `state_dir/<group>` (default `ps-state`).
+    pub state_dir: PathBuf,
+    /// A crash-consistent cut of every group this often (default 1000 ms).
+    pub cut_interval_ms: u64,
+    /// Bound of each group's spool (default 1 GiB); when full, the group falls back to
+    /// bitmap-only tracking.
+    pub spool_bytes_max: u64,
+    /// Size of one spool segment file (default 64 MiB).
+    pub spool_segment_bytes: u64,
+}
+
+/// Default of `tracking.cut_interval_ms`.
+pub const CUT_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// Default of `tracking.spool_bytes_max`.
+pub const SPOOL_BYTES_MAX_DEFAULT: u64 = 1 << 30;
+/// Default of `tracking.spool_segment_bytes`.
+pub const SPOOL_SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+
+fn size_field(field: &str, v: Option<SizeSpec>, default: u64) -> anyhow::Result<u64> {
+    match v {
+        None => Ok(default),
+        Some(SizeSpec::Bytes(n)) => Ok(n),
+        Some(SizeSpec::Text(s)) => parse_size(&s)
+            .with_context(|| format!("{field}: {s:?} is not a size (e.g. 4096, \"64MiB\")")),
+    }
 }
 
 /// One consistency group: its disks are cut together.
@@ -121,6 +163,36 @@ impl Config {
             file.nbd.listen.parse().with_context(|| {
                 format!("nbd.listen: {:?} is not an address:port", file.nbd.listen)
             })?;
+        let t = file.tracking;
+        let tracking = TrackingConfig {
+            state_dir: dir.join(t.state_dir.unwrap_or_else(|| PathBuf::from("ps-state"))),
+            cut_interval_ms: t.cut_interval_ms.unwrap_or(CUT_INTERVAL_MS_DEFAULT),
+            spool_bytes_max: size_field(
+                "tracking.spool_bytes_max",
+                t.spool_bytes_max,
+                SPOOL_BYTES_MAX_DEFAULT,
+            )?,
+            spool_segment_bytes: size_field(
+                "tracking.spool_segment_bytes",
+                t.spool_segment_bytes,
+                SPOOL_SEGMENT_BYTES_DEFAULT,
+            )?,
+        };
+        if tracking.cut_interval_ms < 10 {
+            bail!(
+                "tracking.cut_interval_ms: {} is below 10 ms",
+                tracking.cut_interval_ms
+            );
+        }
+        if tracking.spool_segment_bytes < (1 << 20)
+            || tracking.spool_bytes_max < 2 * tracking.spool_segment_bytes
+        {
+            bail!(
+                "tracking: spool_segment_bytes must be at least 1 MiB and spool_bytes_max at least twice it (got {} and {})",
+                tracking.spool_segment_bytes,
+                tracking.spool_bytes_max
+            );
+        }
         let mut groups = Vec::new();
         let mut group_ids = HashSet::new();
         let mut disk_ids = HashSet::new();
@@ -175,7 +247,11 @@ impl Config {
         if disk_ids.is_empty() {
             bail!("group: no disk configured (add [[group]] with [[group.disk]])");
         }
-        Ok(Self { listen, groups })
+        Ok(Self {
+            listen,
+            tracking,
+            groups,
+        })
     }
 }
 

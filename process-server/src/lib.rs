@@ -6,7 +6,9 @@
 //! | [`config`]       | the TOML config file: listen address, groups, disks               |
 //! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
 //! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
+//! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
 
 pub mod capture;
 pub mod config;
 pub mod nbd_server;
+pub mod tracking;

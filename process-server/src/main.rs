@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use process_server::capture::NoCapture;
 use process_server::config::Config;
 use process_server::nbd_server::{self, Exports};
-use tracing::info;
+use process_server::tracking::{self, Tracking};
+use tracing::{error, info};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,20 +67,69 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     for e in exports.iter() {
         info!(group = %e.group, disk = %e.id, size_bytes = e.size_bytes, "export ready");
     }
+    let (tracking, reports) = Tracking::open(&exports, &config.tracking)?;
+    tracking::log_open_reports(&reports, &config.tracking.state_dir);
+    let tracking = Arc::new(tracking);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {} (nbd.listen)", config.listen))?;
     let addr = listener.local_addr().context("read the listen address")?;
     info!("listening on {addr}");
-    tokio::select! {
-        r = nbd_server::serve(listener, Arc::new(exports), Arc::new(NoCapture)) => {
+    let cutter = {
+        let tracking = tracking.clone();
+        let every = std::time::Duration::from_millis(config.tracking.cut_interval_ms);
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let t = tracking.clone();
+                let cuts = tokio::task::spawn_blocking(move || t.cut_all(false)).await;
+                for (group, r) in cuts.unwrap_or_default() {
+                    match r {
+                        Ok(Some(p)) => {
+                            tracing::debug!(
+                                group,
+                                point = p.point_id,
+                                spool_seq = p.spool_seq,
+                                "cut"
+                            )
+                        }
+                        Ok(None) => {}
+                        Err(e) => error!(group, "cut failed: {e:#}"),
+                    }
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = nbd_server::serve(listener, Arc::new(exports), tracking.clone()) => {
             r.context("serve NBD")
         }
-        r = tokio::signal::ctrl_c() => {
-            r.context("wait for ctrl-c")?;
-            info!("interrupted, shutting down");
+        _ = cutter => Ok(()),
+        r = shutdown_signal() => {
+            r?;
+            info!("stopping");
             Ok(())
         }
+    };
+    let t = tracking.clone();
+    tokio::task::spawn_blocking(move || t.shutdown())
+        .await
+        .context("join the shutdown")?
+        .context("shut change tracking down cleanly")?;
+    info!("change tracking closed cleanly");
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for SIGINT"),
+        _ = term.recv() => Ok(()),
     }
 }
 

@@ -533,3 +533,46 @@ fn writes_are_spooled_and_cut_into_epochs() {
     assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
     assert!(cuts.contains(&first), "epoch {first} never cut: {cuts:?}");
 }
+
+/// Proves the shipped example config works as it is (but for the port), given by a bare
+/// file name relative to the current directory, and stops cleanly on SIGTERM.
+#[test]
+fn example_config_runs_from_its_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/process-server.toml"),
+    )
+    .expect("read the example config");
+    assert!(example.contains("127.0.0.1:10809"));
+    std::fs::write(
+        dir.path().join("ps.toml"),
+        example.replace("127.0.0.1:10809", "127.0.0.1:0"),
+    )
+    .expect("write config");
+    let mut child = Command::new(common::bin_path("process-server"))
+        .args(["serve", "--config", "ps.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start process-server");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read log");
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    assert!(log.contains("listening on"), "{log}");
+    run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    for line in lines {
+        log.push_str(&line.expect("read log"));
+        log.push('\n');
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(dir.path().join("disk0.img").exists() && dir.path().join("ps-state/g1/clean").exists());
+}

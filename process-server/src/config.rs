@@ -152,7 +152,11 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read config file {}", path.display()))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
+        // A bare file name has an empty parent: its directory is the current one.
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Self::parse(&text, dir).with_context(|| format!("config file {}", path.display()))
     }
 

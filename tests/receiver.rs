@@ -7,7 +7,8 @@ mod common;
 mod wire;
 
 use datapath::frame::{ErrorFrame, HEADER_BYTES, MAX_BODY_BYTES, PROTOCOL_VERSION};
-use wire::{DISK_BYTES, Got, Json, Server, Setup};
+use serde_json::Value;
+use wire::{DISK_BYTES, Got, Server, Setup};
 
 /// Proves the happy path: hello, resume ack 0, three epochs of data and points are
 /// acknowledged, `points --json` lists the three points, and the journal holds exactly
@@ -30,34 +31,34 @@ fn happy_path_journals_acks_and_lists_points() {
     server.kill();
 
     let out = setup.run_cli(&["points", "--group", "g1", "--json"]);
-    let pts = Json::parse(&out);
-    let pts = pts.arr();
+    let pts: Value = serde_json::from_str(&out).expect("points --json is JSON");
+    let pts = pts.as_array().expect("an array");
     assert_eq!(pts.len(), 3, "{out}");
     for (i, p) in pts.iter().enumerate() {
         let id = i as u64 + 1;
-        assert_eq!(p.get("id").u64(), id);
-        assert_eq!(p.get("seq").u64(), id * 3);
-        assert_eq!(p.get("time_unix_ms").u64(), 1_700_000_000_000 + id * 1000);
+        assert_eq!(p["id"], id);
+        assert_eq!(p["seq"], id * 3);
+        assert_eq!(p["time_unix_ms"], 1_700_000_000_000 + id * 1000);
         assert_eq!(
-            p.get("kind").str(),
+            p["kind"],
             if id.is_multiple_of(2) { "app" } else { "crash" }
         );
-        assert_eq!(p.get("consistent"), &Json::Bool(true));
-        assert_eq!(p.get("time").str(), format!("2023-11-14T22:13:2{id}.000Z"));
+        assert_eq!(p["consistent"], true);
+        assert_eq!(p["time"], format!("2023-11-14T22:13:2{id}.000Z"));
     }
     let text = setup.run_cli(&["points", "--group", "g1"]);
     assert_eq!(text.lines().count(), 4, "{text}");
-    let status = Json::parse(&setup.run_cli(&["status", "--json"]));
-    let groups = status.get("groups").arr();
-    assert_eq!(groups[0].get("durable_seq").u64(), 9);
-    assert_eq!(groups[0].get("points").u64(), 3);
-    assert_eq!(groups[0].get("newest_point").get("id").u64(), 3);
-    assert!(
-        groups[0].get("journal_bytes").u64() > frames.iter().map(|f| f.len() as u64).sum::<u64>()
-    );
-    assert_eq!(groups[1].get("durable_seq").u64(), 0);
-    assert_eq!(groups[1].get("newest_point"), &Json::Null);
-    assert_eq!(status.get("disks").arr().len(), 4);
+    let status: Value =
+        serde_json::from_str(&setup.run_cli(&["status", "--json"])).expect("status --json");
+    let groups = status["groups"].as_array().expect("groups");
+    assert_eq!(groups[0]["durable_seq"], 9);
+    assert_eq!(groups[0]["points"], 3);
+    assert_eq!(groups[0]["newest_point"]["id"], 3);
+    let journal_bytes = groups[0]["journal_bytes"].as_u64().expect("journal_bytes");
+    assert!(journal_bytes > frames.iter().map(|f| f.len() as u64).sum::<u64>());
+    assert_eq!(groups[1]["durable_seq"], 0);
+    assert!(groups[1]["newest_point"].is_null());
+    assert_eq!(status["disks"].as_array().map(Vec::len), Some(4));
 
     assert_eq!(setup.journal_frames("g1"), frames);
     assert!(setup.journal_frames("g2").is_empty());

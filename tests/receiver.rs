@@ -266,7 +266,7 @@ fn bad_input_is_refused_and_others_are_served() {
     let e = other
         .hello_as("ps-other", &[("g1", disks)])
         .expect_err("busy");
-    assert_eq!(e.code, ErrorFrame::INTERNAL);
+    assert_eq!(e.code, ErrorFrame::BUSY);
     assert!(
         e.message.contains("busy") && e.message.contains("g1"),
         "{e:?}"
@@ -382,7 +382,7 @@ fn newer_connection_of_the_same_node_takes_over() {
     let resume = new.hello_ok(&["g1"])[0].durable_seq;
     assert!((3..=6).contains(&resume), "resume {resume}");
     let e = old.expect_error();
-    assert_eq!(e.code, ErrorFrame::INTERNAL);
+    assert_eq!(e.code, ErrorFrame::BUSY);
     assert!(e.message.contains("superseded"), "{e:?}");
     for f in &frames[resume as usize..] {
         new.send(f);

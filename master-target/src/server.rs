@@ -46,8 +46,9 @@
 //! | disk size differs from the replica's                | `SIZE_MISMATCH`       |
 //! | extent past the end of its disk                     | `OUT_OF_RANGE`        |
 //! | seq gap; point id not rising                        | `SEQUENCE`            |
-//! | group busy on a connection of another node; too many connections; journal I/O failure | `INTERNAL` |
-//! | (to the old connection) superseded by a newer one of the same node | `INTERNAL` |
+//! | group busy on a connection of another node; too many connections | `BUSY` |
+//! | (to the old connection) superseded by a newer one of the same node | `BUSY` |
+//! | journal I/O failure | `INTERNAL` |
 //!
 //! # Concurrency and memory
 //!
@@ -216,7 +217,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Ok(_permit) => serve_conn(shared, stream, peer).await,
                 Err(_) => {
                     let e = ErrorFrame::new(
-                        ErrorFrame::INTERNAL,
+                        ErrorFrame::BUSY,
                         &format!("too many connections (at most {CONNECTIONS_MAX}); retry later"),
                     );
                     tracing::warn!(%peer, "{}", e.message);
@@ -381,7 +382,7 @@ async fn conn(
             r = rd.next(stream) => r,
             _ = cancel.notified() => {
                 return refuse(
-                    ErrorFrame::INTERNAL,
+                    ErrorFrame::BUSY,
                     format!(
                         "superseded: a newer connection of node {:?} took over this \
                          connection's groups",
@@ -592,7 +593,7 @@ fn claim(
                 }
                 Some(h) => {
                     return Err(refuse(
-                        ErrorFrame::INTERNAL,
+                        ErrorFrame::BUSY,
                         format!(
                             "group {:?} is busy: another connection ({}, node {:?}) is \
                              streaming it; retry once it has closed",

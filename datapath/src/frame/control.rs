@@ -172,6 +172,9 @@ impl ErrorFrame {
     pub const FULL: u16 = 9;
     /// A fault of the receiver itself.
     pub const INTERNAL: u16 = 10;
+    /// The peer is busy (a group held by another connection, too many connections,
+    /// superseded by a newer connection): retry later.
+    pub const BUSY: u16 = 11;
 
     /// An error frame whose message is cut (at a character boundary) to the bound.
     pub fn new(code: u16, message: &str) -> Self {
@@ -198,6 +201,7 @@ impl ErrorFrame {
             Self::SEQUENCE => "sequence",
             Self::FULL => "full",
             Self::INTERNAL => "internal",
+            Self::BUSY => "busy",
             _ => "unknown",
         }
     }

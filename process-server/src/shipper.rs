@@ -353,6 +353,7 @@ impl Shipper {
             group = %ack.group,
             point = st.epoch,
             frame_seq = st.frame_seq,
+            point_time_unix_ms = st.time_unix_ms,
             rpo_ms = now_unix_ms().saturating_sub(st.time_unix_ms),
             "point acknowledged"
         );

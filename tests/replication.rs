@@ -446,3 +446,49 @@ fn process_server_restart_resumes_from_state() {
     mt.kill();
     check_journal(dir.path(), &states);
 }
+
+/// Proves a master target that lost acknowledged data (its data dir wiped) is detected:
+/// the process server logs an error naming the group and ships nothing more of it.
+#[test]
+fn lost_target_data_stops_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
+    let addr = mt.addr;
+    let ps = ProcessServer::start(dir.path(), addr);
+    let mut states = States::new(dir.path());
+    let mut done = 0;
+    for (disk, cmd) in round(0) {
+        done = states.write(&ps, disk, &cmd);
+    }
+    ps.wait_acked_after(done);
+    mt.kill();
+    std::fs::remove_dir_all(dir.path().join("mt-data")).expect("wipe the master target");
+    let mt = MasterTarget::start(dir.path(), &addr.to_string());
+    let deadline = Instant::now() + TIMEOUT;
+    while !ps.log().contains("holds less than it acknowledged") {
+        assert!(
+            Instant::now() < deadline,
+            "not detected; log:\n{}",
+            ps.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = ps.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("holds less than it acknowledged"))
+        .unwrap_or_default();
+    assert!(line.contains("ERROR") && line.contains("g1"), "{line}");
+    states.write(&ps, "disk0", "write -P 0x77 0 64k");
+    std::thread::sleep(Duration::from_millis(400));
+    ps.stop();
+    mt.kill();
+    let (j, _) = Journal::open(
+        Arc::new(RealFs),
+        &dir.path().join("mt-data/g1/journal"),
+        "g1",
+        JournalConfig::default(),
+    )
+    .expect("open journal");
+    assert_eq!(j.write_seq(), 0, "frames were shipped to the wiped target");
+}

@@ -11,6 +11,10 @@
 //! id = "disk0"                 # the NBD export name
 //! path = "disk0.img"           # file or block device
 //! size = "64MiB"               # created sparse if missing; if present, must match
+//!
+//! [target]                     # optional: without it nothing is shipped
+//! address = "127.0.0.1:10900"  # the master target; plain TCP, loopback only until TLS
+//! node = "ps1"                 # this process server's node id
 //! ```
 //!
 //! `size` takes an integer (bytes) or a string with a suffix `B`, `KiB`, `MiB`, `GiB`,
@@ -34,6 +38,14 @@ struct FileConfig {
     tracking: FileTracking,
     #[serde(rename = "group", default)]
     groups: Vec<FileGroup>,
+    target: Option<FileTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTarget {
+    address: String,
+    node: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +93,18 @@ pub struct Config {
     pub listen: SocketAddr,
     pub tracking: TrackingConfig,
     pub groups: Vec<GroupConfig>,
+    /// Where changes are shipped (`[target]`); `None`: nothing is shipped.
+    pub target: Option<TargetConfig>,
+}
+
+/// The master target to ship to (`[target]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// The master target's address. Plain TCP only, so it must be a loopback address
+    /// until TLS arrives.
+    pub address: SocketAddr,
+    /// This process server's node id in its hello.
+    pub node: String,
 }
 
 /// Change tracking (`[tracking]`, every field optional).
@@ -251,10 +275,34 @@ impl Config {
         if disk_ids.is_empty() {
             bail!("group: no disk configured (add [[group]] with [[group.disk]])");
         }
+        let target = match file.target {
+            None => None,
+            Some(t) => {
+                let address: SocketAddr = t.address.parse().with_context(|| {
+                    format!("target.address: {:?} is not an address:port", t.address)
+                })?;
+                if !address.ip().is_loopback() {
+                    bail!(
+                        "target.address: {address} is not a loopback address; shipping is plain TCP until TLS arrives, so only loopback targets are allowed"
+                    );
+                }
+                if !datapath::valid_id(&t.node) {
+                    bail!(
+                        "target.node: {:?} is not a valid id ([a-z0-9][a-z0-9_-]{{0,63}})",
+                        t.node
+                    );
+                }
+                Some(TargetConfig {
+                    address,
+                    node: t.node,
+                })
+            }
+        };
         Ok(Self {
             listen,
             tracking,
             groups,
+            target,
         })
     }
 }
@@ -343,6 +391,12 @@ size = 4096
         assert_eq!(d[0].size_bytes, Some(1 << 20));
         assert_eq!(d[1].path, Path::new("/abs/d1.img"));
         assert_eq!(d[1].size_bytes, Some(4096));
+        assert_eq!(c.target, None);
+        let t = format!("{GOOD}[target]\naddress = \"127.0.0.1:10900\"\nnode = \"ps1\"\n");
+        let c = Config::parse(&t, Path::new("/etc/ps")).unwrap();
+        let t = c.target.unwrap();
+        assert_eq!(t.address.port(), 10900);
+        assert_eq!(t.node, "ps1");
     }
 
     /// Proves unknown fields, bad ids, duplicate ids and bad sizes are refused, naming the field.
@@ -367,6 +421,18 @@ size = 4096
             ),
             (GOOD.replace("127.0.0.1:0", "nowhere"), "nbd.listen"),
             (GOOD.replace("[nbd]", "[nbdx]"), "nbdx"),
+            (
+                format!("{GOOD}[target]\naddress = \"10.0.0.1:10900\"\nnode = \"ps1\"\n"),
+                "loopback",
+            ),
+            (
+                format!("{GOOD}[target]\naddress = \"127.0.0.1:10900\"\nnode = \"PS\"\n"),
+                "target.node",
+            ),
+            (
+                format!("{GOOD}[target]\naddress = \"here\"\nnode = \"ps1\"\n"),
+                "target.address",
+            ),
         ];
         for (text, want) in cases {
             let err = format!("{:#}", Config::parse(&text, Path::new("/")).unwrap_err());

@@ -7,8 +7,12 @@
 //! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
 //! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
+//! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
+//! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
 
 pub mod capture;
 pub mod config;
 pub mod nbd_server;
+pub mod ship_state;
+pub mod shipper;
 pub mod tracking;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use process_server::config::Config;
 use process_server::nbd_server::{self, Exports};
+use process_server::shipper::Shipper;
 use process_server::tracking::{self, Tracking};
 use tracing::{error, info};
 
@@ -70,6 +71,17 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let (tracking, reports) = Tracking::open(&exports, &config.tracking)?;
     tracking::log_open_reports(&reports, &config.tracking.state_dir);
     let tracking = Arc::new(tracking);
+    let shipper = match &config.target {
+        Some(target) => {
+            let s = Shipper::new(target.clone(), &tracking, &config.tracking.state_dir)?;
+            info!(target = %target.address, node = %target.node, "shipping to the master target");
+            Some(tokio::spawn(Arc::new(s).run()))
+        }
+        None => {
+            info!("no [target] configured: nothing is shipped");
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {} (nbd.listen)", config.listen))?;
@@ -114,6 +126,12 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    if let Some(s) = shipper {
+        // Stop shipping before tracking closes; an ack being handled has written its
+        // state before it releases the spool, so stopping anywhere is safe.
+        s.abort();
+        let _ = s.await;
+    }
     let t = tracking.clone();
     tokio::task::spawn_blocking(move || t.shutdown())
         .await

@@ -29,6 +29,8 @@ use crate::nbd_server::Exports;
 pub struct Tracking {
     groups: HashMap<String, Arc<Mutex<GroupTracker>>>,
     disk_group: HashMap<String, String>,
+    /// Every group's disks, groups sorted by id, disks in config order.
+    specs: Vec<(String, Vec<DiskSpec>)>,
 }
 
 fn to_io(e: TrackerError) -> io::Error {
@@ -68,7 +70,9 @@ impl Tracking {
         let mut reports = Vec::new();
         let mut names: Vec<_> = by_group.keys().cloned().collect();
         names.sort();
+        let mut specs = Vec::new();
         for g in names {
+            specs.push((g.clone(), by_group[&g].clone()));
             let dir = cfg.state_dir.join(&g);
             let (t, rep) = GroupTracker::open(
                 fs.clone(),
@@ -81,7 +85,24 @@ impl Tracking {
             groups.insert(g.clone(), Arc::new(Mutex::new(t)));
             reports.push((g, rep));
         }
-        Ok((Self { groups, disk_group }, reports))
+        Ok((
+            Self {
+                groups,
+                disk_group,
+                specs,
+            },
+            reports,
+        ))
+    }
+
+    /// The tracker of group `id`.
+    pub fn group(&self, id: &str) -> Option<Arc<Mutex<GroupTracker>>> {
+        self.groups.get(id).cloned()
+    }
+
+    /// Every group with its disks, groups sorted by id.
+    pub fn specs(&self) -> &[(String, Vec<DiskSpec>)] {
+        &self.specs
     }
 
     fn group_of(&self, disk: &str) -> io::Result<MutexGuard<'_, GroupTracker>> {

@@ -180,6 +180,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
     let local = listener.local_addr().context("local address")?;
+    // Installed before the server says it listens, so a SIGTERM right after that line
+    // stops it cleanly instead of killing it.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("install SIGINT handler")?;
     tracing::info!(%local, "listening (plain TCP on loopback)");
     {
         use std::io::Write;
@@ -193,8 +199,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         _locks: locks,
     });
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install SIGTERM handler")?;
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -206,7 +210,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     continue;
                 }
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         };
         let shared = shared.clone();

@@ -82,6 +82,9 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             None
         }
     };
+    // The handlers are installed before the server says it listens: a SIGTERM right
+    // after that line must close tracking cleanly, not kill the process.
+    let mut stop = StopSignals::install()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {} (nbd.listen)", config.listen))?;
@@ -120,8 +123,7 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             r.context("serve NBD")
         }
         _ = cutter => Ok(()),
-        r = shutdown_signal() => {
-            r?;
+        _ = stop.recv() => {
             info!("stopping");
             Ok(())
         }
@@ -141,13 +143,27 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     result
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("wait for SIGINT"),
-        _ = term.recv() => Ok(()),
+/// SIGINT and SIGTERM, listened for from the moment they are installed.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        })
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 

@@ -36,6 +36,12 @@ impl Server {
     /// Starts the server with `extra` appended to the config (e.g. a `[tracking]`
     /// section).
     fn start_with(extra: &str) -> Self {
+        Self::start_full(extra, "")
+    }
+
+    /// Like [`Server::start_with`], with `group_extra` added to the group's table
+    /// (hooks). The server runs with `BR_TEST_DIR` set to its temp dir, for hooks.
+    fn start_full(extra: &str, group_extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("ps.toml");
         std::fs::write(
@@ -46,6 +52,7 @@ impl Server {
 listen = "127.0.0.1:0"
 [[group]]
 id = "g1"
+{group_extra}
 [[group.disk]]
 id = "disk0"
 path = "disk0.img"
@@ -64,6 +71,7 @@ size = {DISK_BYTES}
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .env("BR_TEST_DIR", dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -117,6 +125,10 @@ size = {DISK_BYTES}
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("ps.toml")
     }
 
     fn log(&self) -> String {
@@ -575,4 +587,93 @@ fn example_config_runs_from_its_directory() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status:?}\n{log}");
     assert!(dir.path().join("disk0.img").exists() && dir.path().join("ps-state/g1/clean").exists());
+}
+
+/// Proves `tag --app-consistent` runs the freeze hook, cuts an app-consistent point,
+/// then runs the thaw hook; a failing or slow freeze gives a crash-consistent point and
+/// a warning and still thaws; `status --json` names each disk's group, NBD URI and
+/// backing path.
+#[test]
+fn tag_with_hooks_and_status() {
+    let tracking = "[tracking]\nstate_dir = \"state\"\ncut_interval_ms = 600000\n";
+    let hooks = |freeze: &str| {
+        format!(
+            "freeze = '{freeze}'\nthaw = 'echo thaw >> \"$BR_TEST_DIR/hooks.log\"'\nhook_timeout_ms = 300\n"
+        )
+    };
+    let tag = |s: &Server| {
+        let out = output(
+            Command::new(common::bin_path("process-server"))
+                .args([
+                    "tag",
+                    "--group",
+                    "g1",
+                    "--app-consistent",
+                    "--json",
+                    "--config",
+                ])
+                .arg(s.config()),
+        );
+        assert!(out.status.success(), "{out:?}\n{}", s.log());
+        let point: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("tag --json prints JSON");
+        (point, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let hook_log = |s: &Server| std::fs::read_to_string(s.path("hooks.log")).unwrap_or_default();
+
+    // A working freeze: an app-consistent point, frozen then thawed.
+    let s = Server::start_full(
+        tracking,
+        &hooks("echo freeze >> \"$BR_TEST_DIR/hooks.log\""),
+    );
+    run_ok(&mut qemu_io(
+        &s.uri("disk0"),
+        &["write -P 0x11 0 4k", "flush"],
+    ));
+    let (p, warnings) = tag(&s);
+    assert_eq!(p["kind"], "app", "{p} {warnings}");
+    assert_eq!(p["group"], "g1");
+    assert!(p["id"].as_u64().is_some());
+    assert_eq!(hook_log(&s), "freeze\nthaw\n");
+    let out = run_ok(
+        Command::new(common::bin_path("process-server"))
+            .args(["status", "--json", "--config"])
+            .arg(s.config()),
+    );
+    let st: serde_json::Value = serde_json::from_str(&out).expect("status --json");
+    assert_eq!(st["groups"][0]["id"], "g1");
+    assert_eq!(st["groups"][0]["state"], "replicating");
+    let disks = st["disks"].as_array().expect("disks");
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0]["id"], "disk0");
+    assert_eq!(disks[0]["group"], "g1");
+    assert_eq!(disks[0]["nbd_uri"], s.uri("disk0"));
+    assert!(disks[0]["path"].as_str().unwrap().ends_with("disk0.img"));
+    assert!(disks[0]["dirty_blocks"].as_u64().unwrap() >= 1);
+    drop(s);
+
+    // A failing freeze and a freeze that outruns its timeout: crash-consistent points
+    // with a warning, and the thaw ran anyway.
+    for freeze in ["exit 3", "sleep 5"] {
+        let s = Server::start_full(tracking, &hooks(freeze));
+        let started = Instant::now();
+        let (p, warnings) = tag(&s);
+        assert_eq!(p["kind"], "crash", "{freeze}: {p}");
+        assert!(warnings.contains("freeze hook"), "{freeze}: {warnings}");
+        assert_eq!(hook_log(&s), "thaw\n", "{freeze}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the slow hook was not cut short"
+        );
+    }
+
+    // An unknown group is refused with its name.
+    let s = Server::start_full(tracking, "");
+    let out = output(
+        Command::new(common::bin_path("process-server"))
+            .args(["tag", "--group", "nope", "--config"])
+            .arg(s.config()),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }

@@ -67,6 +67,9 @@ struct FileTracking {
 #[serde(deny_unknown_fields)]
 struct FileGroup {
     id: String,
+    freeze: Option<String>,
+    thaw: Option<String>,
+    hook_timeout_ms: Option<u64>,
     #[serde(rename = "disk", default)]
     disks: Vec<FileDisk>,
 }
@@ -141,8 +144,27 @@ fn size_field(field: &str, v: Option<SizeSpec>, default: u64) -> anyhow::Result<
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupConfig {
     pub id: String,
+    /// Quiesce and resume commands for app-consistent points (run with `sh -c`).
+    pub hooks: Hooks,
     pub disks: Vec<DiskConfig>,
 }
+
+/// A group's freeze and thaw hooks (`freeze`, `thaw`, `hook_timeout_ms`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Run before an app-consistent cut, e.g. `fsfreeze -f /mnt` or a database's
+    /// quiesce command. Failing or outrunning the timeout yields a crash-consistent
+    /// point and a warning.
+    pub freeze: Option<String>,
+    /// Run after the cut, always (also when the freeze failed), so the machine is
+    /// never left frozen.
+    pub thaw: Option<String>,
+    /// How long each hook may run (default 10 s).
+    pub timeout_ms: u64,
+}
+
+/// Default of `group.hook_timeout_ms`.
+pub const HOOK_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
 /// One protected disk, served as the NBD export named `id`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,7 +292,19 @@ impl Config {
                     size_bytes,
                 });
             }
-            groups.push(GroupConfig { id: g.id, disks });
+            let hooks = Hooks {
+                freeze: g.freeze.filter(|c| !c.trim().is_empty()),
+                thaw: g.thaw.filter(|c| !c.trim().is_empty()),
+                timeout_ms: g.hook_timeout_ms.unwrap_or(HOOK_TIMEOUT_MS_DEFAULT),
+            };
+            if hooks.timeout_ms == 0 {
+                bail!("group[{gi}].hook_timeout_ms: must not be zero");
+            }
+            groups.push(GroupConfig {
+                id: g.id,
+                hooks,
+                disks,
+            });
         }
         if disk_ids.is_empty() {
             bail!("group: no disk configured (add [[group]] with [[group.disk]])");

@@ -6,12 +6,14 @@
 //! | [`config`]       | the TOML config file: listen address, groups, disks               |
 //! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
 //! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
+//! | [`control`]      | the control socket: `tag` (with freeze/thaw hooks) and `status`   |
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
 
 pub mod capture;
 pub mod config;
+pub mod control;
 pub mod nbd_server;
 pub mod ship_state;
 pub mod shipper;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use process_server::config::Config;
+use process_server::control;
 use process_server::nbd_server::{self, Exports};
 use process_server::shipper::Shipper;
 use process_server::tracking::{self, Tracking};
@@ -36,6 +37,34 @@ enum Cmd {
         /// The TOML config file; relative paths in it are resolved against its directory.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Cut a recovery point of a group now, on the running server; prints its id.
+    /// With --app-consistent the group's freeze hook runs first and its thaw hook
+    /// after (always); a freeze that fails or times out gives a crash-consistent point
+    /// and a warning.
+    Tag {
+        /// The running server's TOML config file (names its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The group to cut.
+        #[arg(long, value_name = "G")]
+        group: String,
+        /// Quiesce applications with the group's freeze/thaw hooks around the cut.
+        #[arg(long)]
+        app_consistent: bool,
+        /// Print a JSON object instead of the id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running server's groups (state, epoch, spool) and disks (NBD URI,
+    /// backing path, dirty blocks).
+    Status {
+        /// The running server's TOML config file (names its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -89,6 +118,21 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {} (nbd.listen)", config.listen))?;
     let addr = listener.local_addr().context("read the listen address")?;
+    let exports = Arc::new(exports);
+    let control_listener = control::bind(&control::socket_path(&config))?;
+    let control_server = control::serve(
+        control_listener,
+        Arc::new(control::Control {
+            tracking: tracking.clone(),
+            exports: exports.clone(),
+            hooks: config
+                .groups
+                .iter()
+                .map(|g| (g.id.clone(), g.hooks.clone()))
+                .collect(),
+            nbd_addr: addr,
+        }),
+    );
     info!("listening on {addr}");
     let cutter = {
         let tracking = tracking.clone();
@@ -119,9 +163,10 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         }
     };
     let result = tokio::select! {
-        r = nbd_server::serve(listener, Arc::new(exports), tracking.clone()) => {
+        r = nbd_server::serve(listener, exports.clone(), tracking.clone()) => {
             r.context("serve NBD")
         }
+        r = control_server => r,
         _ = cutter => Ok(()),
         _ = stop.recv() => {
             info!("stopping");
@@ -140,7 +185,77 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         .context("join the shutdown")?
         .context("shut change tracking down cleanly")?;
     info!("change tracking closed cleanly");
+    let _ = std::fs::remove_file(control::socket_path(&config));
     result
+}
+
+/// `tag`: asks the running server for a point.
+fn tag(config: PathBuf, group: String, app: bool, as_json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(&config)?;
+    let answer = control::request(
+        &control::socket_path(&cfg),
+        &serde_json::json!({"cmd": "tag", "group": group, "app_consistent": app}),
+    )?;
+    for w in answer["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    if answer["ok"] != true {
+        anyhow::bail!(
+            "group {group}: {}",
+            answer["error"].as_str().unwrap_or("refused")
+        );
+    }
+    if as_json {
+        println!("{}", answer["point"]);
+    } else {
+        println!("{}", answer["point"]["id"]);
+    }
+    Ok(())
+}
+
+/// `status`: the running server's groups and disks.
+fn status(config: PathBuf, as_json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(&config)?;
+    let answer = control::request(
+        &control::socket_path(&cfg),
+        &serde_json::json!({"cmd": "status"}),
+    )?;
+    if answer["ok"] != true {
+        anyhow::bail!("{}", answer["error"].as_str().unwrap_or("refused"));
+    }
+    if as_json {
+        let mut a = answer;
+        if let Some(o) = a.as_object_mut() {
+            o.remove("ok");
+        }
+        println!("{a}");
+        return Ok(());
+    }
+    for g in answer["groups"].as_array().into_iter().flatten() {
+        println!(
+            "group {}: {} (epoch {}, spool {} of {} bytes){}",
+            g["id"].as_str().unwrap_or_default(),
+            g["state"].as_str().unwrap_or_default(),
+            g["epoch"],
+            g["spool_bytes"],
+            g["spool_bytes_max"],
+            g["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    for d in answer["disks"].as_array().into_iter().flatten() {
+        println!(
+            "  disk {} ({} bytes) {} -> {}, dirty blocks {}",
+            d["id"].as_str().unwrap_or_default(),
+            d["size_bytes"],
+            d["nbd_uri"].as_str().unwrap_or_default(),
+            d["path"].as_str().unwrap_or_default(),
+            d["dirty_blocks"]
+        );
+    }
+    Ok(())
 }
 
 /// SIGINT and SIGTERM, listened for from the moment they are installed.
@@ -174,6 +289,13 @@ fn main() -> ExitCode {
             print_versions();
             Ok(())
         }
+        Some(Cmd::Tag {
+            config,
+            group,
+            app_consistent,
+            json,
+        }) => tag(config, group, app_consistent, json),
+        Some(Cmd::Status { config, json }) => status(config, json),
         Some(Cmd::Serve { config }) => {
             init_logging();
             tokio::runtime::Runtime::new()

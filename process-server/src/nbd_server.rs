@@ -58,6 +58,8 @@ pub struct Export {
     /// The disk's consistency group.
     pub group: String,
     pub file: std::fs::File,
+    /// The backing file or device.
+    pub path: std::path::PathBuf,
     pub size_bytes: u64,
 }
 
@@ -84,6 +86,7 @@ impl Exports {
                     id: d.id.clone(),
                     group: g.id.clone(),
                     file,
+                    path: d.path.clone(),
                     size_bytes,
                 });
             }

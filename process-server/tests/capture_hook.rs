@@ -109,6 +109,7 @@ fn start() -> Harness {
         id: "disk0".into(),
         group: "g1".into(),
         file,
+        path: path.clone(),
         size_bytes: DISK_BYTES,
     }]);
     let rec = Arc::new(Recorder {

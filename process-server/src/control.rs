@@ -1,0 +1,286 @@
+//! The control socket of a running process server: `process-server tag` and
+//! `process-server status` talk to it.
+//!
+//! A Unix domain socket at `state_dir/control.sock` (created by `serve`, mode of the
+//! state directory: only who may read the state may control the server). One request per
+//! connection, one JSON object per line each way:
+//!
+//! | request                                                  | answer                                     |
+//! |----------------------------------------------------------|--------------------------------------------|
+//! | `{"cmd":"tag","group":"g1","app_consistent":true}`       | `{"ok":true,"point":{...},"warnings":[..]}` |
+//! | `{"cmd":"status"}`                                       | `{"ok":true,"groups":[...],"disks":[...]}`  |
+//! | anything else, or a request over [`REQUEST_BYTES_MAX`]   | `{"ok":false,"error":"..."}`               |
+//!
+//! An app-consistent tag runs the group's freeze hook, cuts, then runs the thaw hook
+//! whatever happened: a freeze that fails or outruns `hook_timeout_ms` yields a
+//! crash-consistent point and a warning, never a frozen machine.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::config::{Config, Hooks};
+use crate::nbd_server::Exports;
+use crate::tracking::{Tracking, now_unix_ms};
+
+/// Bound on one request line.
+pub const REQUEST_BYTES_MAX: u64 = 4096;
+/// Name of the socket in the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Where the control socket of the server configured by `config` lives.
+pub fn socket_path(config: &Config) -> PathBuf {
+    config.tracking.state_dir.join(SOCKET_NAME)
+}
+
+/// What the control server needs from the running process server.
+pub struct Control {
+    pub tracking: Arc<Tracking>,
+    pub exports: Arc<Exports>,
+    pub hooks: HashMap<String, Hooks>,
+    pub nbd_addr: std::net::SocketAddr,
+}
+
+/// Binds the control socket (replacing a stale one left by a killed server).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use: another process server runs with this state_dir",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("bind control socket {}", path.display()))
+}
+
+/// Serves control requests until the listener fails.
+pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Result<()> {
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .context("accept on control socket")?;
+        let control = control.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX + 1));
+            let answer = match rd.read_line(&mut line).await {
+                Ok(_) if line.len() as u64 > REQUEST_BYTES_MAX => {
+                    json!({"ok": false, "error": format!("request over {REQUEST_BYTES_MAX} bytes")})
+                }
+                Ok(_) => {
+                    let c = control.clone();
+                    tokio::task::spawn_blocking(move || handle(&c, &line))
+                        .await
+                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal: {e}")}))
+                }
+                Err(e) => json!({"ok": false, "error": format!("read request: {e}")}),
+            };
+            let mut out = answer.to_string();
+            out.push('\n');
+            let _ = wr.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+fn handle(c: &Control, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line.trim()) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+    };
+    match req.get("cmd").and_then(Value::as_str) {
+        Some("tag") => {
+            let Some(group) = req.get("group").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "tag needs \"group\""});
+            };
+            let app = req
+                .get("app_consistent")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            tag(c, group, app)
+        }
+        Some("status") => status(c),
+        Some(other) => json!({"ok": false, "error": format!("unknown cmd {other:?}")}),
+        None => json!({"ok": false, "error": "request needs \"cmd\""}),
+    }
+}
+
+/// Runs `cmd` with `sh -c`, killing it at the timeout. Ok when it exited with 0.
+fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what} hook {cmd:?} did not start: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.by_ref().take(1024).read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "{what} hook {cmd:?} failed ({status}): {}",
+                    err.trim()
+                ));
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{what} hook {cmd:?} outran its timeout of {} ms and was killed",
+                    timeout.as_millis()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("{what} hook {cmd:?}: {e}")),
+        }
+    }
+}
+
+fn tag(c: &Control, group: &str, app: bool) -> Value {
+    let Some(t) = c.tracking.group(group) else {
+        return json!({"ok": false, "error": format!("unknown group {group:?}")});
+    };
+    let hooks = c.hooks.get(group).cloned().unwrap_or_default();
+    let timeout = Duration::from_millis(hooks.timeout_ms);
+    let mut warnings = Vec::new();
+    let mut frozen = app;
+    if app {
+        match &hooks.freeze {
+            Some(cmd) => {
+                if let Err(w) = run_hook("freeze", cmd, timeout) {
+                    warn!(group, "{w}: this point is crash-consistent only");
+                    warnings.push(format!("{w}: the point is crash-consistent"));
+                    frozen = false;
+                }
+            }
+            None => {
+                warnings.push("no freeze hook configured: the point is crash-consistent".into());
+                frozen = false;
+            }
+        }
+    }
+    let cut = match t.lock() {
+        Ok(mut t) => t
+            .cut(now_unix_ms(), frozen)
+            .map_err(|e| format!("cut: {e}")),
+        Err(_) => Err("tracking of this group failed earlier".to_string()),
+    };
+    // The thaw runs whatever happened above: the machine is never left frozen.
+    if app
+        && let Some(cmd) = &hooks.thaw
+        && let Err(w) = run_hook("thaw", cmd, timeout)
+    {
+        warn!(group, "{w}");
+        warnings.push(w);
+    }
+    match cut {
+        Ok(Some(p)) => {
+            info!(
+                group,
+                point = p.point_id,
+                app_consistent = p.app_consistent,
+                "tagged"
+            );
+            json!({
+                "ok": true,
+                "warnings": warnings,
+                "point": {
+                    "id": p.point_id,
+                    "group": group,
+                    "epoch": p.epoch,
+                    "time_unix_ms": p.time_unix_ms,
+                    "kind": if p.app_consistent { "app" } else { "crash" },
+                },
+            })
+        }
+        Ok(None) => json!({
+            "ok": false,
+            "warnings": warnings,
+            "error": format!("group {group} tracks by bitmap only: no recovery point until a resync"),
+        }),
+        Err(e) => json!({"ok": false, "warnings": warnings, "error": e}),
+    }
+}
+
+fn status(c: &Control) -> Value {
+    let groups: Vec<Value> = c
+        .tracking
+        .status()
+        .into_iter()
+        .map(|(id, epoch, mode, used, max)| {
+            let (state, reason) = match mode {
+                datapath::tracker::TrackMode::Spooling => ("replicating", None),
+                datapath::tracker::TrackMode::BitmapOnly { reason } => {
+                    ("bitmap-only", Some(reason))
+                }
+            };
+            json!({
+                "id": id,
+                "state": state,
+                "reason": reason,
+                "epoch": epoch,
+                "spool_bytes": used,
+                "spool_bytes_max": max,
+            })
+        })
+        .collect();
+    let disks: Vec<Value> = c
+        .exports
+        .iter()
+        .map(|e| {
+            let dirty = c
+                .tracking
+                .group(&e.group)
+                .and_then(|t| t.lock().ok().and_then(|t| t.dirty_blocks(&e.id)));
+            json!({
+                "id": e.id,
+                "group": e.group,
+                "nbd_uri": format!("nbd://{}/{}", c.nbd_addr, e.id),
+                "path": e.path.display().to_string(),
+                "size_bytes": e.size_bytes,
+                "dirty_blocks": dirty,
+            })
+        })
+        .collect();
+    json!({"ok": true, "groups": groups, "disks": disks})
+}
+
+/// Sends one request to the running server's control socket and returns its answer.
+pub fn request(socket: &Path, req: &Value) -> anyhow::Result<Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connect to {} (is `process-server serve` running with this config?)",
+            socket.display()
+        )
+    })?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).context("send request")?;
+    let mut answer = String::new();
+    BufReader::new(s.take(1 << 20))
+        .read_line(&mut answer)
+        .context("read answer")?;
+    serde_json::from_str(answer.trim()).with_context(|| format!("answer is not JSON: {answer:?}"))
+}

@@ -67,46 +67,12 @@ size = {DISK_BYTES}
             ),
         )
         .expect("write config");
-        let mut child = Command::new(common::bin_path("process-server"))
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(common::bin_path("process-server"));
+        cmd.args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
-            .env("BR_TEST_DIR", dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start process-server");
-        // The server logs its bound address; a thread keeps draining stderr so the
-        // server never blocks on a full pipe, and keeps the log for assertions.
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("server did not listen; log:\n{}", log.lock().unwrap())
-        });
-        let port: u16 = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("bad listen line {addr:?}"));
-        let deadline = Instant::now() + START_TIMEOUT;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "port {port} never accepted");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .env("BR_TEST_DIR", dir.path());
+        let common::Started { child, port, log } = common::start_listening(cmd, START_TIMEOUT);
         Self {
             child,
             port,

@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -115,44 +115,11 @@ impl ProcessServer {
             ));
         }
         std::fs::write(&config, text).expect("write process-server config");
-        let mut child = Command::new(common::bin_path("process-server"))
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(common::bin_path("process-server"));
+        cmd.args(["serve", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start process-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!(
-                "process server did not listen; log:\n{}",
-                log.lock().unwrap()
-            )
-        });
-        let port: u16 = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("bad listen line {addr:?}"));
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            .env("RUST_LOG", "info");
+        let common::Started { child, port, log } = common::start_listening(cmd, TIMEOUT);
         Self { child, port, log }
     }
 

@@ -1,4 +1,5 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests. Each test crate uses some of them.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,4 +30,60 @@ pub fn bin_path(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     dir.join(name)
+}
+
+/// A started server whose stderr is drained into `log` by a thread (so the server never
+/// blocks on a full pipe), and the port it announced with a `listening on ADDR` line.
+pub struct Started {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Spawns `cmd` with stderr piped, waits (up to `timeout`) for its `listening on ADDR`
+/// log line, then until the port accepts. Panics with the log when it does not.
+pub fn start_listening(mut cmd: Command, timeout: std::time::Duration) -> Started {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+            let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let addr = rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!(
+            "{cmd:?} did not listen; log:\n{}",
+            log.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    });
+    let port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad listen line {addr:?}"));
+    let deadline = std::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port {port} never accepted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Started { child, port, log }
 }

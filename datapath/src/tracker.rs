@@ -155,6 +155,10 @@ pub struct GroupTracker {
     /// Sealed epochs not yet acknowledged: (epoch, cut seq, extents), oldest first.
     unacked: VecDeque<(u64, u64, EpochExtents)>,
     current: EpochExtents,
+    /// Writes marked by `before_write` and not recorded yet (disk index, extent): an
+    /// ack must not clear their bits, their data may not be in the spool. A write whose
+    /// backing write failed stays here (its bits then stay set, the safe side).
+    in_flight: Vec<(usize, Extent)>,
     /// Set by [`GroupTracker::close`]: every later write is refused.
     closed: bool,
 }
@@ -218,6 +222,7 @@ impl GroupTracker {
             mode: TrackMode::Spooling,
             unacked: VecDeque::new(),
             current: EpochExtents::default(),
+            in_flight: Vec::new(),
             closed: false,
         };
         // Rebuild the epochs still in the spool (all of it is unacknowledged as far as
@@ -329,7 +334,7 @@ impl GroupTracker {
     /// Step 1 of a write: marks `len` bytes at `offset` dirty, durably, before they may
     /// reach the backing disk. Refuses ranges outside the disk.
     pub fn before_write(&mut self, disk: &str, offset: u64, len: u64) -> Result<(), TrackerError> {
-        let (_, d) = self.disk(disk)?;
+        let (i, d) = self.disk(disk)?;
         let ext =
             Extent::new(offset, len, d.size_bytes).map_err(|source| TrackerError::Extent {
                 disk: disk.to_string(),
@@ -341,6 +346,7 @@ impl GroupTracker {
                 disk: disk.to_string(),
                 source,
             })?;
+        self.in_flight.push((i, ext));
         Ok(())
     }
 
@@ -396,6 +402,9 @@ impl GroupTracker {
         ext: Extent,
         rec: &SpoolRecordRef<'_>,
     ) -> Result<Option<u64>, TrackerError> {
+        if let Some(k) = self.in_flight.iter().position(|&x| x == (disk, ext)) {
+            self.in_flight.swap_remove(k);
+        }
         if self.mode != TrackMode::Spooling {
             return Ok(None);
         }
@@ -497,6 +506,12 @@ impl GroupTracker {
                     .filter_map(|m| m.get(&disk))
                     .flatten()
                     .copied()
+                    .chain(
+                        self.in_flight
+                            .iter()
+                            .filter(|(d, _)| *d == disk)
+                            .map(|&(_, e)| e),
+                    )
                     .collect();
                 later.sort_unstable();
                 let d = &mut self.disks[disk];
@@ -670,6 +685,31 @@ mod tests {
             t.before_write("d0", DISK_BYTES, 512),
             Err(TrackerError::Extent { .. })
         ));
+    }
+
+    /// Proves an ack never clears the bit of a block whose write is in flight (marked by
+    /// `before_write`, not yet recorded), so a crash before its record is durable still
+    /// leaves the block to the resync.
+    #[test]
+    fn ack_keeps_bits_of_writes_in_flight() {
+        let fs = SimFs::new();
+        let (mut t, _) = open(&fs);
+        t.before_write("d0", 0, 4096).unwrap();
+        t.record_write("d0", 0, &[1; 4096]).unwrap();
+        let p1 = t.cut(1000, false).unwrap().unwrap();
+        // The same block again, on its way to the backing disk: not in the spool yet.
+        t.before_write("d0", 0, 4096).unwrap();
+        t.ack_through(p1.spool_seq).unwrap();
+        assert_eq!(
+            t.dirty_blocks("d0"),
+            Some(1),
+            "in-flight block lost its bit"
+        );
+        // Once recorded and acknowledged, the bit goes.
+        t.record_write("d0", 0, &[2; 4096]).unwrap();
+        let p2 = t.cut(2000, false).unwrap().unwrap();
+        t.ack_through(p2.spool_seq).unwrap();
+        assert_eq!(t.dirty_blocks("d0"), Some(0));
     }
 
     /// Proves a full spool drops the group to bitmap-only tracking: writes stay marked,

@@ -551,8 +551,10 @@ impl GroupTracker {
             })?;
         }
         // The mode is not in the marker: a group that was bitmap-only stays so only
-        // through the bitmaps' dirty bits, which a resync clears.
-        if self.mode != TrackMode::Spooling {
+        // through the bitmaps' dirty bits, which a resync clears. A write still in
+        // flight may reach its backing disk with its record refused from now on: the
+        // spool then misses it, so the stop is not clean either.
+        if self.mode != TrackMode::Spooling || !self.in_flight.is_empty() {
             return Ok(());
         }
         write_atomic(self.fs.as_ref(), &self.dir, CLEAN_MARKER, CLEAN_CONTENTS)
@@ -760,6 +762,25 @@ mod tests {
             Some(1),
             "the rewritten block must stay dirty"
         );
+    }
+
+    /// Proves a close while a write is in flight (marked, its backing write maybe done,
+    /// its record refused) writes no clean marker: the next open asks for a resync.
+    #[test]
+    fn close_with_a_write_in_flight_is_unclean() {
+        let fs = SimFs::new();
+        let (mut t, _) = open(&fs);
+        t.before_write("d0", 0, 512).unwrap();
+        t.record_write("d0", 0, &[1; 512]).unwrap();
+        t.before_write("d0", 4096, 512).unwrap();
+        t.close().unwrap();
+        assert!(matches!(
+            t.record_write("d0", 4096, &[2; 512]),
+            Err(TrackerError::Closed)
+        ));
+        drop(t);
+        let (_, rep) = open(&fs);
+        assert!(rep.unclean && rep.needs_resync);
     }
 
     /// Proves a restart continues the epochs after the last cut, a clean shutdown is

@@ -10,7 +10,8 @@
 //! journal `durable_seq`, then runs a sender and an ack reader on the same connection.
 //! At most [`WINDOW_BYTES_MAX`] of frames are sent and not yet acknowledged; the sender
 //! waits for acks beyond it. Any failure (connect refused, an Error frame, the socket
-//! closed, a bad frame) ends the connection; the shipper reconnects with exponential
+//! closed, a bad frame, no hello or no ack within [`ACK_TIMEOUT_MS`] while frames wait
+//! for one) ends the connection; the shipper reconnects with exponential
 //! backoff from [`BACKOFF_MIN_MS`] doubling to [`BACKOFF_MAX_MS`] and resumes.
 //!
 //! # Frames of an epoch
@@ -84,6 +85,11 @@ pub const BACKOFF_MAX_MS: u64 = 5000;
 pub const POLL_MS: u64 = 20;
 /// Threads encoding the chunks of one epoch.
 pub const ENCODE_THREADS: usize = 2;
+/// A master target that sends no hello and acks within this time after the connect,
+/// or no ack within this time while frames wait for one, is taken for dead (a peer
+/// that vanished without a FIN would otherwise hold the connection for as long as TCP
+/// retransmits, or for ever when nothing is sent) and the shipper reconnects.
+pub const ACK_TIMEOUT_MS: u64 = 30_000;
 
 // The window must admit the largest frame, or the sender would wait for ever.
 const _: () = assert!(WINDOW_BYTES_MAX >= frame::MAX_BODY_BYTES as u64 + 32);
@@ -121,6 +127,8 @@ pub struct Shipper {
     target: TargetConfig,
     fs: Arc<dyn Storage>,
     groups: Vec<Arc<GroupShip>>,
+    /// [`ACK_TIMEOUT_MS`]; shorter in tests.
+    ack_timeout: Duration,
 }
 
 impl Shipper {
@@ -148,7 +156,12 @@ impl Shipper {
                 stopped: AtomicBool::new(false),
             }));
         }
-        Ok(Self { target, fs, groups })
+        Ok(Self {
+            target,
+            fs,
+            groups,
+            ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
+        })
     }
 
     /// Ships for ever, reconnecting after every failure.
@@ -210,7 +223,12 @@ impl Shipper {
         stream.write_all(&buf).await.context("send the hello")?;
         let (mut rd, mut wr) = stream.into_split();
         let mut dec = Decoder::new();
-        match read_frame(&mut rd, &mut dec).await? {
+        let hello_reply = tokio::time::timeout(self.ack_timeout, read_frame(&mut rd, &mut dec))
+            .await
+            .with_context(|| {
+                format!("no hello from the master target in {:?}", self.ack_timeout)
+            })?;
+        match hello_reply? {
             Frame::Hello(h) if h.role == Role::MasterTarget => {}
             Frame::Hello(_) => bail!("the peer's hello is not a master target's"),
             other => bail!("expected a hello, got {}", frame_name(&other)),
@@ -219,7 +237,10 @@ impl Shipper {
         info!(target = %self.target.address, "connected");
         let mut producing = Vec::new();
         for _ in &active {
-            let ack = match read_frame(&mut rd, &mut dec).await? {
+            let first_ack = tokio::time::timeout(self.ack_timeout, read_frame(&mut rd, &mut dec))
+                .await
+                .with_context(|| format!("no resume ack in {:?}", self.ack_timeout))?;
+            let ack = match first_ack? {
                 Frame::Ack(a) => a,
                 other => bail!("expected an ack, got {}", frame_name(&other)),
             };
@@ -254,6 +275,9 @@ impl Shipper {
         // Per group: frames sent and not acknowledged (seq, bytes), and points among them.
         let inflight: Mutex<HashMap<usize, VecDeque<(u64, u32)>>> = Mutex::default();
         let points: Mutex<HashMap<usize, VecDeque<PendingPoint>>> = Mutex::default();
+        // When the oldest unacknowledged frame started waiting: the last ack, or the send
+        // that found nothing in flight.
+        let waiting_since = Mutex::new(tokio::time::Instant::now());
 
         let sender = async {
             while let Some(out) = rx.recv().await {
@@ -263,10 +287,13 @@ impl Shipper {
                     .await
                     .context("window closed")?
                     .forget();
-                lock(&inflight)?
-                    .entry(out.group)
-                    .or_default()
-                    .push_back((out.seq, n));
+                {
+                    let mut q = lock(&inflight)?;
+                    if q.values().all(VecDeque::is_empty) {
+                        *lock(&waiting_since)? = tokio::time::Instant::now();
+                    }
+                    q.entry(out.group).or_default().push_back((out.seq, n));
+                }
                 if let Some(p) = out.point {
                     lock(&points)?.entry(out.group).or_default().push_back(p);
                 }
@@ -280,7 +307,21 @@ impl Shipper {
                     Frame::Ack(a) => a,
                     other => bail!("expected an ack, got {}", frame_name(&other)),
                 };
+                *lock(&waiting_since)? = tokio::time::Instant::now();
                 self.on_ack(&ack, &window, &inflight, &points).await?;
+            }
+        };
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(self.ack_timeout / 4).await;
+                let waiting = !lock(&inflight)?.values().all(VecDeque::is_empty);
+                let since = *lock(&waiting_since)?;
+                if waiting && since.elapsed() >= self.ack_timeout {
+                    bail!(
+                        "no ack from the master target in {:?} while frames wait for one",
+                        self.ack_timeout
+                    );
+                }
             }
         };
         let producers_done = async {
@@ -295,6 +336,7 @@ impl Shipper {
             r = sender => r.and_then(|()| bail!("every producer stopped")),
             r = reader => r,
             r = producers_done => r,
+            r = watchdog => r,
         }
     }
 
@@ -732,5 +774,82 @@ mod tests {
         let tail: Vec<_> = a[first + 1..].iter().map(|o| (o.seq, &o.bytes)).collect();
         let got: Vec<_> = resumed.iter().map(|o| (o.seq, &o.bytes)).collect();
         assert_eq!(got, tail);
+    }
+
+    /// Reads one whole frame from a test peer.
+    async fn read_any(rd: &mut TcpStream) -> Vec<u8> {
+        let mut head = [0u8; frame::HEADER_BYTES];
+        rd.read_exact(&mut head).await.unwrap();
+        let h = FrameHeader::parse(&head).unwrap();
+        let mut buf = vec![0u8; h.frame_len()];
+        buf[..frame::HEADER_BYTES].copy_from_slice(&head);
+        rd.read_exact(&mut buf[frame::HEADER_BYTES..])
+            .await
+            .unwrap();
+        buf
+    }
+
+    /// Proves a master target that goes silent (no ack while frames wait, no FIN) ends
+    /// the session after the ack timeout instead of stalling shipping for ever, and one
+    /// that never answers the hello does too.
+    #[test]
+    fn silent_master_target_ends_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(group(dir.path()));
+        {
+            let mut t = g.tracker.lock().unwrap();
+            t.before_write("disk0", 0, 4096).unwrap();
+            t.record_write("disk0", 0, &[3; 4096]).unwrap();
+            t.cut(1000, false).unwrap().unwrap();
+        }
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            for answer_hello in [true, false] {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let shipper = Shipper {
+                    target: TargetConfig {
+                        address: listener.local_addr().unwrap(),
+                        node: "ps1".into(),
+                    },
+                    fs: Arc::new(RealFs),
+                    groups: vec![g.clone()],
+                    ack_timeout: Duration::from_millis(300),
+                };
+                let peer = tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    read_any(&mut s).await;
+                    if answer_hello {
+                        let mut out = Vec::new();
+                        let hello = Hello {
+                            version_min: PROTOCOL_VERSION,
+                            version_max: PROTOCOL_VERSION,
+                            role: Role::MasterTarget,
+                            node: "mt".into(),
+                            groups: Vec::new(),
+                        };
+                        frame::encode_hello(&hello, &mut out).unwrap();
+                        let ack = Ack {
+                            group: "g1".into(),
+                            durable_seq: 0,
+                        };
+                        s.write_all(&out).await.unwrap();
+                        // The encoders replace the buffer's contents.
+                        frame::encode_ack(&ack, &mut out).unwrap();
+                        s.write_all(&out).await.unwrap();
+                    }
+                    // Reads what comes and never answers, never closes.
+                    let mut sink = vec![0u8; 1 << 16];
+                    while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+                });
+                let mut connected = false;
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), shipper.session(&mut connected))
+                        .await
+                        .expect("the session hung on a silent master target");
+                assert!(r.is_err());
+                assert_eq!(connected, answer_hello);
+                peer.abort();
+            }
+        });
     }
 }

@@ -402,13 +402,23 @@ impl GroupTracker {
         ext: Extent,
         rec: &SpoolRecordRef<'_>,
     ) -> Result<Option<u64>, TrackerError> {
-        if let Some(k) = self.in_flight.iter().position(|&x| x == (disk, ext)) {
-            self.in_flight.swap_remove(k);
-        }
+        let in_flight = self.in_flight.iter().position(|&x| x == (disk, ext));
+        let landed = |t: &mut Self| {
+            if let Some(k) = in_flight {
+                t.in_flight.swap_remove(k);
+            }
+        };
         if self.mode != TrackMode::Spooling {
+            landed(self);
             return Ok(None);
         }
-        match self.spool.append(rec) {
+        // A failed append keeps the write in flight: its data is on the backing disk but
+        // maybe not in the spool, so its bits must stay.
+        let appended = self.spool.append(rec);
+        if matches!(appended, Ok(_) | Err(SpoolError::Full { .. })) {
+            landed(self);
+        }
+        match appended {
             Ok(seq) => {
                 self.current.by_disk.entry(disk).or_default().push(ext);
                 Ok(Some(seq))

@@ -211,8 +211,10 @@ pub const OPTION_DATA_BYTES_MAX: u32 = 4096 + 64;
 /// clients must not exceed unless told otherwise and which we advertise in
 /// `INFO_BLOCK_SIZE`.
 pub const REQUEST_BYTES_MAX: u32 = 32 << 20;
-/// Minimum block size advertised: byte-granular, the backing file handles alignment.
-pub const BLOCK_MIN_BYTES: u32 = 1;
+/// Minimum block size advertised: the data path tracks and ships 512-byte sectors, so
+/// writes, trims and write-zeroes must be sector-aligned (a client that honours the
+/// minimum does read-modify-write itself); misaligned ones get `EINVAL`.
+pub const BLOCK_MIN_BYTES: u32 = 512;
 /// Preferred block size advertised: the dirty bitmap's block.
 pub const BLOCK_PREFERRED_BYTES: u32 = 4096;
 /// Bytes of the server greeting.
@@ -615,6 +617,18 @@ impl Request {
         if self.flags & !allowed != 0 {
             return Err(Errno::Inval);
         }
+        let changes = matches!(
+            self.command,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        );
+        let bmin = u64::from(BLOCK_MIN_BYTES);
+        if changes
+            && (self.len == 0
+                || !self.offset.is_multiple_of(bmin)
+                || !u64::from(self.len).is_multiple_of(bmin))
+        {
+            return Err(Errno::Inval);
+        }
         match self.command {
             Command::Flush | Command::Disc => Ok(()),
             Command::Read if self.len > REQUEST_BYTES_MAX => Err(Errno::Inval),
@@ -727,12 +741,12 @@ mod tests {
         assert_eq!(Request::parse(&r.encode()), Ok(r));
         assert_eq!(r.check(u64::MAX), Err(Errno::Inval));
         assert_eq!(r.payload_bytes(), 0);
-        let t = req(Command::Trim, 0, 0, u32::MAX);
+        let t = req(Command::Trim, 0, 0, u32::MAX - 511);
         assert_eq!(t.check(u64::MAX), Ok(()));
     }
 
-    /// Proves range checks against the export: at the end is fine, one byte past is
-    /// ENOSPC for writes and EINVAL for reads and trims, and u64 overflow is caught.
+    /// Proves range checks against the export: at the end is fine, past it is ENOSPC for
+    /// writes and EINVAL for reads and trims, and u64 overflow is caught.
     #[test]
     fn range_checks() {
         let size = 1 << 20;
@@ -743,17 +757,31 @@ mod tests {
             Command::WriteZeroes,
         ] {
             assert_eq!(req(cmd, 0, size - 512, 512).check(size), Ok(()));
-            assert_eq!(req(cmd, 0, size, 0).check(size), Ok(()));
             let past = if matches!(cmd, Command::Write | Command::WriteZeroes) {
                 Errno::NoSpc
             } else {
                 Errno::Inval
             };
-            assert_eq!(req(cmd, 0, size - 511, 512).check(size), Err(past));
-            assert_eq!(req(cmd, 0, u64::MAX, 2).check(size), Err(past));
-            assert_eq!(req(cmd, 0, u64::MAX, 2).check(u64::MAX), Err(past));
+            assert_eq!(req(cmd, 0, size, 512).check(size), Err(past));
+            assert_eq!(req(cmd, 0, size - 512, 1024).check(size), Err(past));
+            assert_eq!(req(cmd, 0, u64::MAX - 511, 1024).check(u64::MAX), Err(past));
         }
+        assert_eq!(req(Command::Read, 0, size, 0).check(size), Ok(()));
+        assert_eq!(req(Command::Read, 0, 1, 7).check(size), Ok(()));
         assert_eq!(req(Command::Flush, 0, u64::MAX, 9).check(size), Ok(()));
+    }
+
+    /// Proves writes, trims and write-zeroes must be sector-aligned and not empty (the
+    /// advertised minimum block size): anything else is EINVAL, reads may be unaligned.
+    #[test]
+    fn changes_must_be_sector_aligned() {
+        let size = 1 << 20;
+        for cmd in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(req(cmd, 0, 1, 512).check(size), Err(Errno::Inval));
+            assert_eq!(req(cmd, 0, 512, 511).check(size), Err(Errno::Inval));
+            assert_eq!(req(cmd, 0, 512, 0).check(size), Err(Errno::Inval));
+            assert_eq!(req(cmd, 0, 512, 4096).check(size), Ok(()));
+        }
     }
 
     /// Proves unknown commands, unknown flags and flags invalid for the command get EINVAL.
@@ -769,7 +797,13 @@ mod tests {
             Err(Errno::Inval)
         );
         assert_eq!(
-            req(Command::WriteZeroes, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 1).check(1),
+            req(
+                Command::WriteZeroes,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+                0,
+                512
+            )
+            .check(512),
             Ok(())
         );
         assert_eq!(req(Command::Flush, CMD_FLAG_FUA, 0, 0).check(1), Ok(()));

@@ -337,11 +337,14 @@ fn bad_requests_get_errno_or_disconnect() {
         &mut s,
         Command::Write,
         0,
-        DISK_BYTES - 256,
-        &[7u8; 512],
-        512,
+        DISK_BYTES - 512,
+        &[7u8; 1024],
+        1024,
     );
     assert_eq!(e, Errno::NoSpc.code());
+    // Not sector-aligned: below the advertised minimum block size.
+    let e = call(&mut s, Command::Write, 0, 256, &[7u8; 512], 512);
+    assert_eq!(e, Errno::Inval.code());
     assert_eq!(
         call(&mut s, Command::Read, 0, DISK_BYTES, &[], 1),
         Errno::Inval.code()

@@ -5,7 +5,9 @@
 //! track of a change) -> the backing disk is written (FUA: synced) ->
 //! [`Capture::after_write`] (the spool appends the data) -> the reply. For a FLUSH:
 //! backing disk synced -> [`Capture::flush`] (the spool is synced) -> the reply.
-//! A hook error fails the request with EIO, and nothing is acknowledged.
+//! A hook error fails the request with EIO, and nothing is acknowledged. When the
+//! backing write itself fails after `before_write`, [`Capture::write_failed`] is called
+//! instead of `after_write`.
 
 use std::io;
 
@@ -22,6 +24,9 @@ pub trait Capture: Send + Sync {
     fn after_write(&self, disk: &str, offset: u64, data: WriteData<'_>) -> io::Result<()>;
     /// After the backing disk was synced by a FLUSH, before the reply.
     fn flush(&self, disk: &str) -> io::Result<()>;
+    /// The backing write (or its FUA sync) that followed a successful `before_write`
+    /// failed: the request is not acknowledged and `after_write` will not come.
+    fn write_failed(&self, _disk: &str, _offset: u64, _len: u64) {}
 }
 
 /// Captures nothing: the server is a plain write-through NBD server.

@@ -477,18 +477,24 @@ fn execute(
             Ok(Some(buf))
         }
         Command::Write => {
+            let len = u64::from(req.len);
             capture
-                .before_write(disk, req.offset, u64::from(req.len))
+                .before_write(disk, req.offset, len)
                 .map_err(|e| hook_fail("before_write", e))?;
-            export
+            let written = export
                 .file
                 .write_all_at(&payload, req.offset)
-                .map_err(|e| io_fail("write", e))?;
-            if req.fua() {
-                export
-                    .file
-                    .sync_data()
-                    .map_err(|e| io_fail("fua sync", e))?;
+                .map_err(|e| io_fail("write", e))
+                .and_then(|()| {
+                    if req.fua() {
+                        export.file.sync_data().map_err(|e| io_fail("fua sync", e))
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(e) = written {
+                capture.write_failed(disk, req.offset, len);
+                return Err(e);
             }
             capture
                 .after_write(disk, req.offset, WriteData::Bytes(&payload))
@@ -500,12 +506,18 @@ fn execute(
             capture
                 .before_write(disk, req.offset, len)
                 .map_err(|e| hook_fail("before_write", e))?;
-            zero_range(&export.file, req.offset, len).map_err(|e| io_fail("zero", e))?;
-            if req.fua() {
-                export
-                    .file
-                    .sync_data()
-                    .map_err(|e| io_fail("fua sync", e))?;
+            let written = zero_range(&export.file, req.offset, len)
+                .map_err(|e| io_fail("zero", e))
+                .and_then(|()| {
+                    if req.fua() {
+                        export.file.sync_data().map_err(|e| io_fail("fua sync", e))
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(e) = written {
+                capture.write_failed(disk, req.offset, len);
+                return Err(e);
             }
             capture
                 .after_write(disk, req.offset, WriteData::Zero(len))

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -31,6 +31,8 @@ pub struct Tracking {
     disk_group: HashMap<String, String>,
     /// Every group's disks, groups sorted by id, disks in config order.
     specs: Vec<(String, Vec<DiskSpec>)>,
+    /// Writes between their mark and their spool record, per disk.
+    in_flight: InFlightRanges,
 }
 
 fn to_io(e: TrackerError) -> io::Error {
@@ -90,6 +92,7 @@ impl Tracking {
                 groups,
                 disk_group,
                 specs,
+                in_flight: InFlightRanges::default(),
             },
             reports,
         ))
@@ -165,14 +168,78 @@ impl Tracking {
     }
 }
 
+/// The byte ranges of every disk with a write between `before_write` and its end
+/// (`after_write` or `write_failed`). A write waits in `before_write` while an earlier
+/// one overlaps it, so two writes to the same blocks reach the backing disk and the
+/// spool in the same order; otherwise the disk could keep one value and the replica the
+/// other. Writes that do not overlap never wait for each other.
+#[derive(Default)]
+pub struct InFlightRanges {
+    ranges: Mutex<Vec<(String, u64, u64)>>,
+    released: Condvar,
+}
+
+impl InFlightRanges {
+    /// Waits until no range in flight on `disk` overlaps `[offset, offset + len)`, then
+    /// holds it.
+    pub fn acquire(&self, disk: &str, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let overlaps = |r: &Vec<(String, u64, u64)>| {
+            r.iter()
+                .any(|(d, o, e)| d == disk && *o < end && offset < *e)
+        };
+        let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        while overlaps(&r) {
+            r = self.released.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        r.push((disk.to_string(), offset, end));
+    }
+
+    /// Lets go of a range held by [`InFlightRanges::acquire`].
+    pub fn release(&self, disk: &str, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = r
+            .iter()
+            .position(|(d, o, e)| d == disk && *o == offset && *e == end)
+        {
+            r.swap_remove(i);
+        }
+        drop(r);
+        self.released.notify_all();
+    }
+}
+
 impl Capture for Tracking {
     fn before_write(&self, disk: &str, offset: u64, len: u64) -> io::Result<()> {
-        self.group_of(disk)?
-            .before_write(disk, offset, len)
-            .map_err(to_io)
+        self.in_flight.acquire(disk, offset, len);
+        let r = self
+            .group_of(disk)
+            .and_then(|mut t| t.before_write(disk, offset, len).map_err(to_io));
+        if r.is_err() {
+            self.in_flight.release(disk, offset, len);
+        }
+        r
+    }
+
+    fn write_failed(&self, disk: &str, offset: u64, len: u64) {
+        self.in_flight.release(disk, offset, len);
     }
 
     fn after_write(&self, disk: &str, offset: u64, data: WriteData<'_>) -> io::Result<()> {
+        let r = self.record(disk, offset, data);
+        self.in_flight.release(disk, offset, data.len());
+        r
+    }
+
+    fn flush(&self, disk: &str) -> io::Result<()> {
+        self.group_of(disk)?.flush().map(|_| ()).map_err(to_io)
+    }
+}
+
+impl Tracking {
+    /// Step 3 of a write: the spool append (see [`GroupTracker::record_write`]).
+    fn record(&self, disk: &str, offset: u64, data: WriteData<'_>) -> io::Result<()> {
         let mut t = self.group_of(disk)?;
         let was_spooling = *t.mode() == TrackMode::Spooling;
         let r = match data {
@@ -188,10 +255,6 @@ impl Capture for Tracking {
             error!(disk, "{reason}");
         }
         Ok(())
-    }
-
-    fn flush(&self, disk: &str) -> io::Result<()> {
-        self.group_of(disk)?.flush().map(|_| ()).map_err(to_io)
     }
 }
 
@@ -211,5 +274,45 @@ pub fn log_open_reports(reports: &[(String, OpenReport)], state_dir: &Path) {
             state_dir = %state_dir.display(),
             "change tracking ready"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Proves an overlapping write waits until the earlier one is done, while writes to
+    /// other ranges or other disks go on at once.
+    #[test]
+    fn overlapping_writes_wait_for_each_other() {
+        let r = Arc::new(InFlightRanges::default());
+        r.acquire("d0", 0, 8192);
+        // Other disk, and a range that only touches: no wait.
+        r.acquire("d1", 0, 8192);
+        r.acquire("d0", 8192, 4096);
+        let (tx, rx) = mpsc::channel();
+        let r2 = r.clone();
+        let t = std::thread::spawn(move || {
+            r2.acquire("d0", 4096, 8192);
+            tx.send(()).unwrap();
+            r2.release("d0", 4096, 8192);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "an overlapping write went ahead"
+        );
+        r.release("d0", 0, 8192);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "still overlapping [8192, 12288)"
+        );
+        r.release("d0", 8192, 4096);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the write goes on once nothing overlaps");
+        t.join().unwrap();
+        r.release("d1", 0, 8192);
+        assert!(r.ranges.lock().unwrap().is_empty());
     }
 }

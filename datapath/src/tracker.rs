@@ -299,6 +299,22 @@ impl GroupTracker {
         Ok((i, &mut self.disks[i]))
     }
 
+    /// The index of `disk` and the checked extent `[offset, offset + len)` inside it.
+    fn disk_extent(
+        &mut self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(usize, Extent), TrackerError> {
+        let (i, d) = self.disk(disk)?;
+        let ext =
+            Extent::new(offset, len, d.size_bytes).map_err(|source| TrackerError::Extent {
+                disk: disk.to_string(),
+                source,
+            })?;
+        Ok((i, ext))
+    }
+
     /// The epoch writes go to now.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -334,13 +350,9 @@ impl GroupTracker {
     /// Step 1 of a write: marks `len` bytes at `offset` dirty, durably, before they may
     /// reach the backing disk. Refuses ranges outside the disk.
     pub fn before_write(&mut self, disk: &str, offset: u64, len: u64) -> Result<(), TrackerError> {
-        let (i, d) = self.disk(disk)?;
-        let ext =
-            Extent::new(offset, len, d.size_bytes).map_err(|source| TrackerError::Extent {
-                disk: disk.to_string(),
-                source,
-            })?;
-        d.bitmap
+        let (i, ext) = self.disk_extent(disk, offset, len)?;
+        self.disks[i]
+            .bitmap
             .mark(&[ext])
             .map_err(|source| TrackerError::Bitmap {
                 disk: disk.to_string(),
@@ -358,13 +370,7 @@ impl GroupTracker {
         offset: u64,
         data: &[u8],
     ) -> Result<Option<u64>, TrackerError> {
-        let (i, d) = self.disk(disk)?;
-        let ext = Extent::new(offset, data.len() as u64, d.size_bytes).map_err(|source| {
-            TrackerError::Extent {
-                disk: disk.to_string(),
-                source,
-            }
-        })?;
+        let (i, ext) = self.disk_extent(disk, offset, data.len() as u64)?;
         let rec = SpoolRecordRef::Write {
             epoch: self.epoch,
             disk,
@@ -381,12 +387,7 @@ impl GroupTracker {
         offset: u64,
         len: u64,
     ) -> Result<Option<u64>, TrackerError> {
-        let (i, d) = self.disk(disk)?;
-        let ext =
-            Extent::new(offset, len, d.size_bytes).map_err(|source| TrackerError::Extent {
-                disk: disk.to_string(),
-                source,
-            })?;
+        let (i, ext) = self.disk_extent(disk, offset, len)?;
         let rec = SpoolRecordRef::Zero {
             epoch: self.epoch,
             disk,

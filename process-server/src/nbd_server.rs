@@ -467,6 +467,21 @@ fn execute(
             "capture {what} failed; request not acknowledged");
         Errno::Io
     };
+    // After the backing write of a WRITE, TRIM or WRITE_ZEROES: the FUA sync, and on
+    // any failure the capture hook hears that the write will not be acknowledged.
+    let finish_write = |written: Result<(), Errno>| {
+        let r = written.and_then(|()| {
+            if req.fua() {
+                export.file.sync_data().map_err(|e| io_fail("fua sync", e))
+            } else {
+                Ok(())
+            }
+        });
+        if r.is_err() {
+            capture.write_failed(disk, req.offset, u64::from(req.len));
+        }
+        r
+    };
     match req.command {
         Command::Read => {
             let mut buf = vec![0u8; req.len as usize];
@@ -484,18 +499,8 @@ fn execute(
             let written = export
                 .file
                 .write_all_at(&payload, req.offset)
-                .map_err(|e| io_fail("write", e))
-                .and_then(|()| {
-                    if req.fua() {
-                        export.file.sync_data().map_err(|e| io_fail("fua sync", e))
-                    } else {
-                        Ok(())
-                    }
-                });
-            if let Err(e) = written {
-                capture.write_failed(disk, req.offset, len);
-                return Err(e);
-            }
+                .map_err(|e| io_fail("write", e));
+            finish_write(written)?;
             capture
                 .after_write(disk, req.offset, WriteData::Bytes(&payload))
                 .map_err(|e| hook_fail("after_write", e))?;
@@ -506,19 +511,8 @@ fn execute(
             capture
                 .before_write(disk, req.offset, len)
                 .map_err(|e| hook_fail("before_write", e))?;
-            let written = zero_range(&export.file, req.offset, len)
-                .map_err(|e| io_fail("zero", e))
-                .and_then(|()| {
-                    if req.fua() {
-                        export.file.sync_data().map_err(|e| io_fail("fua sync", e))
-                    } else {
-                        Ok(())
-                    }
-                });
-            if let Err(e) = written {
-                capture.write_failed(disk, req.offset, len);
-                return Err(e);
-            }
+            let written = zero_range(&export.file, req.offset, len).map_err(|e| io_fail("zero", e));
+            finish_write(written)?;
             capture
                 .after_write(disk, req.offset, WriteData::Zero(len))
                 .map_err(|e| hook_fail("after_write", e))?;

@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,30 +53,7 @@ impl MasterTarget {
             ));
         }
         std::fs::write(&config, text).expect("write master-target config");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("mt.log"))
-            .expect("open log");
-        let mut child = Command::new(common::bin_path("master-target"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start master-target serve");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read stdout");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("master target did not start: {line:?}"))
-            .parse()
-            .expect("listening address");
+        let (child, addr) = common::start_master_target(&config, &dir.join("mt.log"), "info");
         Self { child, addr }
     }
 

@@ -87,3 +87,48 @@ pub fn start_listening(mut cmd: Command, timeout: std::time::Duration) -> Starte
     }
     Started { child, port, log }
 }
+
+/// Starts `master-target serve --config CONFIG` with its log (stderr) appended to `log`
+/// and `RUST_LOG` as given; waits for the `listening on ADDR` line it prints on stdout.
+/// Panics with the log when it does not start.
+pub fn start_master_target(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    rust_log: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open master-target log");
+    let mut child = Command::new(bin_path("master-target"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .expect("start master-target serve");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read master-target stdout");
+    match line
+        .trim()
+        .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok())
+    {
+        Some(addr) => (child, addr),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "master target did not start: stdout {line:?}, log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        }
+    }
+}

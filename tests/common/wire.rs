@@ -1,10 +1,10 @@
 //! Test helpers for the master target's receiver: a config in a tempdir, the real
 //! `master-target serve` process, and a small blocking client speaking frames.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,34 +99,7 @@ impl Server {
     /// Starts the server and waits until it prints its listening address.
     pub fn start(setup: &Setup) -> Server {
         let log = setup.dir.path().join("serve.log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open log");
-        let mut child = Command::new(super::common::bin_path("master-target"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&setup.config)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("start master-target serve");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read stdout");
-        let Some(addr) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "server did not start: stdout {line:?}, log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        };
-        let addr = addr.parse().expect("listening address");
+        let (child, addr) = super::common::start_master_target(&setup.config, &log, "debug");
         Server { child, addr, log }
     }
 

@@ -137,6 +137,7 @@ fn main() -> Result<()> {
             point_id: epoch,
             time_unix_ms: 1_800_000_000_000 + epoch * 1000,
             app_consistent: app,
+            consistent: true,
         })?;
         spool.sync()?;
         if app {
@@ -176,6 +177,7 @@ fn main() -> Result<()> {
                 point_id,
                 time_unix_ms,
                 app_consistent,
+                ..
             } => {
                 let meta = DataFrameMeta {
                     group: GROUP.into(),

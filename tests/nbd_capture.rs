@@ -432,7 +432,9 @@ fn writes_are_spooled_and_cut_into_epochs() {
     use datapath::spool::{Spool, SpoolConfig, SpoolEntry};
     use datapath::storage::RealFs;
 
-    let mut s = Server::start_with("[tracking]\ncut_interval_ms = 50\nstate_dir = \"state\"\n");
+    let mut s = Server::start_with(
+        "[tracking]\ncut_interval_ms = 50\nstate_dir = \"state\"\ninitial_sync = false\n",
+    );
     run_ok(&mut qemu_io(
         &s.uri("disk0"),
         &["write -P 0xab 0 64k", "flush"],
@@ -561,7 +563,8 @@ fn example_config_runs_from_its_directory() {
 /// backing path.
 #[test]
 fn tag_with_hooks_and_status() {
-    let tracking = "[tracking]\nstate_dir = \"state\"\ncut_interval_ms = 600000\n";
+    let tracking =
+        "[tracking]\nstate_dir = \"state\"\ncut_interval_ms = 600000\ninitial_sync = false\n";
     let hooks = |freeze: &str| {
         format!(
             "freeze = '{freeze}'\nthaw = 'echo thaw >> \"$BR_TEST_DIR/hooks.log\"'\nhook_timeout_ms = 300\n"

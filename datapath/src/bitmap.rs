@@ -528,6 +528,27 @@ fn decode_slot(
 // ---------------------------------------------------------------------------------------
 // Bit helpers over the bits area (little-endian bit order within bytes).
 
+/// Writes the bits of `blocks` dirty blocks after the header, 1 MiB at a time (the bits
+/// past the last block stay 0).
+fn write_all_ones(f: &dyn StorageFile, blocks: u64) -> Result<(), BitmapError> {
+    const STEP: u64 = 1 << 20;
+    let full_bytes = blocks / 8;
+    let ones = vec![0xffu8; STEP.min(full_bytes) as usize];
+    let mut at = 0u64;
+    while at < full_bytes {
+        let n = STEP.min(full_bytes - at) as usize;
+        f.write_all_at(&ones[..n], HEADER_BYTES as u64 + at)
+            .map_err(io_err("write bitmap bits"))?;
+        at += n as u64;
+    }
+    let tail = blocks % 8;
+    if tail != 0 {
+        f.write_all_at(&[(1u8 << tail) - 1], HEADER_BYTES as u64 + full_bytes)
+            .map_err(io_err("write bitmap bits"))?;
+    }
+    Ok(())
+}
+
 fn set_bit_range(bits: &mut [u8], from: u64, to: u64, value: bool) {
     let put = |bits: &mut [u8], i: u64| {
         let (byte, mask) = ((i / 8) as usize, 1u8 << (i % 8));
@@ -641,6 +662,27 @@ impl Bitmap {
         disk_bytes: u64,
         config: BitmapConfig,
     ) -> Result<Self, BitmapError> {
+        Self::create_inner(fs, dir, disk_bytes, config, false)
+    }
+
+    /// Like [`Bitmap::create`] with every block dirty, durable before the files' names
+    /// are: a disk protected for the first time, whose every block the replica lacks.
+    pub fn create_all_dirty(
+        fs: &dyn Storage,
+        dir: &Path,
+        disk_bytes: u64,
+        config: BitmapConfig,
+    ) -> Result<Self, BitmapError> {
+        Self::create_inner(fs, dir, disk_bytes, config, true)
+    }
+
+    fn create_inner(
+        fs: &dyn Storage,
+        dir: &Path,
+        disk_bytes: u64,
+        config: BitmapConfig,
+        all_dirty: bool,
+    ) -> Result<Self, BitmapError> {
         config
             .check()
             .map_err(|(field, why)| BitmapError::InvalidConfig { field, why })?;
@@ -690,6 +732,9 @@ impl Bitmap {
                 .map_err(io_err("size bitmap file"))?;
             f.write_all_at(&encode_header(&header), 0)
                 .map_err(io_err("write bitmap header"))?;
+            if all_dirty {
+                write_all_ones(f.as_ref(), block_count(disk_bytes))?;
+            }
             f.sync_data().map_err(io_err("sync bitmap file"))?;
         }
         let log = create_new(&log_path)?;
@@ -1084,6 +1129,22 @@ impl Bitmap {
         }
     }
 
+    /// The first run of dirty blocks at or after byte `from` (rounded down to its
+    /// block), at most `max_len` bytes long (rounded down to whole blocks, at least one),
+    /// as a byte extent clipped to the disk. Scans no further than the run's end.
+    pub fn next_dirty_run(&self, from: u64, max_len: u64) -> Option<Extent> {
+        let start = find_bit(self.bits(), from / BLOCK_BYTES, self.block_count, true)?;
+        let limit = start
+            .saturating_add((max_len / BLOCK_BYTES).max(1))
+            .min(self.block_count);
+        let end = find_bit(self.bits(), start, limit, false).unwrap_or(limit);
+        let offset = start * BLOCK_BYTES;
+        Some(Extent {
+            offset,
+            len: (end * BLOCK_BYTES).min(self.disk_bytes) - offset,
+        })
+    }
+
     /// The hot regions, ascending.
     pub fn hot_regions(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.hot.keys().copied().collect();
@@ -1177,6 +1238,49 @@ mod tests {
     }
 
     /// Proves a 1 TiB disk's bitmap file stays within 33 MiB.
+    /// Proves a bitmap created all dirty has every block's bit set (the last partial
+    /// byte only up to the last block), durably, and that `next_dirty_run` walks runs
+    /// from any offset with a bounded length.
+    #[test]
+    fn all_dirty_create_and_next_dirty_run() {
+        let fs = SimFs::new();
+        let d = Path::new("/bm");
+        // 37 blocks: the bits end inside a byte.
+        let disk = 37 * BLOCK_BYTES - 512;
+        let mut b = Bitmap::create_all_dirty(&fs, d, disk, BitmapConfig::default()).unwrap();
+        assert_eq!(b.dirty_blocks(), 37);
+        drop(b);
+        fs.crash(CrashMode::DropUnsynced);
+        b = Bitmap::open(&fs, d).unwrap();
+        assert_eq!(b.dirty_blocks(), 37);
+        let e = |offset, len| Extent { offset, len };
+        assert_eq!(
+            b.next_dirty_run(0, 8 * BLOCK_BYTES),
+            Some(e(0, 8 * BLOCK_BYTES))
+        );
+        // From inside a block: rounded down; a length below a block reads one block.
+        assert_eq!(b.next_dirty_run(5000, 1), Some(e(4096, 4096)));
+        // The last block is clipped to the disk.
+        assert_eq!(
+            b.next_dirty_run(36 * BLOCK_BYTES, 1 << 20),
+            Some(e(36 * BLOCK_BYTES, BLOCK_BYTES - 512))
+        );
+        b.clear(e(0, 36 * BLOCK_BYTES)).unwrap();
+        b.clear(e(36 * BLOCK_BYTES, BLOCK_BYTES - 512)).unwrap();
+        assert_eq!(b.next_dirty_run(0, 1 << 20), None);
+        b.mark(&[e(10 * BLOCK_BYTES, 3 * BLOCK_BYTES)]).unwrap();
+        assert_eq!(
+            b.next_dirty_run(0, 1 << 20),
+            Some(e(10 * BLOCK_BYTES, 3 * BLOCK_BYTES))
+        );
+        assert_eq!(
+            b.next_dirty_run(11 * BLOCK_BYTES, 1 << 20),
+            Some(e(11 * BLOCK_BYTES, 2 * BLOCK_BYTES))
+        );
+        assert_eq!(b.next_dirty_run(13 * BLOCK_BYTES, 1 << 20), None);
+        assert_eq!(b.next_dirty_run(u64::MAX - 10, 1 << 20), None);
+    }
+
     #[test]
     fn one_tib_disk_fits_33_mib() {
         let bytes = bitmap_file_bytes(1 << 40);

@@ -36,7 +36,7 @@
 //! | 0      | 4    | `magic`      | [`RECORD_MAGIC`] `b"BRSR"`; never modify                     |
 //! | 4      | 2    | `version`    | [`VERSION`]                                                  |
 //! | 6      | 1    | `kind`       | [`RecordKind`]: 1 write, 2 zero (trim / write-zeroes), 3 cut |
-//! | 7      | 1    | `flags`      | cut: bit 0 = app-consistent; other bits (and other kinds) 0  |
+//! | 7      | 1    | `flags`      | cut: bit 0 = app-consistent, bit 1 = inconsistent; others 0  |
 //! | 8      | 8    | `seq`        | the record's seq, one more than the record before it        |
 //! | 16     | 8    | `synced_seq` | highest seq durable when this record was appended (< `seq`)  |
 //! | 24     | 8    | `epoch`      | the group epoch the record belongs to                        |
@@ -48,7 +48,9 @@
 //! | 60     | 4    | `crc32`      | crc32 of bytes 0..60, then the disk id, then the data        |
 //!
 //! Writes and zeros are sector aligned ([`SECTOR_BYTES`]) and not empty. A cut stores its
-//! point id in `offset`, its time in `len` and its app-consistent flag in `flags` bit 0,
+//! point id in `offset`, its time in `len`, its app-consistent flag in `flags` bit 0 and
+//! its inconsistent flag in bit 1 (a cut made while a resync is still reading the backing
+//! disks: a point in the history, not one to recover to),
 //! so that every record shares one fixed header.
 //!
 //! # Order of writes and syncs
@@ -122,6 +124,10 @@ pub const SEGMENT_HEADER_BYTES: usize = 32;
 pub const RECORD_HEADER_BYTES: usize = 64;
 /// Hard bound on the data of one record; checked before anything is allocated.
 pub const RECORD_DATA_BYTES_MAX: u32 = 32 << 20;
+/// Bytes past `spool_bytes_max` only cut records may use: a full spool can still seal
+/// the epoch its last records belong to, so they can be shipped, acknowledged and
+/// released (without a cut they could never be).
+pub const CUT_RESERVE_BYTES: u64 = 64 << 10;
 /// Hard bound on a disk id (see [`crate::valid_id`]).
 pub const DISK_ID_BYTES_MAX: usize = 64;
 
@@ -215,6 +221,8 @@ pub enum SpoolRecordRef<'a> {
         point_id: u64,
         time_unix_ms: u64,
         app_consistent: bool,
+        /// False for a cut made during a resync: not a point to recover to.
+        consistent: bool,
     },
 }
 
@@ -250,10 +258,11 @@ impl SpoolRecordRef<'_> {
                 point_id,
                 time_unix_ms,
                 app_consistent,
+                consistent,
                 ..
             } => (
                 RecordKind::Cut,
-                u8::from(app_consistent),
+                u8::from(app_consistent) | (u8::from(!consistent) << 1),
                 point_id,
                 time_unix_ms,
             ),
@@ -293,6 +302,7 @@ pub enum SpoolEntry {
         point_id: u64,
         time_unix_ms: u64,
         app_consistent: bool,
+        consistent: bool,
     },
 }
 
@@ -327,11 +337,13 @@ impl SpoolEntry {
                 point_id,
                 time_unix_ms,
                 app_consistent,
+                consistent,
             } => SpoolRecordRef::Cut {
                 epoch: *epoch,
                 point_id: *point_id,
                 time_unix_ms: *time_unix_ms,
                 app_consistent: *app_consistent,
+                consistent: *consistent,
             },
         }
     }
@@ -620,9 +632,9 @@ impl RecordHeader {
                 }
             }
             RecordKind::Cut => {
-                if self.flags & !1 != 0 {
+                if self.flags & !3 != 0 {
                     return Err(format!(
-                        "flags {:#x}: only bit 0 is defined for a cut",
+                        "flags {:#x}: only bits 0 and 1 are defined for a cut",
                         self.flags
                     ));
                 }
@@ -656,6 +668,7 @@ impl RecordHeader {
                 point_id: self.offset,
                 time_unix_ms: self.len,
                 app_consistent: self.flags & 1 != 0,
+                consistent: self.flags & 2 == 0,
             },
         }
     }
@@ -1160,7 +1173,12 @@ impl Spool {
         let roll = seg.size_bytes > SEGMENT_HEADER_BYTES as u64
             && seg.size_bytes + record_bytes > self.cfg.segment_bytes_max;
         let need_bytes = record_bytes + if roll { SEGMENT_HEADER_BYTES as u64 } else { 0 };
-        if self.used_bytes + need_bytes > self.cfg.spool_bytes_max {
+        let reserve = if head.kind == RecordKind::Cut {
+            CUT_RESERVE_BYTES
+        } else {
+            0
+        };
+        if self.used_bytes + need_bytes > self.cfg.spool_bytes_max + reserve {
             return Err(SpoolError::Full {
                 used_bytes: self.used_bytes,
                 max_bytes: self.cfg.spool_bytes_max,
@@ -1571,6 +1589,7 @@ mod tests {
                 point_id: rng.next(),
                 time_unix_ms: rng.next() >> 20,
                 app_consistent: rng.below(2) == 0,
+                consistent: rng.below(2) == 0,
             },
         }
     }
@@ -1596,6 +1615,7 @@ mod tests {
             point_id: u64::MAX,
             time_unix_ms: 0,
             app_consistent: true,
+            consistent: true,
         });
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(sp.append(&e.record_ref()).unwrap(), i as u64 + 1);
@@ -2399,6 +2419,7 @@ mod tests {
             point_id: 77,
             time_unix_ms: 1_700_000_000_000,
             app_consistent: true,
+            consistent: false,
         })
         .unwrap();
         sp.append(&SpoolRecordRef::Zero {
@@ -2413,7 +2434,7 @@ mod tests {
         let cut = &raw[32..96];
         assert_eq!(&cut[0..4], b"BRSR");
         assert_eq!(le_u16(cut, 4), 1);
-        assert_eq!((cut[6], cut[7]), (3, 1));
+        assert_eq!((cut[6], cut[7]), (3, 3));
         assert_eq!(
             (le_u64(cut, 8), le_u64(cut, 16), le_u64(cut, 24)),
             (1, 0, 3)
@@ -2452,6 +2473,7 @@ mod tests {
             point_id: 1,
             time_unix_ms: 1,
             app_consistent: false,
+            consistent: true,
         };
         let mut head = rec.header(u64::MAX, 0).encode();
         let crc = crc32fast::hash(&head[..RECORD_CRC_OFFSET]);

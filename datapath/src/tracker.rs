@@ -25,8 +25,27 @@
 //! **Spool full.** An append that finds the spool full switches the group to
 //! [`TrackMode::BitmapOnly`]: writes are still marked in the bitmaps, nothing more is
 //! spooled, and [`GroupTracker::cut`] offers no recovery point (the replica cannot be
-//! brought to a consistent state from the spool any more). Getting back needs a resync
-//! of the dirty blocks from the backing disks (the shipper's job).
+//! brought to a consistent state from the spool any more): it only seals the epoch the
+//! spool's last records belong to, as an inconsistent cut, so they can drain. Getting
+//! back needs a resync of the dirty blocks from the backing disks.
+//!
+//! **Resync.** [`GroupTracker::begin_resync`] leaves bitmap-only mode for
+//! [`TrackMode::Resyncing`]: writes are spooled again, and the caller walks the dirty
+//! blocks with [`GroupTracker::next_resync_extent`], reads each extent from the backing
+//! disk while no write to it is in flight (the caller's range lock), and records it with
+//! [`GroupTracker::record_resync`] (data runs as writes, all-zero blocks as zeros, in the
+//! current epoch). Such a record is exactly a write of the disk's contents at its place
+//! in the spool, so once every extent is recorded ([`GroupTracker::finish_resync`]) the
+//! next cut is consistent again. Cuts made meanwhile are recorded as *inconsistent*:
+//! history, not points to recover to. A cursor per disk is all the state: blocks at or
+//! past it are still to read, so an ack clears none of their bits.
+//!
+//! **Initial sync.** A disk protected for the first time (no bitmap yet) gets a bitmap
+//! with every block dirty and is listed in the group's `initial-sync` file (written
+//! before the bitmap is created, removed when a resync pass ends); the group starts in
+//! bitmap-only mode, so the first resync ships every block (zero blocks as zero records,
+//! no payload). With [`InitialSync::Skip`] new disks start clean instead (the replica is
+//! known to equal the disk, e.g. both blank).
 //!
 //! **Unclean restart.** [`GroupTracker::shutdown`] writes a `clean` marker; [`open`]
 //! removes it. Without it at open, the previous run ended in a crash: writes that
@@ -51,14 +70,21 @@ use thiserror::Error;
 use crate::bitmap::{self, Bitmap, BitmapConfig, BitmapError};
 use crate::extent::{Extent, ExtentError};
 use crate::spool::{Spool, SpoolConfig, SpoolEntry, SpoolError, SpoolRecordRef};
-use crate::storage::{Storage, write_atomic};
+use crate::storage::{OpenMode, Storage, write_atomic};
 
 /// No format of its own (it uses the spool's and the bitmap's); kept so every module
 /// reports a version.
 pub const VERSION: u16 = 1;
 /// Name of the clean-shutdown marker in the group's directory.
 pub const CLEAN_MARKER: &str = "clean";
+/// Name of the file listing the disks whose initial sync is not done, one id a line.
+pub const INITIAL_SYNC_FILE: &str = "initial-sync";
+/// Bytes a resync reads and records at a time (a whole frame's worth).
+pub const RESYNC_EXTENT_BYTES_MAX: u64 = 1 << 20;
+const BLOCK_BYTES: u64 = 4096;
 const CLEAN_CONTENTS: &[u8] = b"clean shutdown\n";
+/// The marker of a clean stop of a group that still needed a resync.
+const CLEAN_RESYNC_CONTENTS: &[u8] = b"clean shutdown, resync pending\n";
 
 /// Why the tracker refused something.
 #[derive(Debug, Error)]
@@ -89,6 +115,8 @@ pub enum TrackerError {
     SpoolForeignDisk(String),
     #[error("change tracking of this group was closed (the server is stopping)")]
     Closed,
+    #[error("the resync has not read disk {disk} from byte {offset} on yet")]
+    ResyncNotDone { disk: String, offset: u64 },
 }
 
 /// One disk of the group.
@@ -105,6 +133,35 @@ pub enum TrackMode {
     Spooling,
     /// Only the bitmaps track writes; no recovery point until a resync.
     BitmapOnly { reason: String },
+    /// Writes are spooled and the dirty blocks are being read from the backing disks;
+    /// cuts are inconsistent until every one is recorded.
+    Resyncing,
+}
+
+/// What [`GroupTracker::open`] does with a disk that has no bitmap yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitialSync {
+    /// Every block is shipped first (the default for a disk protected the first time).
+    Full,
+    /// The replica already equals the disk: start with no dirty block.
+    Skip,
+}
+
+/// How far a resync pass is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// Bytes dirty when the pass began (blocks of 4 KiB).
+    pub total_bytes: u64,
+    /// Bytes read and recorded so far (more than `total_bytes` when writes during the
+    /// pass dirtied blocks ahead of the cursor).
+    pub done_bytes: u64,
+}
+
+/// The state of a resync pass.
+struct Resync {
+    /// Per disk index: the next byte to read; the disk size when done.
+    cursor: Vec<u64>,
+    progress: ResyncProgress,
 }
 
 /// A sealed epoch: the recovery point the cut made.
@@ -114,6 +171,8 @@ pub struct CutPoint {
     pub epoch: u64,
     pub time_unix_ms: u64,
     pub app_consistent: bool,
+    /// False for a cut during a resync: kept in the history, never recovered to.
+    pub consistent: bool,
     /// Spool seq of the cut record: acknowledging it acknowledges the epoch.
     pub spool_seq: u64,
 }
@@ -161,6 +220,10 @@ pub struct GroupTracker {
     in_flight: Vec<(usize, Extent)>,
     /// Set by [`GroupTracker::close`]: every later write is refused.
     closed: bool,
+    /// The pass under way in [`TrackMode::Resyncing`].
+    resync: Option<Resync>,
+    /// Disks whose initial sync is not done (the `initial-sync` file).
+    initial: Vec<String>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> TrackerError {
@@ -178,6 +241,7 @@ impl GroupTracker {
         disks: &[DiskSpec],
         spool_cfg: SpoolConfig,
         bitmap_cfg: BitmapConfig,
+        initial_sync: InitialSync,
     ) -> Result<(Self, OpenReport), TrackerError> {
         fs.create_dir_all(dir)
             .map_err(io_err(format!("create {}", dir.display())))?;
@@ -186,19 +250,39 @@ impl GroupTracker {
         let existed = fs.exists(&spool_dir.join(crate::spool::segment_file_name(1)))
             || fs.list_dir(&spool_dir).is_ok_and(|n| !n.is_empty());
         let unclean = existed && !fs.exists(&marker);
+        let resync_pending =
+            fs.exists(&marker) && read_small(fs.as_ref(), &marker)? == CLEAN_RESYNC_CONTENTS;
         if fs.exists(&marker) {
             // From here on a crash is an unclean end again.
             fs.remove_file(&marker)
                 .map_err(io_err("remove clean marker"))?;
             fs.sync_dir(dir).map_err(io_err("sync group directory"))?;
         }
+        let bitmap_dir = |d: &DiskSpec| dir.join(format!("bitmap-{}", d.id));
+        let has_bitmap = |d: &DiskSpec| {
+            let bdir = bitmap_dir(d);
+            fs.exists(&bdir.join(bitmap::BITMAP_FILE)) && fs.exists(&bdir.join(bitmap::LOG_FILE))
+        };
+        // Disks still in their initial sync; new disks join the list BEFORE their
+        // all-dirty bitmap is created, so a crash in between cannot lose the pass.
+        let mut initial = read_initial(fs.as_ref(), dir)?;
+        initial.retain(|id| disks.iter().any(|d| &d.id == id));
+        let new: Vec<String> = disks
+            .iter()
+            .filter(|d| !has_bitmap(d) && !initial.contains(&d.id))
+            .map(|d| d.id.clone())
+            .collect();
+        if initial_sync == InitialSync::Full && !new.is_empty() {
+            initial.extend(new);
+            write_initial(fs.as_ref(), dir, &initial)?;
+        }
         let mut opened = Vec::with_capacity(disks.len());
         for d in disks {
-            let bdir = dir.join(format!("bitmap-{}", d.id));
-            let both = fs.exists(&bdir.join(bitmap::BITMAP_FILE))
-                && fs.exists(&bdir.join(bitmap::LOG_FILE));
-            let bm = if both {
+            let bdir = bitmap_dir(d);
+            let bm = if has_bitmap(d) {
                 Bitmap::open_for_disk(fs.as_ref(), &bdir, d.size_bytes)
+            } else if initial.contains(&d.id) {
+                Bitmap::create_all_dirty(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg)
             } else {
                 Bitmap::create(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg)
             }
@@ -224,6 +308,8 @@ impl GroupTracker {
             current: EpochExtents::default(),
             in_flight: Vec::new(),
             closed: false,
+            resync: None,
+            initial,
         };
         // Rebuild the epochs still in the spool (all of it is unacknowledged as far as
         // this side knows; the master target's resume point releases the rest).
@@ -275,6 +361,17 @@ impl GroupTracker {
             t.mode = TrackMode::BitmapOnly {
                 reason: "the previous run did not shut down cleanly: writes that reached a backing disk may be missing from the spool, so the dirty blocks must be resynced before the next recovery point".into(),
             };
+        } else if resync_pending {
+            t.mode = TrackMode::BitmapOnly {
+                reason: "the previous run stopped before its resync ended: the dirty blocks must be resynced before the next recovery point".into(),
+            };
+        } else if !t.initial.is_empty() {
+            t.mode = TrackMode::BitmapOnly {
+                reason: format!(
+                    "initial sync of {}: every block goes to the master target before the first recovery point",
+                    t.initial.join(", ")
+                ),
+            };
         }
         let report = OpenReport {
             unclean,
@@ -323,6 +420,149 @@ impl GroupTracker {
     /// How the group is tracked.
     pub fn mode(&self) -> &TrackMode {
         &self.mode
+    }
+
+    /// The disks whose initial sync is not done.
+    pub fn initial_sync_disks(&self) -> &[String] {
+        &self.initial
+    }
+
+    /// How far the resync pass under way is.
+    pub fn resync_progress(&self) -> Option<ResyncProgress> {
+        self.resync.as_ref().map(|r| r.progress)
+    }
+
+    /// Starts a resync pass from bitmap-only mode (see the module doc): writes are
+    /// spooled again from now on. Returns false (and changes nothing) in another mode.
+    pub fn begin_resync(&mut self) -> Result<bool, TrackerError> {
+        if self.closed {
+            return Err(TrackerError::Closed);
+        }
+        if !matches!(self.mode, TrackMode::BitmapOnly { .. }) {
+            return Ok(false);
+        }
+        let total_bytes = self
+            .disks
+            .iter()
+            .map(|d| d.bitmap.dirty_blocks() * BLOCK_BYTES)
+            .sum();
+        self.resync = Some(Resync {
+            cursor: vec![0; self.disks.len()],
+            progress: ResyncProgress {
+                total_bytes,
+                done_bytes: 0,
+            },
+        });
+        self.mode = TrackMode::Resyncing;
+        Ok(true)
+    }
+
+    /// The next dirty extent the resync must read (at most `max_bytes`, at least one
+    /// block; [`RESYNC_EXTENT_BYTES_MAX`] suits a large spool): its disk id and extent.
+    /// `None` when the pass has read everything (then [`GroupTracker::finish_resync`])
+    /// or is not under way.
+    pub fn next_resync_extent(&mut self, max_bytes: u64) -> Option<(String, Extent)> {
+        let r = self.resync.as_mut()?;
+        for (i, d) in self.disks.iter().enumerate() {
+            if r.cursor[i] >= d.size_bytes {
+                continue;
+            }
+            match d.bitmap.next_dirty_run(r.cursor[i], max_bytes) {
+                Some(e) => return Some((d.id.clone(), e)),
+                None => r.cursor[i] = d.size_bytes,
+            }
+        }
+        None
+    }
+
+    /// Records `data`, read from the backing disk at `ext` (from
+    /// [`GroupTracker::next_resync_extent`]) while no write to it was in flight, as
+    /// spool records of the current epoch. Returns false when the pass ended meanwhile
+    /// (the spool filled: bitmap-only again) and nothing more should be read.
+    pub fn record_resync(
+        &mut self,
+        disk: &str,
+        ext: Extent,
+        data: &[u8],
+    ) -> Result<bool, TrackerError> {
+        let (i, ext) = self.disk_extent(disk, ext.offset, ext.len)?;
+        if self.mode != TrackMode::Resyncing || data.len() as u64 != ext.len {
+            return Ok(false);
+        }
+        let epoch = self.epoch;
+        // Runs of all-zero blocks and of data blocks.
+        let mut at = 0usize;
+        while at < data.len() {
+            let block = |k: usize| &data[k..(k + BLOCK_BYTES as usize).min(data.len())];
+            let zero = is_zero(block(at));
+            let mut end = at;
+            while end < data.len() && is_zero(block(end)) == zero {
+                end = (end + BLOCK_BYTES as usize).min(data.len());
+            }
+            let offset = ext.offset + at as u64;
+            let rec = if zero {
+                SpoolRecordRef::Zero {
+                    epoch,
+                    disk,
+                    offset,
+                    len: (end - at) as u64,
+                }
+            } else {
+                SpoolRecordRef::Write {
+                    epoch,
+                    disk,
+                    offset,
+                    data: &data[at..end],
+                }
+            };
+            match self.spool.append(&rec) {
+                Ok(_) => {}
+                Err(SpoolError::Full {
+                    used_bytes,
+                    max_bytes,
+                    ..
+                }) => {
+                    // What was appended is a true copy of the disk and harmless.
+                    self.resync = None;
+                    self.mode = TrackMode::BitmapOnly {
+                        reason: format!(
+                            "spool full during a resync ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until the next resync"
+                        ),
+                    };
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            at = end;
+        }
+        self.current.by_disk.entry(i).or_default().push(ext);
+        if let Some(r) = self.resync.as_mut() {
+            r.cursor[i] = ext.end();
+            r.progress.done_bytes += ext.len;
+        }
+        Ok(true)
+    }
+
+    /// Ends a pass whose every extent is recorded: the group spools normally and its
+    /// next cut is a consistent point; the initial sync, if it was one, is done.
+    /// Returns the disks whose initial sync ended. Refused while extents remain.
+    pub fn finish_resync(&mut self) -> Result<Vec<String>, TrackerError> {
+        if self.mode != TrackMode::Resyncing {
+            return Ok(Vec::new());
+        }
+        if let Some((disk, e)) = self.next_resync_extent(BLOCK_BYTES) {
+            return Err(TrackerError::ResyncNotDone {
+                disk,
+                offset: e.offset,
+            });
+        }
+        self.resync = None;
+        self.mode = TrackMode::Spooling;
+        let done = std::mem::take(&mut self.initial);
+        if !done.is_empty() {
+            write_initial(self.fs.as_ref(), &self.dir, &[])?;
+        }
+        Ok(done)
     }
 
     /// Spool bytes in use and the bound.
@@ -409,7 +649,7 @@ impl GroupTracker {
                 t.in_flight.swap_remove(k);
             }
         };
-        if self.mode != TrackMode::Spooling {
+        if matches!(self.mode, TrackMode::BitmapOnly { .. }) {
             landed(self);
             return Ok(None);
         }
@@ -429,6 +669,7 @@ impl GroupTracker {
                 max_bytes,
                 ..
             }) => {
+                self.resync = None;
                 self.mode = TrackMode::BitmapOnly {
                     reason: format!(
                         "spool full ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until a resync"
@@ -446,25 +687,35 @@ impl GroupTracker {
     }
 
     /// Seals the current epoch into a recovery point (point id = epoch) and opens the
-    /// next. `None` in bitmap-only mode: no point is offered from an inconsistent state.
+    /// next. During a resync, and in bitmap-only mode, the point is recorded as
+    /// inconsistent (`consistent: false`): no point is offered from an inconsistent
+    /// state. In bitmap-only mode only an epoch with spooled records is sealed (`None`
+    /// otherwise), so those records can be shipped and released; cut records may use
+    /// the spool's [`crate::spool::CUT_RESERVE_BYTES`].
     pub fn cut(
         &mut self,
         time_unix_ms: u64,
         app_consistent: bool,
     ) -> Result<Option<CutPoint>, TrackerError> {
-        if self.mode != TrackMode::Spooling {
+        if self.closed {
+            return Err(TrackerError::Closed);
+        }
+        if matches!(self.mode, TrackMode::BitmapOnly { .. }) && self.current.by_disk.is_empty() {
             return Ok(None);
         }
+        let consistent = self.mode == TrackMode::Spooling;
         let epoch = self.epoch;
         let rec = SpoolRecordRef::Cut {
             epoch,
             point_id: epoch,
             time_unix_ms,
             app_consistent,
+            consistent,
         };
         let seq = match self.spool.append(&rec) {
             Ok(seq) => seq,
             Err(SpoolError::Full { .. }) => {
+                self.resync = None;
                 self.mode = TrackMode::BitmapOnly {
                     reason: "spool full at a cut: tracking by dirty bitmap only until a resync"
                         .into(),
@@ -482,6 +733,7 @@ impl GroupTracker {
             epoch,
             time_unix_ms,
             app_consistent,
+            consistent,
             spool_seq: seq,
         }))
     }
@@ -500,7 +752,7 @@ impl GroupTracker {
             return Ok(());
         }
         self.spool.release(seq)?;
-        if self.mode != TrackMode::Spooling {
+        if matches!(self.mode, TrackMode::BitmapOnly { .. }) {
             // Writes since the spool overflowed are known only to the bitmaps, not to
             // `current`: clearing now could clear a block written again since. The
             // resync that ends bitmap-only mode clears what it ships.
@@ -509,7 +761,7 @@ impl GroupTracker {
         for (_, _, ext) in done {
             for (disk, extents) in ext.by_disk {
                 // Later writes to the disk, not yet safe at the target.
-                let mut later: Vec<Extent> = self
+                let later: Vec<Extent> = self
                     .unacked
                     .iter()
                     .map(|(_, _, e)| &e.by_disk)
@@ -523,11 +775,21 @@ impl GroupTracker {
                             .filter(|(d, _)| *d == disk)
                             .map(|&(_, e)| e),
                     )
+                    // A resync still to read a block: its replica copy may be stale.
+                    .chain(self.resync.as_ref().map(|r| Extent {
+                        offset: r.cursor[disk],
+                        len: self.disks[disk].size_bytes - r.cursor[disk],
+                    }))
                     .collect();
+                // Whole blocks: a bit stands for its whole block, and every write to a
+                // block not yet safe is in `later` (in these modes all are tracked).
+                let size = self.disks[disk].size_bytes;
+                let mut later: Vec<Extent> =
+                    later.into_iter().map(|e| whole_blocks(e, size)).collect();
                 later.sort_unstable();
                 let d = &mut self.disks[disk];
                 for e in extents {
-                    for piece in subtract(e, &later) {
+                    for piece in subtract(whole_blocks(e, size), &later) {
                         d.bitmap
                             .clear(piece)
                             .map_err(|source| TrackerError::Bitmap {
@@ -561,16 +823,84 @@ impl GroupTracker {
                 source,
             })?;
         }
-        // The mode is not in the marker: a group that was bitmap-only stays so only
-        // through the bitmaps' dirty bits, which a resync clears. A write still in
-        // flight may reach its backing disk with its record refused from now on: the
-        // spool then misses it, so the stop is not clean either.
-        if self.mode != TrackMode::Spooling || !self.in_flight.is_empty() {
+        // A group that still needs a resync says so in the marker (its dirty bits are
+        // what the resync reads). A write still in flight may reach its backing disk
+        // with its record refused from now on: the spool then misses it, so the stop
+        // is not clean.
+        if !self.in_flight.is_empty() {
             return Ok(());
         }
-        write_atomic(self.fs.as_ref(), &self.dir, CLEAN_MARKER, CLEAN_CONTENTS)
+        let contents = if self.mode == TrackMode::Spooling {
+            CLEAN_CONTENTS
+        } else {
+            CLEAN_RESYNC_CONTENTS
+        };
+        write_atomic(self.fs.as_ref(), &self.dir, CLEAN_MARKER, contents)
             .map_err(io_err("write clean marker"))
     }
+}
+
+/// `e` grown to the 4 KiB blocks it touches (the last one clipped to the disk).
+fn whole_blocks(e: Extent, disk_bytes: u64) -> Extent {
+    let offset = e.offset / BLOCK_BYTES * BLOCK_BYTES;
+    let end = e
+        .end()
+        .div_ceil(BLOCK_BYTES)
+        .saturating_mul(BLOCK_BYTES)
+        .min(disk_bytes);
+    Extent {
+        offset,
+        len: end - offset,
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// The disks listed in the group's `initial-sync` file (none when it is missing).
+fn read_initial(fs: &dyn Storage, dir: &Path) -> Result<Vec<String>, TrackerError> {
+    let path = dir.join(INITIAL_SYNC_FILE);
+    if !fs.exists(&path) {
+        return Ok(Vec::new());
+    }
+    let bytes = read_small(fs, &path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// The first MiB of a small state file (anything longer is not ours).
+fn read_small(fs: &dyn Storage, path: &Path) -> Result<Vec<u8>, TrackerError> {
+    let what = format!("read {}", path.display());
+    let f = fs
+        .open(path, OpenMode::ReadOnly)
+        .map_err(io_err(what.clone()))?;
+    let len = f.len().map_err(io_err(what.clone()))?.min(1 << 20);
+    let mut bytes = vec![0u8; len as usize];
+    f.read_exact_at(&mut bytes, 0).map_err(io_err(what))?;
+    Ok(bytes)
+}
+
+/// Replaces the `initial-sync` file durably (removes it when `disks` is empty).
+fn write_initial(fs: &dyn Storage, dir: &Path, disks: &[String]) -> Result<(), TrackerError> {
+    if disks.is_empty() {
+        let path = dir.join(INITIAL_SYNC_FILE);
+        if fs.exists(&path) {
+            fs.remove_file(&path)
+                .map_err(io_err("remove the initial-sync file"))?;
+            fs.sync_dir(dir).map_err(io_err("sync group directory"))?;
+        }
+        return Ok(());
+    }
+    let mut text = disks.join("\n");
+    text.push('\n');
+    write_atomic(fs, dir, INITIAL_SYNC_FILE, text.as_bytes())
+        .map_err(io_err("write the initial-sync file"))
 }
 
 /// The parts of `e` that no extent of `sorted` covers.
@@ -644,8 +974,313 @@ mod tests {
             &disks(),
             spool_cfg(),
             bitmap_cfg(),
+            InitialSync::Skip,
         )
         .unwrap()
+    }
+
+    fn open_initial(fs: &SimFs) -> (GroupTracker, OpenReport) {
+        GroupTracker::open(
+            Arc::new(fs.clone()),
+            Path::new("/g"),
+            &disks(),
+            spool_cfg(),
+            bitmap_cfg(),
+            InitialSync::Full,
+        )
+        .unwrap()
+    }
+
+    /// The process server's disks and the master target's replicas, as the spool and
+    /// the acks see them: the replica applies every record up to an acknowledged cut.
+    struct Model {
+        disk: Vec<Vec<u8>>,
+        replica: Vec<Vec<u8>>,
+        /// Spool seq the replica has applied through.
+        applied: u64,
+        /// Unacknowledged cuts: (spool seq, consistent, the disks at a consistent cut).
+        cuts: Vec<(u64, bool, Option<Vec<Vec<u8>>>)>,
+    }
+
+    impl Model {
+        fn new() -> Self {
+            let z = vec![vec![0u8; DISK_BYTES as usize]; 2];
+            Self {
+                disk: z.clone(),
+                replica: z,
+                applied: 0,
+                cuts: Vec::new(),
+            }
+        }
+
+        fn write(&mut self, t: &mut GroupTracker, d: usize, off: u64, data: &[u8]) {
+            let disk = ["d0", "d1"][d];
+            t.before_write(disk, off, data.len() as u64).unwrap();
+            self.disk[d][off as usize..off as usize + data.len()].copy_from_slice(data);
+            t.record_write(disk, off, data).unwrap();
+        }
+
+        fn cut(&mut self, t: &mut GroupTracker) {
+            let spooling = *t.mode() == TrackMode::Spooling;
+            if let Some(p) = t.cut(1, false).unwrap() {
+                assert_eq!(
+                    p.consistent, spooling,
+                    "only a spooling group cuts consistent points"
+                );
+                let snapshot = p.consistent.then(|| self.disk.clone());
+                self.cuts.push((p.spool_seq, p.consistent, snapshot));
+            }
+        }
+
+        /// The master target acknowledges the oldest cut: the replica applies the
+        /// records up to it and, for a consistent point, must equal the disks then.
+        fn ack_oldest(&mut self, t: &mut GroupTracker) {
+            if self.cuts.is_empty() {
+                return;
+            }
+            let (seq, consistent, at_cut) = self.cuts.remove(0);
+            for r in t.spool().read_from(self.applied + 1) {
+                let r = r.unwrap();
+                if r.seq > seq {
+                    break;
+                }
+                let (d, off, data) = match r.entry {
+                    SpoolEntry::Write {
+                        disk, offset, data, ..
+                    } => (disk, offset, data),
+                    SpoolEntry::Zero {
+                        disk, offset, len, ..
+                    } => (disk, offset, vec![0; len as usize]),
+                    SpoolEntry::Cut { .. } => continue,
+                };
+                let d = if d == "d0" { 0 } else { 1 };
+                self.replica[d][off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            self.applied = seq;
+            if let Some(at_cut) = at_cut {
+                assert!(consistent);
+                assert!(
+                    self.replica == at_cut,
+                    "a consistent point differs from the disks at its cut"
+                );
+            }
+            t.ack_through(seq).unwrap();
+        }
+
+        /// One resync step: begin, read and record one extent, or finish.
+        fn resync_step(&mut self, t: &mut GroupTracker) {
+            match t.mode() {
+                TrackMode::BitmapOnly { .. } => {
+                    let (used, max) = t.spool_fill();
+                    if used < max / 2 {
+                        assert!(t.begin_resync().unwrap());
+                    }
+                }
+                TrackMode::Resyncing => match t.next_resync_extent(64 << 10) {
+                    Some((disk, e)) => {
+                        let d = if disk == "d0" { 0 } else { 1 };
+                        let data = self.disk[d][e.offset as usize..e.end() as usize].to_vec();
+                        t.record_resync(&disk, e, &data).unwrap();
+                    }
+                    None => {
+                        t.finish_resync().unwrap();
+                    }
+                },
+                TrackMode::Spooling => {}
+            }
+        }
+
+        /// Resyncs, cuts and acks until everything is at the target.
+        fn drain(&mut self, t: &mut GroupTracker) {
+            for _ in 0..10_000 {
+                if *t.mode() == TrackMode::Spooling {
+                    break;
+                }
+                self.resync_step(t);
+                self.cut(t);
+                self.ack_oldest(t);
+            }
+            self.cut(t);
+            while !self.cuts.is_empty() {
+                self.ack_oldest(t);
+            }
+            assert_eq!(*t.mode(), TrackMode::Spooling);
+            assert!(
+                self.replica == self.disk,
+                "the replica differs after a full drain"
+            );
+            assert_eq!(t.dirty_blocks("d0"), Some(0));
+            assert_eq!(t.dirty_blocks("d1"), Some(0));
+        }
+    }
+
+    /// Proves, for random workloads that overflow the spool, that a resync brings the
+    /// replica back: every consistent point equals the disks at its cut, no point is
+    /// consistent while a resync reads, and at the end the replica equals the disks and
+    /// no bit stays set.
+    #[test]
+    fn resync_after_overflow_is_exact() {
+        for seed in 1..=20u64 {
+            let fs = SimFs::new();
+            let (mut t, _) = open(&fs);
+            let mut m = Model::new();
+            let mut rng = Rng::new(seed);
+            let mut saw = (false, false);
+            for _ in 0..600 {
+                match rng.below(20) {
+                    0..=11 => {
+                        let d = rng.below(2) as usize;
+                        let len = (1 + rng.below(16)) * 4096;
+                        let off = rng.below((DISK_BYTES - len) / 512) * 512;
+                        let data = vec![rng.next() as u8 | 1; len as usize];
+                        m.write(&mut t, d, off, &data);
+                    }
+                    12 | 13 => m.cut(&mut t),
+                    14 | 15 => {
+                        if rng.below(3) == 0 {
+                            m.ack_oldest(&mut t);
+                        }
+                    }
+                    _ => m.resync_step(&mut t),
+                }
+                saw.0 |= matches!(t.mode(), TrackMode::BitmapOnly { .. });
+                saw.1 |= *t.mode() == TrackMode::Resyncing;
+            }
+            assert!(saw.0 && saw.1, "seed {seed}: the spool never overflowed");
+            m.drain(&mut t);
+        }
+    }
+
+    /// Proves a first protection ships every block: the group starts bitmap-only with
+    /// every block dirty and the disks listed for initial sync, zero blocks become zero
+    /// records without data, the list survives a crash, and the pass's end empties it.
+    #[test]
+    fn initial_sync_ships_every_block_once() {
+        let fs = SimFs::new();
+        let (mut t, rep) = open_initial(&fs);
+        assert!(!rep.unclean);
+        assert_eq!(t.initial_sync_disks(), ["d0", "d1"]);
+        assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096));
+        assert_eq!(t.cut(1, false).unwrap(), None);
+        drop(t);
+        fs.crash(CrashMode::DropUnsynced);
+        let (mut t, _) = open_initial(&fs);
+        assert_eq!(t.initial_sync_disks(), ["d0", "d1"]);
+        assert_eq!(t.dirty_blocks("d1"), Some(DISK_BYTES / 4096));
+        let mut m = Model::new();
+        // Data already on d0 before protection (the model's replica lacks it).
+        for b in [3u64, 4, 100] {
+            m.disk[0][(b * 4096) as usize..(b * 4096 + 4096) as usize].fill(b as u8);
+        }
+        assert!(t.begin_resync().unwrap());
+        assert_eq!(t.resync_progress().unwrap().total_bytes, 2 * DISK_BYTES);
+        m.resync_step(&mut t);
+        // A write during the pass, then an inconsistent cut.
+        m.write(&mut t, 1, 8192, &[9; 4096]);
+        m.cut(&mut t);
+        assert!(!m.cuts[0].1, "a cut during the resync must be inconsistent");
+        m.drain(&mut t);
+        assert!(t.initial_sync_disks().is_empty());
+        // Zero blocks cost no data in the spool: only the 3 data blocks, the write, and
+        // the written block again when the pass reached it.
+        let data: u64 = t
+            .spool()
+            .read_from(t.spool().first_seq())
+            .map(|r| match r.unwrap().entry {
+                SpoolEntry::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(
+            data,
+            5 * 4096,
+            "zero blocks were spooled as data ({data} bytes)"
+        );
+        t.shutdown().unwrap();
+        let (t, rep) = open_initial(&fs);
+        assert!(!rep.unclean && t.initial_sync_disks().is_empty());
+        assert_eq!(*t.mode(), TrackMode::Spooling);
+    }
+
+    /// Proves a crash at every durability step of a first protection leaves, after the
+    /// restart, both disks listed for initial sync with every block dirty: a new disk
+    /// can never start as if it were in sync.
+    #[test]
+    fn crash_during_first_open_keeps_the_initial_sync() {
+        let steps = {
+            let fs = SimFs::new();
+            open_initial(&fs);
+            fs.steps()
+        };
+        assert!(steps > 4);
+        for step in 1..=steps {
+            let fs = SimFs::new();
+            fs.crash_after(step);
+            let _ = GroupTracker::open(
+                Arc::new(fs.clone()),
+                Path::new("/g"),
+                &disks(),
+                spool_cfg(),
+                bitmap_cfg(),
+                InitialSync::Full,
+            );
+            fs.crash(CrashMode::Torn { seed: step });
+            let (t, _) = open_initial(&fs);
+            assert_eq!(t.initial_sync_disks(), ["d0", "d1"], "crash at step {step}");
+            for d in ["d0", "d1"] {
+                assert_eq!(
+                    t.dirty_blocks(d),
+                    Some(DISK_BYTES / 4096),
+                    "step {step}: {d}"
+                );
+            }
+            assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+        }
+    }
+
+    /// Proves a clean stop of a group that still needs a resync is clean (no unclean
+    /// report) yet comes back bitmap-only, with its dirty blocks kept for the resync.
+    #[test]
+    fn clean_stop_before_the_resync_keeps_it_pending() {
+        let fs = SimFs::new();
+        let (mut t, _) = open_initial(&fs);
+        assert!(t.begin_resync().unwrap());
+        t.shutdown().unwrap();
+        let (t, rep) = open_initial(&fs);
+        assert!(!rep.unclean);
+        assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096));
+        drop(t);
+        // The same through `open` without initial sync: still pending.
+        let (t, _) = open(&fs);
+        assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+    }
+
+    /// Proves a spool that fills during a resync ends the pass (bitmap-only again,
+    /// nothing lost) and a later pass still ends exact.
+    #[test]
+    fn spool_full_during_resync_starts_over() {
+        let fs = SimFs::new();
+        let (mut t, _) = open_initial(&fs);
+        let mut m = Model::new();
+        for b in 0..(DISK_BYTES / 4096) {
+            m.disk[(b % 2) as usize][(b * 4096) as usize..(b * 4096 + 4096) as usize]
+                .fill(b as u8 | 1);
+        }
+        assert!(t.begin_resync().unwrap());
+        // Both 1 MiB disks hold data: 2 MiB do not fit the 1 MiB spool without acks.
+        let mut ended = false;
+        for _ in 0..40 {
+            m.resync_step(&mut t);
+            if matches!(t.mode(), TrackMode::BitmapOnly { .. }) {
+                ended = true;
+                break;
+            }
+        }
+        assert!(ended, "the spool should have filled");
+        assert_eq!(t.resync_progress(), None);
+        m.drain(&mut t);
     }
 
     /// Proves the subtraction of later writes leaves exactly the uncovered parts.
@@ -743,7 +1378,10 @@ mod tests {
         }
         assert!(spooled < 32, "the spool must have filled");
         assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
-        assert_eq!(t.cut(1, false).unwrap(), None);
+        // The spooled records' epoch is sealed, as an inconsistent point, then no more.
+        let p = t.cut(1, false).unwrap().unwrap();
+        assert!(!p.consistent);
+        assert_eq!(t.cut(2, false).unwrap(), None);
         // Every write is dirty in the bitmap (16 x 60 KiB from 0 = 960 KiB = 240 blocks).
         assert_eq!(t.dirty_blocks("d1"), Some(240));
     }

@@ -96,6 +96,7 @@ fn ship(
                 point_id,
                 time_unix_ms,
                 app_consistent,
+                ..
             } if epoch > done_epoch => {
                 let meta = DataFrameMeta {
                     group: GROUP.into(),
@@ -213,6 +214,7 @@ fn run(seed: u64) -> bool {
             point_id: epoch,
             time_unix_ms: 1_700_000_000_000 + epoch * 1000,
             app_consistent: rng.below(3) == 0,
+            consistent: true,
         })
         .unwrap();
         sp.sync().unwrap();

@@ -5,8 +5,19 @@
 //! [nbd]
 //! listen = "127.0.0.1:10809"   # port 0: any free port (logged at start)
 //!
+//! [tracking]                   # optional, defaults shown
+//! state_dir = "ps-state"       # spools, bitmaps, shipping state, control socket
+//! cut_interval_ms = 1000       # a crash-consistent point this often
+//! spool_bytes_max = "1GiB"     # full: bitmap-only tracking until a resync
+//! spool_segment_bytes = "64MiB"
+//! initial_sync = true          # first protection ships every non-zero block
+//!
 //! [[group]]
 //! id = "g1"
+//! freeze = "fsfreeze -f /mnt"  # optional hooks around app-consistent points
+//! thaw = "fsfreeze -u /mnt"
+//! hook_timeout_ms = 10000
+//! app_consistent_interval_s = 900  # optional: an app-consistent point this often
 //! [[group.disk]]
 //! id = "disk0"                 # the NBD export name
 //! path = "disk0.img"           # file or block device
@@ -61,6 +72,7 @@ struct FileTracking {
     cut_interval_ms: Option<u64>,
     spool_bytes_max: Option<SizeSpec>,
     spool_segment_bytes: Option<SizeSpec>,
+    initial_sync: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +82,7 @@ struct FileGroup {
     freeze: Option<String>,
     thaw: Option<String>,
     hook_timeout_ms: Option<u64>,
+    app_consistent_interval_s: Option<u64>,
     #[serde(rename = "disk", default)]
     disks: Vec<FileDisk>,
 }
@@ -122,6 +135,9 @@ pub struct TrackingConfig {
     pub spool_bytes_max: u64,
     /// Size of one spool segment file (default 64 MiB).
     pub spool_segment_bytes: u64,
+    /// Ship every block of a disk protected for the first time (default true). False
+    /// only when the replica is known to equal the disk already (e.g. both blank).
+    pub initial_sync: bool,
 }
 
 /// Default of `tracking.cut_interval_ms`.
@@ -146,6 +162,8 @@ pub struct GroupConfig {
     pub id: String,
     /// Quiesce and resume commands for app-consistent points (run with `sh -c`).
     pub hooks: Hooks,
+    /// An app-consistent point (freeze, cut, thaw) this often; `None`: only on demand.
+    pub app_consistent_interval_s: Option<u64>,
     pub disks: Vec<DiskConfig>,
 }
 
@@ -227,6 +245,7 @@ impl Config {
                 t.spool_segment_bytes,
                 SPOOL_SEGMENT_BYTES_DEFAULT,
             )?,
+            initial_sync: t.initial_sync.unwrap_or(true),
         };
         if tracking.cut_interval_ms < 10 {
             bail!(
@@ -300,9 +319,15 @@ impl Config {
             if hooks.timeout_ms == 0 {
                 bail!("group[{gi}].hook_timeout_ms: must not be zero");
             }
+            if g.app_consistent_interval_s == Some(0) {
+                bail!(
+                    "group[{gi}].app_consistent_interval_s: must not be zero (leave it out for on-demand points only)"
+                );
+            }
             groups.push(GroupConfig {
                 id: g.id,
                 hooks,
+                app_consistent_interval_s: g.app_consistent_interval_s,
                 disks,
             });
         }

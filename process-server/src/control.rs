@@ -225,6 +225,7 @@ fn tag(c: &Control, group: &str, app: bool) -> Value {
 }
 
 fn status(c: &Control) -> Value {
+    let sync = c.tracking.sync_status();
     let groups: Vec<Value> = c
         .tracking
         .status()
@@ -235,6 +236,13 @@ fn status(c: &Control) -> Value {
                 datapath::tracker::TrackMode::BitmapOnly { reason } => {
                     ("bitmap-only", Some(reason))
                 }
+                datapath::tracker::TrackMode::Resyncing => ("resyncing", None),
+            };
+            let (initial, progress) = sync.get(&id).cloned().unwrap_or_default();
+            let state = if initial.is_empty() {
+                state
+            } else {
+                "initial-sync"
             };
             json!({
                 "id": id,
@@ -243,6 +251,11 @@ fn status(c: &Control) -> Value {
                 "epoch": epoch,
                 "spool_bytes": used,
                 "spool_bytes_max": max,
+                "initial_sync_disks": initial,
+                "resync": progress.map(|p| json!({
+                    "total_bytes": p.total_bytes,
+                    "done_bytes": p.done_bytes,
+                })),
             })
         })
         .collect();

@@ -8,6 +8,7 @@
 //! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
 //! | [`control`]      | the control socket: `tag` (with freeze/thaw hooks) and `status`   |
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
+//! | [`resync`]       | reading dirty blocks back into the spool: resync and initial sync |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
 
@@ -15,6 +16,7 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod nbd_server;
+pub mod resync;
 pub mod ship_state;
 pub mod shipper;
 pub mod tracking;

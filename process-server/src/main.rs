@@ -162,6 +162,12 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             }
         }
     };
+    let resync_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resyncs = if config.target.is_some() {
+        process_server::resync::spawn_all(tracking.clone(), exports.clone(), resync_stop.clone())
+    } else {
+        Vec::new()
+    };
     let result = tokio::select! {
         r = nbd_server::serve(listener, exports.clone(), tracking.clone()) => {
             r.context("serve NBD")
@@ -179,6 +185,14 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         s.abort();
         let _ = s.await;
     }
+    resync_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::task::spawn_blocking(move || {
+        for h in resyncs {
+            let _ = h.join();
+        }
+    })
+    .await
+    .context("join the resync")?;
     let t = tracking.clone();
     tokio::task::spawn_blocking(move || t.shutdown())
         .await

@@ -43,7 +43,9 @@
 //! shipped any more by this process.
 //!
 //! A group in bitmap-only mode ships what its spool still holds (the cuts made before
-//! the overflow) and nothing after; resync is not done here.
+//! the overflow) and nothing after, until the resync driver ([`crate::resync`]) has put
+//! the dirty blocks back into the spool; cuts made before that pass ends are sent as
+//! inconsistent points.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -528,6 +530,7 @@ fn produce(
                     point_id,
                     time_unix_ms,
                     app_consistent,
+                    consistent,
                 } => {
                     if !p.emit_maps(&order)? {
                         return Ok(());
@@ -541,7 +544,7 @@ fn produce(
                         } else {
                             PointKind::Crash
                         },
-                        consistent: true,
+                        consistent,
                         group: g.id.clone(),
                     };
                     let seq = p.next_seq;
@@ -678,6 +681,7 @@ mod tests {
     use super::*;
     use datapath::bitmap::BitmapConfig;
     use datapath::spool::SpoolConfig;
+    use datapath::tracker::InitialSync;
 
     const DISK_BYTES: u64 = 8 << 20;
 
@@ -701,6 +705,7 @@ mod tests {
                 spool_bytes_max: 64 << 20,
             },
             BitmapConfig::default(),
+            InitialSync::Skip,
         )
         .unwrap();
         GroupShip {

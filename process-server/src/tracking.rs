@@ -18,7 +18,10 @@ use datapath::bitmap::BitmapConfig;
 use datapath::extent::ExtentData;
 use datapath::spool::SpoolConfig;
 use datapath::storage::{RealFs, Storage};
-use datapath::tracker::{CutPoint, DiskSpec, GroupTracker, OpenReport, TrackMode, TrackerError};
+use datapath::tracker::{
+    CutPoint, DiskSpec, GroupTracker, InitialSync, OpenReport, ResyncProgress, TrackMode,
+    TrackerError,
+};
 use tracing::{error, info, warn};
 
 use crate::capture::{Capture, WriteData};
@@ -82,6 +85,11 @@ impl Tracking {
                 &by_group[&g],
                 spool_cfg,
                 BitmapConfig::default(),
+                if cfg.initial_sync {
+                    InitialSync::Full
+                } else {
+                    InitialSync::Skip
+                },
             )
             .with_context(|| format!("group {g}: open change tracking in {}", dir.display()))?;
             groups.insert(g.clone(), Arc::new(Mutex::new(t)));
@@ -152,6 +160,26 @@ impl Tracking {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Per group: the disks whose initial sync is not done, and the resync pass under
+    /// way, if any.
+    pub fn sync_status(&self) -> HashMap<String, (Vec<String>, Option<ResyncProgress>)> {
+        self.groups
+            .iter()
+            .filter_map(|(g, t)| {
+                let t = t.lock().ok()?;
+                Some((
+                    g.clone(),
+                    (t.initial_sync_disks().to_vec(), t.resync_progress()),
+                ))
+            })
+            .collect()
+    }
+
+    /// The byte ranges of writes in flight, shared by writes and the resync.
+    pub fn in_flight(&self) -> &InFlightRanges {
+        &self.in_flight
     }
 
     /// A clean stop: every group's spool synced, bitmaps flushed, clean marker written;

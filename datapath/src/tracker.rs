@@ -991,6 +991,8 @@ mod tests {
         .unwrap()
     }
 
+    type Disks = Vec<Vec<u8>>;
+
     /// The process server's disks and the master target's replicas, as the spool and
     /// the acks see them: the replica applies every record up to an acknowledged cut.
     struct Model {
@@ -999,7 +1001,7 @@ mod tests {
         /// Spool seq the replica has applied through.
         applied: u64,
         /// Unacknowledged cuts: (spool seq, consistent, the disks at a consistent cut).
-        cuts: Vec<(u64, bool, Option<Vec<Vec<u8>>>)>,
+        cuts: Vec<(u64, bool, Option<Disks>)>,
     }
 
     impl Model {

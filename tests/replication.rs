@@ -81,9 +81,14 @@ struct ProcessServer {
 impl ProcessServer {
     /// Writes the config (shipping to `target`) in `dir` and starts the server.
     fn start(dir: &Path, target: SocketAddr) -> Self {
+        Self::start_with(dir, target, "")
+    }
+
+    /// Like [`ProcessServer::start`] with `tracking` added to the `[tracking]` table.
+    fn start_with(dir: &Path, target: SocketAddr, tracking: &str) -> Self {
         let config = dir.join("ps.toml");
         let mut text = format!(
-            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n[target]\naddress = \"{target}\"\nnode = \"ps1\"\n[[group]]\nid = \"g1\"\n"
+            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n{tracking}[target]\naddress = \"{target}\"\nnode = \"ps1\"\n[[group]]\nid = \"g1\"\n"
         );
         for d in DISKS {
             text.push_str(&format!(
@@ -121,14 +126,15 @@ impl ProcessServer {
         );
     }
 
-    /// Waits until the shipper logs an acknowledged point cut after `after_unix_ms`.
+    /// Waits until the shipper logs an acknowledged consistent point cut after
+    /// `after_unix_ms`.
     fn wait_acked_after(&self, after_unix_ms: u64) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let log = self.log();
             let acked = log
                 .lines()
-                .filter(|l| l.contains("point acknowledged"))
+                .filter(|l| l.contains("point acknowledged") && l.contains("consistent=true"))
                 .filter_map(|l| l.split("point_time_unix_ms=").nth(1))
                 .filter_map(|rest| {
                     rest.split(|c: char| !c.is_ascii_digit())
@@ -189,16 +195,34 @@ impl States {
         }
     }
 
+    /// The disks as they are now (or zero where missing) as the first state.
+    fn from_disks(dir: &Path) -> Self {
+        let mut s = Self {
+            dir: dir.to_path_buf(),
+            hashes: Vec::new(),
+        };
+        s.record();
+        s
+    }
+
+    /// Records the disks' current state.
+    fn record(&mut self) {
+        let imgs: Vec<Vec<u8>> = DISKS
+            .iter()
+            .map(|d| {
+                std::fs::read(self.dir.join(format!("{d}.img")))
+                    .unwrap_or_else(|_| vec![0u8; DISK_BYTES])
+            })
+            .collect();
+        self.hashes.push(pair_hash(&[&imgs[0], &imgs[1]]));
+    }
+
     /// Runs one qemu-io write and records the state after it; returns the time just
     /// after the write completed.
     fn write(&mut self, ps: &ProcessServer, disk: &str, cmd: &str) -> u64 {
         ps.qemu_io(disk, cmd);
         let done = now_unix_ms();
-        let imgs: Vec<Vec<u8>> = DISKS
-            .iter()
-            .map(|d| std::fs::read(self.dir.join(format!("{d}.img"))).expect("read backing"))
-            .collect();
-        self.hashes.push(pair_hash(&[&imgs[0], &imgs[1]]));
+        self.record();
         done
     }
 }
@@ -212,10 +236,12 @@ fn pair_hash(imgs: &[&[u8]; 2]) -> blake3::Hash {
     h.finalize()
 }
 
-/// Replays the master target's journal of g1 onto zero images and checks every point
-/// against `states`: each point is some state S_k, k never decreases along the points,
-/// and the last point is the last state. Checks the journal's seqs are contiguous from
-/// 1 and the point ids rise. Returns the number of points.
+/// Replays the master target's journal of g1 onto zero images and checks every
+/// consistent point against `states`: each is some state S_k, k never decreases along
+/// the points, and the last point is consistent and the last state. Inconsistent points
+/// (cut during a resync) are history only and not checked. Checks the journal's seqs
+/// are contiguous from 1 and the point ids rise. Returns the number of consistent
+/// points.
 fn check_journal(dir: &Path, states: &States) -> usize {
     let (j, _) = Journal::open(
         Arc::new(RealFs),
@@ -233,6 +259,7 @@ fn check_journal(dir: &Path, states: &States) -> usize {
     let mut seen = Vec::new();
     let mut hash = pair_hash(&[&imgs[0], &imgs[1]]);
     let mut changed = false;
+    let (mut consistent, mut last_consistent) = (0, false);
     for (i, r) in j.read(1, j.write_seq()).expect("read journal").enumerate() {
         let (h, bytes) = r.expect("journal frame");
         assert_eq!(h.seq, i as u64 + 1, "journal seqs are not contiguous");
@@ -252,6 +279,15 @@ fn check_journal(dir: &Path, states: &States) -> usize {
                 changed = true;
             }
             Frame::Point(_, p) => {
+                if let Some(&prev) = seen.last() {
+                    assert!(p.point_id > prev, "point ids do not rise");
+                }
+                seen.push(p.point_id);
+                last_consistent = p.consistent;
+                if !p.consistent {
+                    continue;
+                }
+                consistent += 1;
                 if changed {
                     hash = pair_hash(&[&imgs[0], &imgs[1]]);
                     changed = false;
@@ -266,10 +302,6 @@ fn check_journal(dir: &Path, states: &States) -> usize {
                         )
                     });
                 k = found;
-                if let Some(&prev) = seen.last() {
-                    assert!(p.point_id > prev, "point ids do not rise");
-                }
-                seen.push(p.point_id);
             }
             other => panic!("unexpected frame in the journal: {other:?}"),
         }
@@ -278,12 +310,13 @@ fn check_journal(dir: &Path, states: &States) -> usize {
         seen, listed,
         "the points replayed are not the points listed"
     );
+    assert!(last_consistent, "the last point is not consistent");
     assert_eq!(
         states.hashes[k],
         *states.hashes.last().expect("states"),
         "the last point is not the final state"
     );
-    seen.len()
+    consistent
 }
 
 /// The write commands of one round: distinct patterns, a large write (several frames),
@@ -434,4 +467,128 @@ fn lost_target_data_stops_the_group() {
     )
     .expect("open journal");
     assert_eq!(j.write_seq(), 0, "frames were shipped to the wiped target");
+}
+
+/// Proves a process server killed with -9 mid-replication comes back in bitmap-only
+/// mode, resyncs its dirty blocks from the backing disks and carries on: no write
+/// acknowledged to the NBD client is lost, the last point is the final state, and every
+/// consistent point is one of the states the disks went through.
+#[test]
+fn process_server_kill_9_resyncs_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
+    let mut states = States::new(dir.path());
+    let mut ps = ProcessServer::start(dir.path(), mt.addr);
+    let mut done = 0;
+    for (disk, cmd) in round(0) {
+        done = states.write(&ps, disk, &cmd);
+    }
+    ps.wait_acked_after(done);
+    for (disk, cmd) in round(1) {
+        states.write(&ps, disk, &cmd);
+    }
+    // Killed while round 1 is being cut and shipped.
+    ps.child.kill().expect("kill -9 the process server");
+    ps.child.wait().expect("wait");
+    drop(ps);
+    let ps = ProcessServer::start(dir.path(), mt.addr);
+    for (disk, cmd) in round(2) {
+        done = states.write(&ps, disk, &cmd);
+    }
+    ps.wait_acked_after(done);
+    let log = ps.stop();
+    for want in ["did not shut down cleanly", "resync started", "resync done"] {
+        assert!(log.contains(want), "no {want:?} in the log:\n{log}");
+    }
+    mt.kill();
+    check_journal(dir.path(), &states);
+}
+
+/// Proves the first protection of disks that already hold data ships every block:
+/// the first consistent point is the disks as they were found (zero blocks included),
+/// cuts before it are inconsistent, and replication goes on after it.
+#[test]
+fn initial_sync_ships_existing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // Data on the disks before they are protected: scattered runs, the rest zero.
+    for (i, d) in DISKS.iter().enumerate() {
+        let mut img = vec![0u8; DISK_BYTES];
+        for k in 0..40usize {
+            let at = (k * 397 + i * 131) % (DISK_BYTES / 4096) * 4096;
+            img[at..at + 4096].fill((k + 1) as u8);
+        }
+        std::fs::write(dir.path().join(format!("{d}.img")), &img).unwrap();
+    }
+    let mut states = States::from_disks(dir.path());
+    let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
+    let start = now_unix_ms();
+    let ps = ProcessServer::start(dir.path(), mt.addr);
+    ps.wait_acked_after(start);
+    let mut done = 0;
+    for (disk, cmd) in round(0) {
+        done = states.write(&ps, disk, &cmd);
+    }
+    ps.wait_acked_after(done);
+    let log = ps.stop();
+    assert!(log.contains("initial sync done"), "{log}");
+    mt.kill();
+    let (j, _) = Journal::open(
+        Arc::new(RealFs),
+        &dir.path().join("mt-data/g1/journal"),
+        "g1",
+        JournalConfig::default(),
+    )
+    .expect("open journal");
+    // Zero blocks cost no payload: far less than the disks' size crossed.
+    let journal_bytes: u64 = j
+        .read(1, j.write_seq())
+        .unwrap()
+        .map(|r| r.unwrap().1.len() as u64)
+        .sum();
+    assert!(
+        journal_bytes < (DISK_BYTES as u64) / 2,
+        "{journal_bytes} journal bytes for two mostly-zero disks of {DISK_BYTES}"
+    );
+    drop(j);
+    check_journal(dir.path(), &states);
+}
+
+/// Proves a spool that fills while the master target is away drops the group to
+/// bitmap-only tracking (status says so), and once the master target is back the dirty
+/// blocks are resynced and the last point is the final state.
+#[test]
+fn spool_overflow_then_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
+    let addr = mt.addr;
+    let mut states = States::new(dir.path());
+    let ps = ProcessServer::start_with(
+        dir.path(),
+        addr,
+        "spool_bytes_max = \"2MiB\"\nspool_segment_bytes = \"1MiB\"\n",
+    );
+    ps.wait_acked_after(0);
+    mt.kill();
+    // 4 MiB of writes into a 2 MiB spool with nobody draining it.
+    for r in 0..4u64 {
+        states.write(
+            &ps,
+            "disk0",
+            &format!("write -P 0x{:02x} {} 1M", 0x51 + r, r << 20),
+        );
+    }
+    let status = Command::new(common::bin_path("process-server"))
+        .args(["status", "--json", "--config"])
+        .arg(dir.path().join("ps.toml"))
+        .output()
+        .expect("run status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("bitmap-only"), "{text}\n{}", ps.log());
+    let mt = MasterTarget::start(dir.path(), &addr.to_string());
+    let done = states.write(&ps, "disk1", "write -P 0x66 4096 64k");
+    ps.wait_acked_after(done);
+    let log = ps.stop();
+    assert!(log.contains("resync done"), "{log}");
+    mt.kill();
+    check_journal(dir.path(), &states);
 }

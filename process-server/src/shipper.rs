@@ -114,6 +114,8 @@ struct GroupShip {
 #[derive(Clone, Copy, Debug)]
 struct PendingPoint {
     state: ShipState,
+    /// False for a point cut during a resync.
+    consistent: bool,
 }
 
 /// An encoded frame on its way to the socket.
@@ -398,6 +400,7 @@ impl Shipper {
             point = st.epoch,
             frame_seq = st.frame_seq,
             point_time_unix_ms = st.time_unix_ms,
+            consistent = p.consistent,
             rpo_ms = now_unix_ms().saturating_sub(st.time_unix_ms),
             "point acknowledged"
         );
@@ -558,6 +561,7 @@ fn produce(
                             cut_spool_seq: rec.seq,
                             time_unix_ms,
                         },
+                        consistent,
                     };
                     if !p.send(seq, bytes, Some(pending)) {
                         return Ok(());

@@ -646,3 +646,57 @@ fn tag_with_hooks_and_status() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
+
+/// Proves `app_consistent_interval_s` makes app-consistent points on its own: the
+/// freeze hook runs, an app-consistent cut lands in the spool, then the thaw hook runs,
+/// once per interval.
+#[test]
+fn scheduled_app_consistent_points() {
+    use datapath::spool::{Spool, SpoolConfig, SpoolEntry};
+    use datapath::storage::RealFs;
+
+    let mut s = Server::start_full(
+        "[tracking]\nstate_dir = \"state\"\ncut_interval_ms = 600000\ninitial_sync = false\n",
+        "freeze = 'echo freeze >> \"$BR_TEST_DIR/hooks.log\"'\nthaw = 'echo thaw >> \"$BR_TEST_DIR/hooks.log\"'\napp_consistent_interval_s = 1\n",
+    );
+    run_ok(&mut qemu_io(&s.uri("disk0"), &["write -P 0x21 0 4k"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let hooks = || std::fs::read_to_string(s.path("hooks.log")).unwrap_or_default();
+    while hooks().matches("thaw").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}\n{}",
+            hooks(),
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = hooks();
+    assert!(log.starts_with("freeze\nthaw\nfreeze\nthaw\n"), "{log}");
+    // Stopped before its spool is read.
+    run_ok(Command::new("kill").args(["-TERM", &s.child.id().to_string()]));
+    assert!(s.child.wait().expect("wait").success(), "{}", s.log());
+    let (spool, _) = Spool::open(
+        std::sync::Arc::new(RealFs),
+        &s.path("state/g1/spool"),
+        SpoolConfig {
+            segment_bytes_max: 64 << 20,
+            spool_bytes_max: 1 << 30,
+        },
+    )
+    .expect("open the spool");
+    let app_cuts = spool
+        .read_from(spool.first_seq())
+        .filter(|r| {
+            matches!(
+                r.as_ref().expect("record").entry,
+                SpoolEntry::Cut {
+                    app_consistent: true,
+                    consistent: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(app_cuts >= 2, "{app_cuts} app-consistent cuts in the spool");
+}

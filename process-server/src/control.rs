@@ -158,7 +158,9 @@ fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-fn tag(c: &Control, group: &str, app: bool) -> Value {
+/// Cuts a point of `group` now (with the freeze and thaw hooks around it when `app`):
+/// the `tag` command's answer. Also what the app-consistent schedule runs.
+pub fn tag(c: &Control, group: &str, app: bool) -> Value {
     let Some(t) = c.tracking.group(group) else {
         return json!({"ok": false, "error": format!("unknown group {group:?}")});
     };
@@ -195,6 +197,14 @@ fn tag(c: &Control, group: &str, app: bool) -> Value {
         warn!(group, "{w}");
         warnings.push(w);
     }
+    if let Ok(Some(p)) = &cut
+        && !p.consistent
+    {
+        warnings.push(
+            "the group is resyncing: this point is kept in the history but is not consistent"
+                .into(),
+        );
+    }
     match cut {
         Ok(Some(p)) => {
             info!(
@@ -212,6 +222,7 @@ fn tag(c: &Control, group: &str, app: bool) -> Value {
                     "epoch": p.epoch,
                     "time_unix_ms": p.time_unix_ms,
                     "kind": if p.app_consistent { "app" } else { "crash" },
+                    "consistent": p.consistent,
                 },
             })
         }

@@ -120,19 +120,18 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("read the listen address")?;
     let exports = Arc::new(exports);
     let control_listener = control::bind(&control::socket_path(&config))?;
-    let control_server = control::serve(
-        control_listener,
-        Arc::new(control::Control {
-            tracking: tracking.clone(),
-            exports: exports.clone(),
-            hooks: config
-                .groups
-                .iter()
-                .map(|g| (g.id.clone(), g.hooks.clone()))
-                .collect(),
-            nbd_addr: addr,
-        }),
-    );
+    let control = Arc::new(control::Control {
+        tracking: tracking.clone(),
+        exports: exports.clone(),
+        hooks: config
+            .groups
+            .iter()
+            .map(|g| (g.id.clone(), g.hooks.clone()))
+            .collect(),
+        nbd_addr: addr,
+    });
+    let control_server = control::serve(control_listener, control.clone());
+    let app_schedule = app_consistent_schedule(&config, control.clone());
     info!("listening on {addr}");
     let cutter = {
         let tracking = tracking.clone();
@@ -174,6 +173,7 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         }
         r = control_server => r,
         _ = cutter => Ok(()),
+        _ = app_schedule => Ok(()),
         _ = stop.recv() => {
             info!("stopping");
             Ok(())
@@ -201,6 +201,39 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     info!("change tracking closed cleanly");
     let _ = std::fs::remove_file(control::socket_path(&config));
     result
+}
+
+/// Runs every group's scheduled app-consistent points (`app_consistent_interval_s`):
+/// freeze hook, cut, thaw hook, as `tag --app-consistent` does. Never returns.
+async fn app_consistent_schedule(config: &Config, control: Arc<control::Control>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for g in &config.groups {
+        let Some(every_s) = g.app_consistent_interval_s else {
+            continue;
+        };
+        let (group, control) = (g.id.clone(), control.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(every_s));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (c, g) = (control.clone(), group.clone());
+                let answer = tokio::task::spawn_blocking(move || control::tag(&c, &g, true)).await;
+                match answer {
+                    Ok(a) if a["ok"] == true => {}
+                    Ok(a) => tracing::warn!(
+                        group,
+                        "scheduled app-consistent point: {}",
+                        a["error"].as_str().unwrap_or("refused")
+                    ),
+                    Err(e) => error!(group, "scheduled app-consistent point: {e}"),
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    std::future::pending::<()>().await
 }
 
 /// `tag`: asks the running server for a point.

@@ -700,3 +700,60 @@ fn scheduled_app_consistent_points() {
         .count();
     assert!(app_cuts >= 2, "{app_cuts} app-consistent cuts in the spool");
 }
+
+/// Proves the control socket answers garbage (not JSON, binary, unknown commands, an
+/// oversized line, a request cut short) with an error or a close, never a crash, and
+/// keeps serving `status` afterwards.
+#[test]
+fn control_socket_garbage_is_refused_and_server_survives() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let mut s = Server::start_with("[tracking]\nstate_dir = \"state\"\ninitial_sync = false\n");
+    let sock = s.path("state/control.sock");
+    let ask = |bytes: &[u8]| -> String {
+        let mut c = UnixStream::connect(&sock).expect("connect control socket");
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = c.write_all(bytes);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer
+    };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..3000)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng as u8
+        })
+        .collect();
+    let oversized = format!(
+        "{{\"cmd\":\"status\",\"pad\":\"{}\"}}\n",
+        "x".repeat(10_000)
+    );
+    for (what, bytes) in [
+        ("not JSON", b"hello\n".to_vec()),
+        ("random bytes", random),
+        ("unknown cmd", b"{\"cmd\":\"format-disks\"}\n".to_vec()),
+        ("no cmd", b"{}\n".to_vec()),
+        ("tag without group", b"{\"cmd\":\"tag\"}\n".to_vec()),
+        (
+            "unknown group",
+            b"{\"cmd\":\"tag\",\"group\":\"nope\"}\n".to_vec(),
+        ),
+        ("oversized", oversized.into_bytes()),
+        ("cut short", b"{\"cmd\":\"sta".to_vec()),
+        ("empty", Vec::new()),
+    ] {
+        let answer = ask(&bytes);
+        assert!(
+            answer.is_empty() || answer.contains("\"ok\":false"),
+            "{what}: {answer}"
+        );
+        s.assert_alive();
+    }
+    let ok = ask(b"{\"cmd\":\"status\"}\n");
+    assert!(ok.contains("\"ok\":true"), "{ok}");
+}

@@ -34,6 +34,8 @@ use crate::tracking::{Tracking, now_unix_ms};
 
 /// Bound on one request line.
 pub const REQUEST_BYTES_MAX: u64 = 4096;
+/// A client has this long to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the socket in the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -80,7 +82,13 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Res
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX + 1));
-            let answer = match rd.read_line(&mut line).await {
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await;
+            let answer = match read.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no whole request line in {REQUEST_TIMEOUT:?}"),
+                ))
+            }) {
                 Ok(_) if line.len() as u64 > REQUEST_BYTES_MAX => {
                     json!({"ok": false, "error": format!("request over {REQUEST_BYTES_MAX} bytes")})
                 }

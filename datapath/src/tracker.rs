@@ -523,12 +523,9 @@ impl GroupTracker {
                     ..
                 }) => {
                     // What was appended is a true copy of the disk and harmless.
-                    self.resync = None;
-                    self.mode = TrackMode::BitmapOnly {
-                        reason: format!(
-                            "spool full during a resync ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until the next resync"
-                        ),
-                    };
+                    self.overflow(format!(
+                        "spool full during a resync ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until the next resync"
+                    ));
                     return Ok(false);
                 }
                 Err(e) => return Err(e.into()),
@@ -669,16 +666,20 @@ impl GroupTracker {
                 max_bytes,
                 ..
             }) => {
-                self.resync = None;
-                self.mode = TrackMode::BitmapOnly {
-                    reason: format!(
-                        "spool full ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until a resync"
-                    ),
-                };
+                self.overflow(format!(
+                    "spool full ({used_bytes} of {max_bytes} bytes): tracking by dirty bitmap only until a resync"
+                ));
                 Ok(None)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The spool is full: bitmap-only tracking until the next resync (a pass under way
+    /// ends; its bits stay set).
+    fn overflow(&mut self, reason: String) {
+        self.resync = None;
+        self.mode = TrackMode::BitmapOnly { reason };
     }
 
     /// A FLUSH: makes every spooled write durable. Returns the durable spool seq.
@@ -715,11 +716,9 @@ impl GroupTracker {
         let seq = match self.spool.append(&rec) {
             Ok(seq) => seq,
             Err(SpoolError::Full { .. }) => {
-                self.resync = None;
-                self.mode = TrackMode::BitmapOnly {
-                    reason: "spool full at a cut: tracking by dirty bitmap only until a resync"
-                        .into(),
-                };
+                self.overflow(
+                    "spool full at a cut: tracking by dirty bitmap only until a resync".into(),
+                );
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),

@@ -10,10 +10,12 @@
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
+//! | [`metrics`]      | live counters, throughput, state names, the `/metrics` endpoint   |
 
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod nbd_server;
 pub mod ship_state;
 pub mod shipper;

@@ -606,6 +606,57 @@ mod tests {
         }
     }
 
+    /// Proves a write through the capture hook is counted for its disk, and the
+    /// exposition shows it with HELP/TYPE lines, the spool fill, the state one-hot, no
+    /// RPO before an ack, and `blockrep_connected` only when shipping.
+    #[test]
+    fn render_counts_captured_writes() {
+        use crate::capture::Capture;
+        use datapath::extent::ExtentData;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config::parse(
+            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nspool_bytes_max = \"2MiB\"\nspool_segment_bytes = \"1MiB\"\n[[group]]\nid = \"g1\"\n[[group.disk]]\nid = \"disk0\"\npath = \"d0.img\"\nsize = \"1MiB\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        let exports = crate::nbd_server::Exports::open(&cfg).unwrap();
+        let (t, _) = Tracking::open(&exports, &cfg.tracking).unwrap();
+        t.before_write("disk0", 4096, 8192).unwrap();
+        t.after_write("disk0", 4096, ExtentData::Bytes(&[7u8; 8192]))
+            .unwrap();
+        t.before_write("disk0", 0, 4096).unwrap();
+        t.after_write("disk0", 0, ExtentData::Zero(4096)).unwrap();
+        let text = render(t.metrics(), &t, false);
+        for family in [
+            "blockrep_captured_bytes_total",
+            "blockrep_spool_used_bytes",
+            "blockrep_spool_max_bytes",
+            "blockrep_rpo_seconds",
+        ] {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        assert!(
+            text.contains("blockrep_captured_bytes_total{group=\"g1\",disk=\"disk0\"} 12288\n"),
+            "{text}"
+        );
+        assert!(text.contains("blockrep_dirty_blocks{group=\"g1\",disk=\"disk0\"} 3\n"));
+        assert!(text.contains(&format!(
+            "blockrep_spool_max_bytes{{group=\"g1\"}} {}\n",
+            2 << 20
+        )));
+        assert!(text.contains("blockrep_group_state{group=\"g1\",state=\"replicating\"} 1\n"));
+        assert!(!text.contains("blockrep_rpo_seconds{"), "no ack, no RPO");
+        assert!(
+            !text.contains("blockrep_connected"),
+            "no target, no connection"
+        );
+        let shipping = render(t.metrics(), &t, true);
+        assert!(shipping.contains("blockrep_connected{group=\"g1\"} 0\n"));
+        assert!(shipping.contains("blockrep_group_state{group=\"g1\",state=\"disconnected\"} 1\n"));
+        t.shutdown().unwrap();
+    }
+
     async fn exchange(addr: std::net::SocketAddr, req: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
         // The server may answer (and stop reading) before everything was sent.

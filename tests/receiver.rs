@@ -327,17 +327,26 @@ fn refusal_mid_batch_keeps_the_frames_before_it() {
     assert_eq!(setup.journal_frames("g1"), frames);
 }
 
-/// Proves `serve` refuses plain TCP off loopback, and that `points` refuses a group
-/// while a server holds it.
+/// Proves `serve` refuses plain TCP off loopback, that `points` asks a running server
+/// instead of opening the journal it holds, and that without the server's socket the
+/// group lock still keeps `points` off that journal.
 #[test]
-fn serve_refuses_non_loopback_and_points_refuses_a_served_group() {
+fn serve_refuses_non_loopback_and_points_asks_a_running_server() {
     let setup = Setup::new();
     let server = Server::start(&setup);
-    let out = std::process::Command::new(common::bin_path("master-target"))
-        .args(["points", "--group", "g1", "--config"])
-        .arg(&setup.config)
-        .output()
-        .unwrap();
+    let points = || {
+        std::process::Command::new(common::bin_path("master-target"))
+            .args(["points", "--group", "g1", "--json", "--config"])
+            .arg(&setup.config)
+            .output()
+            .unwrap()
+    };
+    let out = points();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let socket = setup.config.parent().unwrap().join("data/control.sock");
+    std::fs::remove_file(&socket).expect("remove the control socket");
+    let out = points();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use"),

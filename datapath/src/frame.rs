@@ -138,7 +138,7 @@ pub use control::{
 pub use data::{
     DATA_FIXED_BYTES, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo, DataFrameMeta, Decoder,
     EXTENT_ENTRY_BYTES, EXTENT_FLAG_ZERO, EncodeStats, Encoder, ExtentEntry, MAX_EXTENTS,
-    MAX_PLAIN_BYTES, MAX_ZERO_BYTES, PayloadEncoding, peek_data,
+    MAX_PLAIN_BYTES, MAX_ZERO_BYTES, PayloadEncoding, encoded_plain_bytes, peek_data,
 };
 
 /// The frame magic. Never modify: it names the format on every wire and disk.

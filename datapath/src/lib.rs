@@ -18,6 +18,7 @@
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
+//! | [`metrics`]  | Prometheus text exposition, the HTTP exchange of a scrape, rates      |
 //!
 //! ## Order of writes, syncs and renames
 //!
@@ -43,6 +44,7 @@ pub mod frame;
 pub mod hashing;
 pub mod journal;
 mod le;
+pub mod metrics;
 pub mod nbd;
 pub mod spool;
 pub mod storage;

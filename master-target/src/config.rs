@@ -5,6 +5,7 @@
 //! data_dir = "mt-data"          # journals live in data_dir/<group>/journal
 //! plain_tcp_loopback = true      # plain TCP only on a loopback address, and only if set
 //! node = "mt1"                   # optional: the node id in our hello (default "master-target")
+//! metrics = "127.0.0.1:9101"     # optional: serve GET /metrics (Prometheus) here
 //! [[group]]
 //! id = "g1"
 //! [[group.disk]]
@@ -12,6 +13,9 @@
 //! size = "64MiB"                 # bytes as an integer, or with a unit: B, KiB, MiB, GiB, TiB
 //! replica = "replica-disk0.img"  # created (sparse, that size) by `serve` if missing
 //! ```
+//!
+//! `metrics` is read-only and unauthenticated: any address is allowed, but one that is
+//! not loopback shows the groups' names and counters to whoever can reach it.
 //!
 //! Relative paths are taken relative to the directory of the config file, so a config
 //! works wherever the command is started from. Unknown fields are refused, and every
@@ -38,6 +42,8 @@ struct RawConfig {
     plain_tcp_loopback: bool,
     #[serde(default)]
     node: Option<String>,
+    #[serde(default)]
+    metrics: Option<String>,
     #[serde(default, rename = "group")]
     groups: Vec<RawGroup>,
 }
@@ -75,6 +81,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub plain_tcp_loopback: bool,
     pub node: String,
+    /// Where `GET /metrics` is served (`metrics`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
     pub groups: Vec<GroupConfig>,
 }
 
@@ -119,6 +127,15 @@ impl Config {
                 &format!("{:?} is not an ip:port ({e})", raw.listen),
             )
         })?;
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(m) => Some(m.parse::<SocketAddr>().map_err(|e| {
+                at(
+                    "metrics",
+                    &format!("{m:?} is not an ip:port such as \"127.0.0.1:9101\" ({e})"),
+                )
+            })?),
+        };
         let node = raw.node.unwrap_or_else(|| DEFAULT_NODE.to_string());
         if !datapath::valid_id(&node) {
             return Err(at(
@@ -203,6 +220,7 @@ impl Config {
             data_dir: base.join(raw.data_dir),
             plain_tcp_loopback: raw.plain_tcp_loopback,
             node,
+            metrics,
             groups,
         })
     }
@@ -329,7 +347,10 @@ replica = "/abs/replica-disk1.img"
         assert_eq!(g.disks[1].replica, PathBuf::from("/abs/replica-disk1.img"));
         assert!(c.data_dir.is_absolute() && c.data_dir.ends_with("mt-data"));
         assert_eq!(c.node, DEFAULT_NODE);
+        assert_eq!(c.metrics, None);
         c.check_plain_tcp().unwrap();
+        let m = load_str(&format!("metrics = \"0.0.0.0:9101\"\n{GOOD}")).unwrap();
+        assert_eq!(m.metrics, Some("0.0.0.0:9101".parse().unwrap()));
     }
 
     /// Proves bad configs are refused with a message naming the file and the field.
@@ -343,6 +364,7 @@ replica = "/abs/replica-disk1.img"
             (GOOD.replace("id = \"g1\"", "id = \"G1\""), "group.id"),
             (GOOD.replace("127.0.0.1:10900", "nowhere"), "listen"),
             (GOOD.replace("size = 1048576\n", ""), "size"),
+            (format!("metrics = \"9101\"\n{GOOD}"), "metrics"),
         ];
         for (text, field) in cases {
             let e = format!("{:#}", load_str(&text).unwrap_err());

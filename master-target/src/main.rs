@@ -10,13 +10,17 @@
 //! | [`store`]  | files per group and disk, and the group lock                  |
 //! | [`reader`] | cutting the TCP stream into frames with bounded memory         |
 //! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
-//! | [`query`]  | `points` and `status`                                         |
+//! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
+//! | [`control`] | the control socket `status` and `points` ask a running server |
+//! | [`query`]  | `points` and `status`, live or from the files on disk         |
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 mod config;
+mod control;
+mod metrics;
 mod query;
 mod reader;
 mod server;
@@ -43,7 +47,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// List a group's recovery points, oldest first (the server must not be running).
+    /// List a group's durable recovery points, oldest first (asks the running server,
+    /// or reads the journal when none runs).
     Points {
         #[arg(long)]
         config: PathBuf,
@@ -53,8 +58,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show per group the durable seq, points, RPO and journal size, and per disk its
-    /// replica (read from disk; the server must not be running).
+    /// Show per group the state, peer, durable seq, points, RPO, journal size and
+    /// receive throughput, and per disk its replica and state (live from the running
+    /// server, or read from disk when none runs: then "running": false).
     Status {
         #[arg(long)]
         config: PathBuf,

@@ -1,27 +1,59 @@
-//! `points` and `status`: what the journals on disk hold, for people and scripts.
+//! `points` and `status`: what each group's journal holds and how replication is going,
+//! for people and scripts.
 //!
-//! Both take each group's lock (see [`crate::store`]) and so refuse to run while
-//! `serve` holds it. Opening a journal may cut a torn tail left by a crash, exactly as
-//! `serve` would on its next start; nothing acknowledged is ever cut.
+//! While `serve` runs it holds every group's lock and journal, so both commands ask it
+//! over its control socket ([`crate::control`]) and show live values (`"running": true`).
+//! When no server answers (no socket, or a stale one nobody listens on) they read the
+//! files a stopped server left (`"running": false`): they take each group's lock (see
+//! [`crate::store`]) and so refuse a group a server starting meanwhile holds. Opening a
+//! journal may cut a torn tail left by a crash, exactly as `serve` would on its next
+//! start; nothing acknowledged is ever cut.
+//!
+//! `status --json` prints a [`Status`]; the fields only a running server knows
+//! (throughput, totals since start) are null when it is not running.
+
+use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
 use datapath::frame::PointKind;
 use datapath::journal::Journal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, GroupConfig};
+use crate::control;
+use crate::metrics::{Metrics, PointSummary, state_name};
 use crate::store::{self, GroupLock};
 use crate::timefmt::{now_unix_ms, rfc3339_ms};
 
 /// One recovery point as `points --json` prints it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PointOut {
     pub id: u64,
     pub time: String,
     pub time_unix_ms: u64,
-    pub kind: &'static str,
+    pub kind: String,
     pub consistent: bool,
     pub seq: u64,
+}
+
+fn kind_name(k: PointKind) -> &'static str {
+    match k {
+        PointKind::Crash => "crash",
+        PointKind::App => "app",
+    }
+}
+
+impl From<&PointSummary> for PointOut {
+    fn from(p: &PointSummary) -> Self {
+        Self {
+            id: p.id,
+            time: rfc3339_ms(p.time_unix_ms),
+            time_unix_ms: p.time_unix_ms,
+            kind: kind_name(p.kind).to_string(),
+            consistent: p.consistent,
+            seq: p.seq,
+        }
+    }
 }
 
 /// Opens the journal of `group` if it exists (without creating an empty one).
@@ -40,30 +72,9 @@ fn open_existing(cfg: &Config, group: &str) -> anyhow::Result<Option<Journal>> {
     Ok(Some(j))
 }
 
-fn points_of(j: Option<&Journal>) -> Vec<PointOut> {
-    let Some(j) = j else {
-        return Vec::new();
-    };
-    j.points()
-        .iter()
-        .map(|p| PointOut {
-            id: p.record.point_id,
-            time: rfc3339_ms(p.record.time_unix_ms),
-            time_unix_ms: p.record.time_unix_ms,
-            kind: match p.record.kind {
-                PointKind::Crash => "crash",
-                PointKind::App => "app",
-            },
-            consistent: p.record.consistent,
-            seq: p.seq,
-        })
-        .collect()
-}
-
-/// `master-target points`: the recovery points of one group, oldest first.
-pub fn points(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
-    if cfg.group(group).is_none() {
-        bail!(
+fn check_group<'a>(cfg: &'a Config, group: &str) -> anyhow::Result<&'a GroupConfig> {
+    cfg.group(group).with_context(|| {
+        format!(
             "group {group:?} is not in config file {} (groups: {})",
             cfg.file.display(),
             cfg.groups
@@ -71,11 +82,42 @@ pub fn points(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
                 .map(|g| g.id.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
+        )
+    })
+}
+
+/// Sends `req` to the running server; `None` when none runs. An answer that is not ok
+/// is an error with the server's reason.
+fn ask(cfg: &Config, req: serde_json::Value) -> anyhow::Result<Option<serde_json::Value>> {
+    let socket = control::socket_path(cfg);
+    let Some(answer) = control::request(&socket, &req)? else {
+        return Ok(None);
+    };
+    if answer["ok"] != true {
+        bail!(
+            "the running master target ({}) refused: {}",
+            socket.display(),
+            answer["error"].as_str().unwrap_or("no reason given")
         );
     }
-    let _lock = GroupLock::acquire(cfg, group)?;
-    let j = open_existing(cfg, group)?;
-    let pts = points_of(j.as_ref());
+    Ok(Some(answer))
+}
+
+/// `master-target points`: the recovery points of one group, oldest first.
+pub fn points(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
+    check_group(cfg, group)?;
+    let pts: Vec<PointOut> = match ask(cfg, serde_json::json!({"cmd": "points", "group": group}))? {
+        Some(mut answer) => serde_json::from_value(answer["points"].take())
+            .context("the running master target's point list")?,
+        None => {
+            let _lock = GroupLock::acquire(cfg, group)?;
+            let j = open_existing(cfg, group)?;
+            j.iter()
+                .flat_map(|j| j.points())
+                .map(|p| PointOut::from(&PointSummary::from(p)))
+                .collect()
+        }
+    };
     if json {
         println!(
             "{}",
@@ -104,77 +146,198 @@ pub fn points(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Serialize)]
-struct NewestPoint {
-    id: u64,
-    time: String,
-    time_unix_ms: u64,
+/// The newest durable point of a group.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NewestPoint {
+    pub id: u64,
+    pub time: String,
+    pub time_unix_ms: u64,
+    pub kind: String,
+    pub consistent: bool,
     /// Age of the newest point: the recovery point objective right now.
-    age_ms: u64,
+    pub age_ms: u64,
 }
 
-#[derive(Debug, Serialize)]
-struct GroupStatus {
-    id: String,
-    durable_seq: u64,
-    base_seq: u64,
-    points: usize,
-    newest_point: Option<NewestPoint>,
-    journal_bytes: u64,
+/// The process server that holds a group.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerOut {
+    pub node: String,
+    pub address: String,
 }
 
-#[derive(Debug, Serialize)]
-struct DiskStatus {
-    id: String,
-    group: String,
-    replica: String,
-    size_bytes: u64,
-    replica_exists: bool,
+/// One group in `status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub id: String,
+    /// The state of its disks ([`state_name`]).
+    pub state: String,
+    /// The process server that holds the group now, or null.
+    pub peer: Option<PeerOut>,
+    pub durable_seq: u64,
+    pub base_seq: u64,
+    pub points: usize,
+    pub newest_point: Option<NewestPoint>,
+    /// Age of the newest durable point; null without one.
+    pub rpo_ms: Option<u64>,
+    pub journal_bytes: u64,
+    /// Totals since the server started (null when it is not running).
+    pub received_bytes: Option<u64>,
+    pub received_frames: Option<u64>,
+    pub journaled_bytes: Option<u64>,
+    pub journaled_frames: Option<u64>,
+    /// Bytes received per second over the last 10 s (null when not running).
+    pub receive_bytes_per_s: Option<f64>,
+    /// Bytes journaled per second over the last 10 s (null when not running).
+    pub journal_bytes_per_s: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
-struct Status {
-    groups: Vec<GroupStatus>,
-    disks: Vec<DiskStatus>,
+/// One disk in `status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub id: String,
+    pub group: String,
+    /// The replica image.
+    pub path: String,
+    pub size_bytes: u64,
+    pub replica_exists: bool,
+    /// Its group's state.
+    pub state: String,
 }
 
-/// `master-target status`: per group and per disk, read from disk.
-pub fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
+/// What `status` shows.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    /// Whether the values come from a running server (else from the files on disk).
+    pub running: bool,
+    /// Where the running server serves `GET /metrics`, if anywhere.
+    pub metrics: Option<String>,
+    pub groups: Vec<GroupStatus>,
+    pub disks: Vec<DiskStatus>,
+}
+
+fn newest(p: &PointSummary, now: u64) -> NewestPoint {
+    NewestPoint {
+        id: p.id,
+        time: rfc3339_ms(p.time_unix_ms),
+        time_unix_ms: p.time_unix_ms,
+        kind: kind_name(p.kind).to_string(),
+        consistent: p.consistent,
+        age_ms: now.saturating_sub(p.time_unix_ms),
+    }
+}
+
+fn disks_of(g: &GroupConfig, state: &str, out: &mut Vec<DiskStatus>) {
+    for d in &g.disks {
+        out.push(DiskStatus {
+            id: d.id.clone(),
+            group: g.id.clone(),
+            path: d.replica.display().to_string(),
+            size_bytes: d.size_bytes,
+            replica_exists: d.replica.exists(),
+            state: state.to_string(),
+        });
+    }
+}
+
+/// The status of a running server, from its live values (the control socket's answer).
+pub fn live_status(
+    cfg: &Config,
+    metrics: &Metrics,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<Status> {
     let now = now_unix_ms();
     let mut st = Status {
+        running: true,
+        metrics: metrics_addr.map(|a| a.to_string()),
+        groups: Vec::new(),
+        disks: Vec::new(),
+    };
+    for g in &cfg.groups {
+        let s = metrics
+            .group(&g.id)
+            .map(|m| m.snapshot())
+            .unwrap_or_default();
+        let state = s.state();
+        st.groups.push(GroupStatus {
+            id: g.id.clone(),
+            state: state.to_string(),
+            peer: s.peer.as_ref().map(|p| PeerOut {
+                node: p.node.clone(),
+                address: p.address.to_string(),
+            }),
+            durable_seq: s.durable_seq,
+            base_seq: s.base_seq,
+            points: s.points,
+            newest_point: s.newest_point.map(|p| newest(&p, now)),
+            rpo_ms: s.rpo_ms(now),
+            journal_bytes: store::dir_bytes(&cfg.journal_dir(&g.id))?,
+            received_bytes: Some(s.received_bytes),
+            received_frames: Some(s.received_frames),
+            journaled_bytes: Some(s.journaled_bytes),
+            journaled_frames: Some(s.journaled_frames),
+            receive_bytes_per_s: Some(s.receive_bytes_per_s),
+            journal_bytes_per_s: Some(s.journal_bytes_per_s),
+        });
+        disks_of(g, state, &mut st.disks);
+    }
+    Ok(st)
+}
+
+/// The status of a stopped server, read from its files.
+fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
+    let now = now_unix_ms();
+    let mut st = Status {
+        running: false,
+        metrics: None,
         groups: Vec::new(),
         disks: Vec::new(),
     };
     for g in &cfg.groups {
         let _lock = GroupLock::acquire(cfg, &g.id)?;
         let j = open_existing(cfg, &g.id)?;
-        let newest = j
+        let newest_point = j
             .as_ref()
             .and_then(|j| j.latest_point())
-            .map(|p| NewestPoint {
-                id: p.record.point_id,
-                time: rfc3339_ms(p.record.time_unix_ms),
-                time_unix_ms: p.record.time_unix_ms,
-                age_ms: now.saturating_sub(p.record.time_unix_ms),
-            });
+            .map(PointSummary::from);
+        let newest_consistent = j
+            .as_ref()
+            .and_then(|j| j.points().iter().rev().find(|p| p.record.consistent))
+            .map(PointSummary::from);
+        let state = state_name(
+            false,
+            newest_point.map(|p| p.consistent),
+            newest_consistent.is_some(),
+        );
         st.groups.push(GroupStatus {
             id: g.id.clone(),
+            state: state.to_string(),
+            peer: None,
             durable_seq: j.as_ref().map_or(0, |j| j.durable_seq()),
             base_seq: j.as_ref().map_or(0, |j| j.base_seq()),
             points: j.as_ref().map_or(0, |j| j.points().len()),
-            newest_point: newest,
+            newest_point: newest_point.map(|p| newest(&p, now)),
+            rpo_ms: newest_consistent.map(|p| now.saturating_sub(p.time_unix_ms)),
             journal_bytes: store::dir_bytes(&cfg.journal_dir(&g.id))?,
+            received_bytes: None,
+            received_frames: None,
+            journaled_bytes: None,
+            journaled_frames: None,
+            receive_bytes_per_s: None,
+            journal_bytes_per_s: None,
         });
-        for d in &g.disks {
-            st.disks.push(DiskStatus {
-                id: d.id.clone(),
-                group: g.id.clone(),
-                replica: d.replica.display().to_string(),
-                size_bytes: d.size_bytes,
-                replica_exists: d.replica.exists(),
-            });
-        }
+        disks_of(g, state, &mut st.disks);
     }
+    Ok(st)
+}
+
+/// `master-target status`: per group and per disk, from the running server or, when
+/// none runs, from the files on disk.
+pub fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let st = match ask(cfg, serde_json::json!({"cmd": "status"}))? {
+        Some(answer) => serde_json::from_value::<Status>(answer)
+            .context("the running master target's status")?,
+        None => offline_status(cfg)?,
+    };
     if json {
         println!(
             "{}",
@@ -182,29 +345,68 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("groups:");
+    print!("{}", status_text(&st));
+    Ok(())
+}
+
+/// The human form of a [`Status`].
+fn status_text(st: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if st.running {
+        let _ = write!(out, "master target running (live values)");
+        if let Some(m) = &st.metrics {
+            let _ = write!(out, ", metrics at http://{m}/metrics");
+        }
+        out.push('\n');
+    } else {
+        out.push_str("master target not running (read from the files on disk)\n");
+    }
+    out.push_str("groups:\n");
     for g in &st.groups {
+        let peer = match &g.peer {
+            Some(p) => format!("peer {} ({})", p.node, p.address),
+            None => "no peer".to_string(),
+        };
         let newest = match &g.newest_point {
-            Some(p) => format!("point {} at {} (age {})", p.id, p.time, age(p.age_ms)),
+            Some(p) => format!(
+                "point {} ({}, {}) at {} (RPO {})",
+                p.id,
+                p.kind,
+                if p.consistent {
+                    "consistent"
+                } else {
+                    "inconsistent"
+                },
+                p.time,
+                age(p.age_ms)
+            ),
             None => "no point".to_string(),
         };
-        println!(
-            "  {}: durable seq {}, {} points, newest {newest}, journal {} bytes",
-            g.id, g.durable_seq, g.points, g.journal_bytes
+        let _ = write!(
+            out,
+            "  {}: {}, {peer}, durable seq {}, {} points, newest {newest}, journal {} bytes",
+            g.id, g.state, g.durable_seq, g.points, g.journal_bytes
         );
+        if let Some(r) = g.receive_bytes_per_s {
+            let _ = write!(out, ", receiving {}", human_rate(r));
+        }
+        out.push('\n');
     }
-    println!("disks:");
+    out.push_str("disks:\n");
     for d in &st.disks {
-        println!(
-            "  {} (group {}): {} bytes, replica {}{}",
+        let _ = writeln!(
+            out,
+            "  {} (group {}): {}, {} bytes, replica {}{}",
             d.id,
             d.group,
+            d.state,
             d.size_bytes,
-            d.replica,
+            d.path,
             if d.replica_exists { "" } else { " (missing)" }
         );
     }
-    Ok(())
+    out
 }
 
 /// A short human age: `42s`, `3m07s`, `5h02m`, `2d03h`.
@@ -215,5 +417,21 @@ fn age(ms: u64) -> String {
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Bytes per second in binary units: `0 B/s`, `12.3 MiB/s`.
+fn human_rate(bytes_per_s: f64) -> String {
+    const UNITS: [&str; 5] = ["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"];
+    let mut v = bytes_per_s.max(0.0);
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

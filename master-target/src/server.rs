@@ -61,6 +61,13 @@
 //! id is taken on trust. A connection holds at most one
 //! frame being read (bounded by [`frame::MAX_BODY_BYTES`]) plus one batch, and at most
 //! [`CONNECTIONS_MAX`] connections are served at once.
+//!
+//! # Status and metrics
+//!
+//! Each group's counters, durable seq, point list and holder are published to its
+//! [`GroupMetrics`] (see [`crate::metrics`]), which the control socket
+//! ([`crate::control`], `data_dir/control.sock`) and the optional `GET /metrics`
+//! endpoint read: neither touches a journal a connection holds.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -78,6 +85,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Config, GroupConfig};
+use crate::control;
+use crate::metrics::{self, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::store::{self, GroupLock};
 
@@ -106,6 +115,8 @@ pub const LINGER_BYTES_MAX: u64 = 64 << 20;
 struct GroupSlot {
     cfg: GroupConfig,
     state: Mutex<SlotState>,
+    /// What status and metrics see of the group.
+    metrics: Arc<GroupMetrics>,
 }
 
 struct SlotState {
@@ -131,6 +142,7 @@ struct Shared {
     groups: HashMap<String, Arc<GroupSlot>>,
     /// Held for the server's lifetime: no other process opens these journals.
     _locks: Vec<GroupLock>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a connection ended.
@@ -149,6 +161,7 @@ fn refuse(code: u16, message: impl AsRef<str>) -> End {
 /// Prints `listening on ADDR` on stdout once the socket accepts connections.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     cfg.check_plain_tcp()?;
+    let metrics = Arc::new(Metrics::new(&cfg));
     let mut locks = Vec::new();
     let mut groups = HashMap::new();
     for g in &cfg.groups {
@@ -165,6 +178,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             truncated_bytes = rec.truncated_bytes,
             "journal opened"
         );
+        let gm = metrics
+            .group(&g.id)
+            .with_context(|| format!("group {:?}: no metrics", g.id))?
+            .clone();
+        gm.publish(&journal);
         groups.insert(
             g.id.clone(),
             Arc::new(GroupSlot {
@@ -173,9 +191,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     journal: Some(journal),
                     holder: None,
                 }),
+                metrics: gm,
             }),
         );
     }
+    // The control socket once the locks are held: a second server fails on them first.
+    let control_path = control::socket_path(&cfg);
+    let control_listener = control::bind(&control_path)?;
+    let metrics_listener = match cfg.metrics {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+            format!("config file {}: metrics: listen on {a}", cfg.file.display())
+        })?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().context("metrics address")?),
+        None => None,
+    };
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -186,6 +218,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("install SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install SIGINT handler")?;
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(metrics.clone().sample_forever());
+    {
+        let control = Arc::new(control::Control {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            metrics_addr,
+        });
+        background.spawn(async move {
+            if let Err(e) = control::serve(control_listener, control).await {
+                tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    if let (Some(l), Some(a)) = (metrics_listener, metrics_addr) {
+        let (c, m) = (cfg.clone(), metrics.clone());
+        let render: metrics::Render = Arc::new(move || metrics::render(&c, &m));
+        background.spawn(metrics::serve_http(l, render));
+        tracing::info!("metrics at http://{a}/metrics");
+    }
     tracing::info!(%local, "listening (plain TCP on loopback)");
     {
         use std::io::Write;
@@ -197,6 +249,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg,
         groups,
         _locks: locks,
+        metrics,
     });
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
@@ -230,6 +283,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
+    background.abort_all();
+    let _ = std::fs::remove_file(&control_path);
     tracing::info!("shutting down: every acknowledged frame is already durable");
     Ok(())
 }
@@ -329,6 +384,7 @@ async fn conn(
         Ok(st) => st,
         Err(end) => return end,
     };
+    let _counted = shared.metrics.connection();
     tracing::info!(
         %peer,
         node = %hello.node,
@@ -589,6 +645,10 @@ fn claim(
                         node: node.to_string(),
                         cancel: cancel.clone(),
                     });
+                    slot.metrics.set_peer(Some(Peer {
+                        node: node.to_string(),
+                        address: peer,
+                    }));
                     break s.journal.take();
                 }
                 Some(h) if h.node == node && std::time::Instant::now() < deadline => {
@@ -620,6 +680,7 @@ fn claim(
             match store::open_journal(&shared.cfg, &cg.id) {
                 Ok((j, rec)) => {
                     tracing::info!(group = %cg.id, durable_seq = j.durable_seq(), truncated_bytes = rec.truncated_bytes, "journal reopened");
+                    cg.slot.metrics.publish(&j);
                     cg.journal = Some(j);
                 }
                 Err(e) => {
@@ -662,6 +723,7 @@ impl Drop for ClaimedGroup {
             journal
         };
         s.holder = None;
+        self.slot.metrics.set_peer(None);
     }
 }
 
@@ -683,10 +745,19 @@ impl ConnState {
     /// journal once, and returns the acks.
     fn process(&mut self, batch: Vec<Vec<u8>>) -> Outcome {
         let mut touched = vec![false; self.groups.len()];
+        // Per group: frames and bytes appended, counted as journaled once committed.
+        let mut appended = vec![(0u64, 0u64); self.groups.len()];
         let mut error = None;
         for f in &batch {
             match self.accept(f) {
-                Ok(i) => touched[i] = true,
+                Ok((i, new)) => {
+                    touched[i] = true;
+                    self.groups[i].slot.metrics.received(f.len() as u64);
+                    if new {
+                        appended[i].0 += 1;
+                        appended[i].1 += f.len() as u64;
+                    }
+                }
                 Err(e) => {
                     error = Some(e);
                     break;
@@ -703,10 +774,14 @@ impl ConnState {
                 continue;
             };
             match j.commit() {
-                Ok(durable_seq) => acks.push(Ack {
-                    group: g.id.clone(),
-                    durable_seq,
-                }),
+                Ok(durable_seq) => {
+                    g.slot.metrics.journaled(appended[i].0, appended[i].1);
+                    g.slot.metrics.publish(j);
+                    acks.push(Ack {
+                        group: g.id.clone(),
+                        durable_seq,
+                    })
+                }
                 Err(e) => {
                     tracing::error!(group = %g.id, "journal commit failed: {e}");
                     g.journal = None;
@@ -738,8 +813,8 @@ impl ConnState {
     }
 
     /// Verifies one frame and appends it to its group's journal, or skips it as a
-    /// duplicate. Returns the index of its group.
-    fn accept(&mut self, f: &[u8]) -> Result<usize, ErrorFrame> {
+    /// duplicate. Returns the index of its group and whether it was appended.
+    fn accept(&mut self, f: &[u8]) -> Result<(usize, bool), ErrorFrame> {
         let bad = |what: String| ErrorFrame::new(ErrorFrame::BAD_FRAME, &what);
         // The crc first: nothing in the body is looked at before it matches.
         let h = frame::verify(f).map_err(|e| bad(e.to_string()))?;
@@ -772,7 +847,7 @@ impl ConnState {
                     ));
                 }
                 if self.is_duplicate(i, h.seq)? {
-                    return Ok(i);
+                    return Ok((i, false));
                 }
                 let plain = self
                     .decoder
@@ -786,7 +861,7 @@ impl ConnState {
                     .map_err(|e| bad(format!("point frame seq {}: {e}", h.seq)))?;
                 let i = self.group_index(&p.group, "point", h.seq)?;
                 if self.is_duplicate(i, h.seq)? {
-                    return Ok(i);
+                    return Ok((i, false));
                 }
                 i
             }
@@ -807,7 +882,7 @@ impl ConnState {
             ));
         };
         match j.append(f) {
-            Ok(_) => Ok(i),
+            Ok(_) => Ok((i, true)),
             Err(e) => {
                 let code = match &e {
                     JournalError::Frame(_)

@@ -10,8 +10,8 @@
 //! processes doing that to the same directory, or one doing it under a running server,
 //! would destroy acknowledged frames. The lock is an advisory `flock` that the kernel
 //! drops when the process dies (kill -9 included), so it never goes stale. `points` and
-//! `status` therefore refuse a group while `serve` runs; they read the files a stopped
-//! server left.
+//! `status` therefore never open a journal while `serve` runs: they ask the running
+//! server over its control socket, and read the files only when no server runs.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::Path;

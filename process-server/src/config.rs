@@ -2,6 +2,8 @@
 //! fields are refused, and every error names the file and the field.
 //!
 //! ```toml
+//! metrics = "127.0.0.1:9100"   # optional: serve GET /metrics (Prometheus) here
+//!
 //! [nbd]
 //! listen = "127.0.0.1:10809"   # port 0: any free port (logged at start)
 //!
@@ -30,6 +32,11 @@
 //!
 //! `size` takes an integer (bytes) or a string with a suffix `B`, `KiB`, `MiB`, `GiB`,
 //! `TiB`. It may be left out when the path exists: the disk then has its current size.
+//!
+//! `metrics` is a top-level key, so it must come before the first `[table]` (TOML puts
+//! every key after a table header into that table). The endpoint is read-only and
+//! unauthenticated: any address is allowed, but one that is not loopback shows the
+//! groups' and disks' names and counters to whoever can reach it.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -44,6 +51,7 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    metrics: Option<String>,
     nbd: FileNbd,
     #[serde(default)]
     tracking: FileTracking,
@@ -111,6 +119,8 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where changes are shipped (`[target]`); `None`: nothing is shipped.
     pub target: Option<TargetConfig>,
+    /// Where `GET /metrics` is served (`metrics`); `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The master target to ship to (`[target]`).
@@ -357,11 +367,18 @@ impl Config {
                 })
             }
         };
+        let metrics = match file.metrics {
+            None => None,
+            Some(m) => Some(m.parse::<SocketAddr>().with_context(|| {
+                format!("metrics: {m:?} is not an address:port (e.g. \"127.0.0.1:9100\")")
+            })?),
+        };
         Ok(Self {
             listen,
             tracking,
             groups,
             target,
+            metrics,
         })
     }
 }
@@ -451,6 +468,10 @@ size = 4096
         assert_eq!(d[1].path, Path::new("/abs/d1.img"));
         assert_eq!(d[1].size_bytes, Some(4096));
         assert_eq!(c.target, None);
+        assert_eq!(c.metrics, None);
+        let m = format!("metrics = \"0.0.0.0:9100\"\n{GOOD}");
+        let m = Config::parse(&m, Path::new("/etc/ps")).unwrap();
+        assert_eq!(m.metrics, Some("0.0.0.0:9100".parse().unwrap()));
         let t = format!("{GOOD}[target]\naddress = \"127.0.0.1:10900\"\nnode = \"ps1\"\n");
         let c = Config::parse(&t, Path::new("/etc/ps")).unwrap();
         let t = c.target.unwrap();
@@ -480,6 +501,7 @@ size = 4096
             ),
             (GOOD.replace("127.0.0.1:0", "nowhere"), "nbd.listen"),
             (GOOD.replace("[nbd]", "[nbdx]"), "nbdx"),
+            (format!("metrics = \"9100\"\n{GOOD}"), "metrics"),
             (
                 format!("{GOOD}[target]\naddress = \"10.0.0.1:10900\"\nnode = \"ps1\"\n"),
                 "loopback",

@@ -11,6 +11,24 @@
 //! | `{"cmd":"status"}`                                       | `{"ok":true,"groups":[...],"disks":[...]}`  |
 //! | anything else, or a request over [`REQUEST_BYTES_MAX`]   | `{"ok":false,"error":"..."}`               |
 //!
+//! A status answer, for scripts (`process-server status --json` prints it without `ok`):
+//!
+//! | field                              | meaning                                                   |
+//! |------------------------------------|-----------------------------------------------------------|
+//! | `shipping`                         | a `[target]` is configured                                |
+//! | `metrics`                          | the address of `GET /metrics`, or null                    |
+//! | `groups[].id`, `.state`            | the group and its state ([`crate::metrics::state_name`]: `replicating`, `initial-sync`, `resyncing`, `bitmap-only`, `disconnected`) |
+//! | `groups[].reason`                  | why it tracks by bitmap only, or null                     |
+//! | `groups[].epoch`                   | the epoch its writes go to now                            |
+//! | `groups[].connected`               | a session with the master target ships it (null: no target) |
+//! | `groups[].rpo_ms`                  | age of the newest point the master target acknowledged as durable; null before the first |
+//! | `groups[].acked_point`             | that point: `{id, time_unix_ms}`, or null                 |
+//! | `groups[].spool_bytes`, `.spool_bytes_max` | spool fill and bound                              |
+//! | `groups[].captured_bytes`, `.shipped_bytes`, `.shipped_plain_bytes`, `.shipped_frames` | totals since start (shipped: on the wire) |
+//! | `groups[].capture_bytes_per_s`, `.ship_bytes_per_s` | throughput over the last 10 s              |
+//! | `disks[].id`, `.group`, `.nbd_uri`, `.path` | the disk, its NBD export and its backing file or device |
+//! | `disks[].state`, `.size_bytes`, `.dirty_blocks`, `.captured_bytes` | its group's state, size, dirty 4 KiB blocks, bytes captured |
+//!
 //! An app-consistent tag runs the group's freeze hook, cuts, then runs the thaw hook
 //! whatever happened: a freeze that fails or outruns `hook_timeout_ms` yields a
 //! crash-consistent point and a warning, never a frozen machine.
@@ -29,6 +47,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::config::{Config, Hooks};
+use crate::metrics::state_name;
 use crate::nbd_server::Exports;
 use crate::tracking::{Tracking, now_unix_ms};
 
@@ -50,6 +69,10 @@ pub struct Control {
     pub exports: Arc<Exports>,
     pub hooks: HashMap<String, Hooks>,
     pub nbd_addr: std::net::SocketAddr,
+    /// A `[target]` is configured: the group is `disconnected` while not shipped.
+    pub shipping: bool,
+    /// Where `GET /metrics` is served, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Binds the control socket (replacing a stale one left by a killed server).
@@ -245,29 +268,34 @@ pub fn tag(c: &Control, group: &str, app: bool) -> Value {
 
 fn status(c: &Control) -> Value {
     let sync = c.tracking.sync_status();
+    let now = now_unix_ms();
+    let metrics = c.tracking.metrics();
+    let mut states: HashMap<String, &'static str> = HashMap::new();
+    let mut initials: HashMap<String, Vec<String>> = HashMap::new();
     let groups: Vec<Value> = c
         .tracking
         .status()
         .into_iter()
         .map(|(id, epoch, mode, used, max)| {
-            let (state, reason) = match mode {
-                datapath::tracker::TrackMode::Spooling => ("replicating", None),
-                datapath::tracker::TrackMode::BitmapOnly { reason } => {
-                    ("bitmap-only", Some(reason))
-                }
-                datapath::tracker::TrackMode::Resyncing => ("resyncing", None),
-            };
+            let snap = metrics.group(&id).map(|m| m.snapshot()).unwrap_or_default();
+            let connected = c.shipping.then_some(snap.connected);
             let (initial, progress) = sync.get(&id).cloned().unwrap_or_default();
-            let state = if initial.is_empty() {
-                state
-            } else {
-                "initial-sync"
+            let state = state_name(&mode, !initial.is_empty(), connected);
+            states.insert(id.clone(), state);
+            initials.insert(id.clone(), initial.clone());
+            let reason = match mode {
+                datapath::tracker::TrackMode::BitmapOnly { reason } => Some(reason),
+                datapath::tracker::TrackMode::Spooling
+                | datapath::tracker::TrackMode::Resyncing => None,
             };
             json!({
                 "id": id,
                 "state": state,
                 "reason": reason,
                 "epoch": epoch,
+                "connected": connected,
+                "rpo_ms": snap.rpo_ms(now),
+                "acked_point": snap.acked_point.map(|(id, t)| json!({"id": id, "time_unix_ms": t})),
                 "spool_bytes": used,
                 "spool_bytes_max": max,
                 "initial_sync_disks": initial,
@@ -275,6 +303,12 @@ fn status(c: &Control) -> Value {
                     "total_bytes": p.total_bytes,
                     "done_bytes": p.done_bytes,
                 })),
+                "captured_bytes": snap.captured_bytes,
+                "shipped_bytes": snap.shipped_wire_bytes,
+                "shipped_plain_bytes": snap.shipped_plain_bytes,
+                "shipped_frames": snap.shipped_frames,
+                "capture_bytes_per_s": snap.capture_bytes_per_s,
+                "ship_bytes_per_s": snap.ship_bytes_per_s,
             })
         })
         .collect();
@@ -291,12 +325,26 @@ fn status(c: &Control) -> Value {
                 "group": e.group,
                 "nbd_uri": format!("nbd://{}/{}", c.nbd_addr, e.id),
                 "path": e.path.display().to_string(),
+                "state": if initials.get(&e.group).is_some_and(|d| d.contains(&e.id))
+                    && states.get(&e.group) != Some(&"disconnected")
+                {
+                    Some("initial-sync")
+                } else {
+                    states.get(&e.group).copied().map(|s| if s == "initial-sync" { "replicating" } else { s })
+                },
                 "size_bytes": e.size_bytes,
                 "dirty_blocks": dirty,
+                "captured_bytes": metrics.disk(&e.id).map(|d| d.captured_bytes()),
             })
         })
         .collect();
-    json!({"ok": true, "groups": groups, "disks": disks})
+    json!({
+        "ok": true,
+        "shipping": c.shipping,
+        "metrics": c.metrics_addr.map(|a| a.to_string()),
+        "groups": groups,
+        "disks": disks,
+    })
 }
 
 /// Sends one request to the running server's control socket and returns its answer.

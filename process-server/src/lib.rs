@@ -11,10 +11,12 @@
 //! | [`resync`]       | reading dirty blocks back into the spool: resync and initial sync |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
+//! | [`metrics`]      | live counters, throughput, state names, the `/metrics` endpoint   |
 
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod nbd_server;
 pub mod resync;
 pub mod ship_state;

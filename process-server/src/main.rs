@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use process_server::config::Config;
 use process_server::control;
+use process_server::metrics;
 use process_server::nbd_server::{self, Exports};
 use process_server::shipper::Shipper;
 use process_server::tracking::{self, Tracking};
@@ -56,8 +57,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show the running server's groups (state, epoch, spool) and disks (NBD URI,
-    /// backing path, dirty blocks).
+    /// Show the running server's groups (state, epoch, RPO, spool fill, capture and
+    /// shipping throughput) and disks (state, NBD URI, backing path, dirty blocks,
+    /// bytes captured).
     Status {
         /// The running server's TOML config file (names its state_dir).
         #[arg(long, value_name = "FILE")]
@@ -119,6 +121,19 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
         .with_context(|| format!("listen on {} (nbd.listen)", config.listen))?;
     let addr = listener.local_addr().context("read the listen address")?;
     let exports = Arc::new(exports);
+    let metrics_listener = match config.metrics {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listen on {a} (metrics)"))?;
+            Some(l)
+        }
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().context("read the metrics address")?),
+        None => None,
+    };
     let control_listener = control::bind(&control::socket_path(&config))?;
     let control = Arc::new(control::Control {
         tracking: tracking.clone(),
@@ -129,9 +144,23 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             .map(|g| (g.id.clone(), g.hooks.clone()))
             .collect(),
         nbd_addr: addr,
+        shipping: config.target.is_some(),
+        metrics_addr,
     });
     let control_server = control::serve(control_listener, control.clone());
     let app_schedule = app_consistent_schedule(&config, control.clone());
+    let sampler = tokio::spawn(tracking.metrics().clone().sample_forever());
+    let metrics_server = metrics_listener.map(|l| {
+        let t = tracking.clone();
+        let shipping = config.target.is_some();
+        let render: metrics::Render =
+            Arc::new(move || Ok(metrics::render(t.metrics(), &t, shipping)));
+        tokio::spawn(metrics::serve_http(l, render))
+    });
+    if let Some(a) = metrics_addr {
+        // Not phrased "listening on": that line names the NBD address.
+        info!("metrics at http://{a}/metrics");
+    }
     info!("listening on {addr}");
     let cutter = {
         let tracking = tracking.clone();
@@ -179,6 +208,10 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    sampler.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Some(s) = shipper {
         // Stop shipping before tracking closes; an ack being handled has written its
         // state before it releases the spool, so stopping anywhere is safe.
@@ -278,31 +311,79 @@ fn status(config: PathBuf, as_json: bool) -> anyhow::Result<()> {
         println!("{a}");
         return Ok(());
     }
-    for g in answer["groups"].as_array().into_iter().flatten() {
-        println!(
-            "group {}: {} (epoch {}, spool {} of {} bytes){}",
-            g["id"].as_str().unwrap_or_default(),
-            g["state"].as_str().unwrap_or_default(),
-            g["epoch"],
-            g["spool_bytes"],
-            g["spool_bytes_max"],
-            g["reason"]
-                .as_str()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        );
-    }
-    for d in answer["disks"].as_array().into_iter().flatten() {
-        println!(
-            "  disk {} ({} bytes) {} -> {}, dirty blocks {}",
-            d["id"].as_str().unwrap_or_default(),
-            d["size_bytes"],
-            d["nbd_uri"].as_str().unwrap_or_default(),
-            d["path"].as_str().unwrap_or_default(),
-            d["dirty_blocks"]
-        );
-    }
+    print!("{}", status_table(&answer));
     Ok(())
+}
+
+/// The human form of a status answer.
+fn status_table(answer: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let num = |v: &serde_json::Value| v.as_u64().map_or("-".into(), |n| n.to_string());
+    let rate = |v: &serde_json::Value| v.as_f64().map_or("-".into(), human_rate);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<13} {:>8} {:>10} {:>23} {:>12} {:>12}",
+        "GROUP", "STATE", "EPOCH", "RPO", "SPOOL (BYTES)", "CAPTURE", "SHIP"
+    );
+    for g in answer["groups"].as_array().into_iter().flatten() {
+        let rpo = g["rpo_ms"]
+            .as_u64()
+            .map_or("none".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<13} {:>8} {:>10} {:>23} {:>12} {:>12}",
+            text(&g["id"]),
+            text(&g["state"]),
+            num(&g["epoch"]),
+            rpo,
+            format!("{}/{}", num(&g["spool_bytes"]), num(&g["spool_bytes_max"])),
+            rate(&g["capture_bytes_per_s"]),
+            rate(&g["ship_bytes_per_s"]),
+        );
+        if let Some(r) = g["reason"].as_str() {
+            let _ = writeln!(out, "  {}: {r}", text(&g["id"]));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<16} {:<13} {:>12} {:>14}  {:<32} PATH",
+        "DISK", "GROUP", "STATE", "DIRTY BLOCKS", "CAPTURED", "NBD URI"
+    );
+    for d in answer["disks"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:<13} {:>12} {:>14}  {:<32} {}",
+            text(&d["id"]),
+            text(&d["group"]),
+            text(&d["state"]),
+            num(&d["dirty_blocks"]),
+            num(&d["captured_bytes"]),
+            text(&d["nbd_uri"]),
+            text(&d["path"]),
+        );
+    }
+    if let Some(m) = answer["metrics"].as_str() {
+        let _ = writeln!(out, "\nmetrics: http://{m}/metrics");
+    }
+    out
+}
+
+/// Bytes per second in binary units: `0 B/s`, `12.3 MiB/s`.
+fn human_rate(bytes_per_s: f64) -> String {
+    const UNITS: [&str; 5] = ["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"];
+    let mut v = bytes_per_s.max(0.0);
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// SIGINT and SIGTERM, listened for from the moment they are installed.

@@ -68,6 +68,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::config::TargetConfig;
+use crate::metrics::GroupMetrics;
 use crate::ship_state::ShipState;
 use crate::tracking::{Tracking, now_unix_ms};
 
@@ -108,6 +109,8 @@ struct GroupShip {
     state: Mutex<Option<ShipState>>,
     /// Set when the master target lost acknowledged data: never shipped again.
     stopped: AtomicBool,
+    /// Live counters: frames sent, newest acknowledged point, connected.
+    metrics: Arc<GroupMetrics>,
 }
 
 /// A point frame sent and not yet acknowledged.
@@ -151,6 +154,14 @@ impl Shipper {
             let dir = state_dir.join(id);
             let state = ShipState::load(fs.as_ref(), &dir)
                 .with_context(|| format!("group {id}: read the shipping state"))?;
+            let metrics = tracking
+                .metrics()
+                .group(id)
+                .with_context(|| format!("group {id}: no metrics"))?
+                .clone();
+            if let Some(s) = state {
+                metrics.acked_point(s.epoch, s.time_unix_ms);
+            }
             groups.push(Arc::new(GroupShip {
                 id: id.clone(),
                 disks: disks.clone(),
@@ -158,6 +169,7 @@ impl Shipper {
                 dir,
                 state: Mutex::new(state),
                 stopped: AtomicBool::new(false),
+                metrics,
             }));
         }
         Ok(Self {
@@ -174,6 +186,9 @@ impl Shipper {
         loop {
             let mut connected = false;
             let r = self.session(&mut connected).await;
+            for g in &self.groups {
+                g.metrics.set_connected(false);
+            }
             if connected {
                 backoff_ms = BACKOFF_MIN_MS;
             }
@@ -263,6 +278,7 @@ impl Shipper {
                 continue;
             }
             info!(group = %g.id, durable_seq = ack.durable_seq, "resumed");
+            g.metrics.set_connected(true);
             producing.push((gi, state));
         }
 
@@ -302,6 +318,10 @@ impl Shipper {
                     lock(&points)?.entry(out.group).or_default().push_back(p);
                 }
                 wr.write_all(&out.bytes).await.context("send a frame")?;
+                let plain = frame::encoded_plain_bytes(&out.bytes).unwrap_or(0);
+                self.groups[out.group]
+                    .metrics
+                    .sent_frame(u64::from(n), u64::from(plain));
             }
             anyhow::Ok(())
         };
@@ -395,6 +415,12 @@ impl Shipper {
         })
         .await
         .context("join the ack")??;
+        if p.consistent {
+            // The RPO counts recovery points only.
+            self.groups[gi]
+                .metrics
+                .acked_point(st.epoch, st.time_unix_ms);
+        }
         info!(
             group = %ack.group,
             point = st.epoch,
@@ -712,6 +738,7 @@ mod tests {
             InitialSync::Skip,
         )
         .unwrap();
+        let metrics = GroupMetrics::standalone("g1", &disks);
         GroupShip {
             id: "g1".into(),
             disks,
@@ -719,6 +746,7 @@ mod tests {
             dir: dir.to_path_buf(),
             state: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            metrics,
         }
     }
 

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 
 use crate::capture::{Capture, WriteData};
 use crate::config::TrackingConfig;
+use crate::metrics::Metrics;
 use crate::nbd_server::Exports;
 
 /// The trackers of every group, and which group each disk belongs to.
@@ -36,6 +37,8 @@ pub struct Tracking {
     specs: Vec<(String, Vec<DiskSpec>)>,
     /// Writes between their mark and their spool record, per disk.
     in_flight: InFlightRanges,
+    /// Live counters (captured bytes are counted here).
+    metrics: Arc<Metrics>,
 }
 
 fn to_io(e: TrackerError) -> io::Error {
@@ -95,12 +98,14 @@ impl Tracking {
             groups.insert(g.clone(), Arc::new(Mutex::new(t)));
             reports.push((g, rep));
         }
+        let metrics = Arc::new(Metrics::new(&specs));
         Ok((
             Self {
                 groups,
                 disk_group,
                 specs,
                 in_flight: InFlightRanges::default(),
+                metrics,
             },
             reports,
         ))
@@ -114,6 +119,11 @@ impl Tracking {
     /// Every group with its disks, groups sorted by id.
     pub fn specs(&self) -> &[(String, Vec<DiskSpec>)] {
         &self.specs
+    }
+
+    /// The live counters of every group and disk.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn group_of(&self, disk: &str) -> io::Result<MutexGuard<'_, GroupTracker>> {
@@ -257,6 +267,9 @@ impl Capture for Tracking {
     fn after_write(&self, disk: &str, offset: u64, data: WriteData<'_>) -> io::Result<()> {
         let r = self.record(disk, offset, data);
         self.in_flight.release(disk, offset, data.len());
+        if r.is_ok() {
+            self.metrics.captured(disk, data.len());
+        }
         r
     }
 

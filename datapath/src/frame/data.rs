@@ -602,6 +602,18 @@ pub fn peek_data(frame: &[u8]) -> Result<DataFrameInfo, FrameError> {
     })
 }
 
+/// The `plain_bytes` field of a data frame this process encoded itself, read without
+/// checking its crc: for counting what is shipped, not for trusting a peer's frame (that
+/// goes through [`peek_data`]). `None` for another kind or bytes too short to hold it.
+pub fn encoded_plain_bytes(frame: &[u8]) -> Option<u32> {
+    const AT: usize = super::HEADER_BYTES + 16;
+    if frame.get(6) != Some(&(FrameKind::Data as u8)) {
+        return None;
+    }
+    let b: [u8; 4] = frame.get(AT..AT + 4)?.try_into().ok()?;
+    Some(u32::from_le_bytes(b))
+}
+
 /// A data body whose fields and extent table passed every check.
 struct Table<'a> {
     meta: DataFrameMeta,

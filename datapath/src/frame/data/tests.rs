@@ -167,6 +167,10 @@ fn data_round_trip_each_payload_kind() {
         let info = peek_data(&out).unwrap();
         assert_eq!(info.entries, f.entries());
         assert_eq!(info.plain_bytes, f.plain_bytes());
+        assert_eq!(
+            encoded_plain_bytes(&out).map(u64::from),
+            Some(f.plain_bytes())
+        );
         dec.recycle(f);
     }
 }
@@ -717,6 +721,8 @@ fn decoder_reuse_and_wrong_kind() {
         }
     );
     assert!(peek_data(&point).is_err());
+    assert_eq!(encoded_plain_bytes(&point), None);
+    assert_eq!(encoded_plain_bytes(&point[..7]), None);
 }
 
 /// One extent for the property test, before placement.

@@ -1,0 +1,181 @@
+//! The control socket of a running master target: `master-target status` and
+//! `master-target points` ask it, because the running server holds every group's lock
+//! and journal (see [`crate::store`]).
+//!
+//! A Unix domain socket at `data_dir/control.sock`, created by `serve` once it holds the
+//! group locks (mode of the data directory: only who may read the journals may ask). A
+//! stale socket left by a killed server is replaced; one a live server answers on is
+//! refused; a clean stop removes it. One request per connection, one JSON object per
+//! line each way:
+//!
+//! | request                           | answer                                                    |
+//! |-----------------------------------|-----------------------------------------------------------|
+//! | `{"cmd":"status"}`                | `{"ok":true,"running":true,"metrics":..,"groups":[..],"disks":[..]}` ([`crate::query::Status`]) |
+//! | `{"cmd":"points","group":"g1"}`   | `{"ok":true,"points":[{"id","time","time_unix_ms","kind","consistent","seq"},..]}` |
+//! | anything else, a request over [`REQUEST_BYTES_MAX`], or none within [`REQUEST_TIMEOUT_MS`] | `{"ok":false,"error":"..."}` |
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::query;
+
+/// Bound on one request line.
+pub const REQUEST_BYTES_MAX: u64 = 4096;
+/// A client must send its request within this time.
+pub const REQUEST_TIMEOUT_MS: u64 = 5000;
+/// Bound on one answer as the client reads it (a long point list is the largest).
+pub const ANSWER_BYTES_MAX: u64 = 64 << 20;
+/// How long a client waits for the answer.
+pub const ANSWER_TIMEOUT_MS: u64 = 30_000;
+/// Name of the socket in the data directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Where the control socket of the server configured by `cfg` lives.
+pub fn socket_path(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join(SOCKET_NAME)
+}
+
+/// What the control server needs from the running master target.
+pub struct Control {
+    pub cfg: Config,
+    pub metrics: Arc<Metrics>,
+    /// Where `GET /metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Binds the control socket (replacing a stale one left by a killed server).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use: another master target runs with this data_dir",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("bind control socket {}", path.display()))
+}
+
+/// Serves control requests until the listener fails.
+pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Result<()> {
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .context("accept on control socket")?;
+        let control = control.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX + 1));
+            let read = tokio::time::timeout(
+                Duration::from_millis(REQUEST_TIMEOUT_MS),
+                rd.read_line(&mut line),
+            )
+            .await;
+            let answer = match read {
+                Err(_) => {
+                    json!({"ok": false, "error": format!("no request within {REQUEST_TIMEOUT_MS} ms")})
+                }
+                Ok(Ok(_)) if line.len() as u64 > REQUEST_BYTES_MAX => {
+                    json!({"ok": false, "error": format!("request over {REQUEST_BYTES_MAX} bytes")})
+                }
+                Ok(Ok(_)) => {
+                    let c = control.clone();
+                    tokio::task::spawn_blocking(move || handle(&c, &line))
+                        .await
+                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal: {e}")}))
+                }
+                Ok(Err(e)) => json!({"ok": false, "error": format!("read request: {e}")}),
+            };
+            let mut out = answer.to_string();
+            out.push('\n');
+            let _ = wr.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+fn handle(c: &Control, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line.trim()) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+    };
+    match req.get("cmd").and_then(Value::as_str) {
+        Some("status") => match query::live_status(&c.cfg, &c.metrics, c.metrics_addr) {
+            Ok(st) => {
+                let mut v = serde_json::to_value(&st).unwrap_or(Value::Null);
+                match v.as_object_mut() {
+                    Some(o) => {
+                        o.insert("ok".into(), Value::Bool(true));
+                        v
+                    }
+                    None => json!({"ok": false, "error": "internal: status is not an object"}),
+                }
+            }
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        },
+        Some("points") => {
+            let Some(group) = req.get("group").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "points needs \"group\""});
+            };
+            let Some(m) = c.metrics.group(group) else {
+                return json!({"ok": false, "error": format!("unknown group {group:?}")});
+            };
+            let points: Vec<query::PointOut> =
+                m.points().iter().map(query::PointOut::from).collect();
+            json!({"ok": true, "points": points})
+        }
+        Some(other) => json!({"ok": false, "error": format!("unknown cmd {other:?}")}),
+        None => json!({"ok": false, "error": "request needs \"cmd\""}),
+    }
+}
+
+/// Sends one request to the running server's control socket and returns its answer;
+/// `None` when no server runs (no socket, or a stale one nobody listens on).
+pub fn request(socket: &Path, req: &Value) -> anyhow::Result<Option<Value>> {
+    let mut s = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("connect to {}", socket.display())),
+    };
+    s.set_read_timeout(Some(Duration::from_millis(ANSWER_TIMEOUT_MS)))
+        .context("set a read timeout")?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .with_context(|| format!("send a request to {}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(s.take(ANSWER_BYTES_MAX))
+        .read_line(&mut answer)
+        .with_context(|| format!("read the answer from {}", socket.display()))?;
+    let v = serde_json::from_str(answer.trim()).with_context(|| {
+        format!(
+            "the answer from {} is not JSON: {:?}",
+            socket.display(),
+            answer.chars().take(200).collect::<String>()
+        )
+    })?;
+    Ok(Some(v))
+}

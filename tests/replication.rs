@@ -83,7 +83,7 @@ impl ProcessServer {
     fn start(dir: &Path, target: SocketAddr) -> Self {
         let config = dir.join("ps.toml");
         let mut text = format!(
-            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n[target]\naddress = \"{target}\"\nnode = \"ps1\"\n[[group]]\nid = \"g1\"\n"
+            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n[target]\naddress = \"{target}\"\nnode = \"ps1\"\nplain_tcp = true\n[[group]]\nid = \"g1\"\n"
         );
         for d in DISKS {
             text.push_str(&format!(

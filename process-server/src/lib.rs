@@ -10,6 +10,7 @@
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
+//! | [`tls`]          | the connection to the master target: TLS 1.3 or plain TCP         |
 
 pub mod capture;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod control;
 pub mod nbd_server;
 pub mod ship_state;
 pub mod shipper;
+pub mod tls;
 pub mod tracking;

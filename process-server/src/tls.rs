@@ -102,21 +102,26 @@ pub async fn connect(
     let Some(tls) = tls else {
         return Ok((Box::new(tcp), "plain TCP"));
     };
-    let stream = tokio::time::timeout(
+    let handshake = tokio::time::timeout(
         Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
         tls.connector.connect(tls.server_name.clone(), tcp),
     )
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "TLS handshake with {address}: not finished within {HANDSHAKE_TIMEOUT_MS} ms"
-        )
-    })?
-    .with_context(|| {
-        format!(
-            "TLS handshake with {address} (server name {:?})",
-            tls.server_name.to_str()
-        )
-    })?;
-    Ok((Box::new(stream), "TLS 1.3"))
+    .await;
+    let why = match handshake {
+        Ok(Ok(stream)) => return Ok((Box::new(stream), "TLS 1.3")),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not finished within {HANDSHAKE_TIMEOUT_MS} ms"),
+    };
+    // Louder than a refused connect (which the shipper logs at debug): a handshake that
+    // fails is most likely a certificate or name that does not fit, and retrying will
+    // not fix it.
+    tracing::warn!(
+        target = %address,
+        server_name = ?tls.server_name.to_str(),
+        "TLS handshake failed: {why}"
+    );
+    anyhow::bail!(
+        "TLS handshake with {address} (server name {:?}): {why}",
+        tls.server_name.to_str()
+    )
 }

@@ -41,9 +41,9 @@
 //! | refusal                                             | code                  |
 //! |-----------------------------------------------------|-----------------------|
 //! | bad header, bad crc, truncated, oversized body_len  | `BAD_FRAME`           |
-//! | hello node not named by the client certificate (TLS) | `AUTH`               |
 //! | first frame not a Hello, Hello after the opening    | `BAD_FRAME`           |
 //! | frame header version, or no common hello version    | `UNSUPPORTED_VERSION` |
+//! | hello node not named by the client certificate (TLS) | `AUTH`              |
 //! | group not configured (or not in this hello)         | `UNKNOWN_GROUP`       |
 //! | disk not configured in its group (or not in hello)  | `UNKNOWN_DISK`        |
 //! | disk size differs from the replica's                | `SIZE_MISMATCH`       |

@@ -11,8 +11,10 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ProcessServer, now_unix_ms};
 
 use datapath::extent::ExtentData;
 use datapath::frame::{self, Decoder, Frame};
@@ -26,13 +28,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The disks' ids, in the order their images are hashed together.
 const DISKS: [&str; 2] = ["disk0", "disk1"];
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A running `master-target serve`; killed (SIGKILL) on drop.
 struct MasterTarget {
@@ -71,113 +66,24 @@ impl Drop for MasterTarget {
     }
 }
 
-/// A running `process-server serve` shipping to a master target; killed on drop.
-struct ProcessServer {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<String>>,
+/// Writes the process server's config (shipping to `target`) in `dir` and starts it.
+fn start_process_server(dir: &Path, target: SocketAddr) -> ProcessServer {
+    start_process_server_with(dir, target, "")
 }
 
-impl ProcessServer {
-    /// Writes the config (shipping to `target`) in `dir` and starts the server.
-    fn start(dir: &Path, target: SocketAddr) -> Self {
-        Self::start_with(dir, target, "")
+/// Like [`start_process_server`] with `tracking` added to the `[tracking]` table.
+fn start_process_server_with(dir: &Path, target: SocketAddr, tracking: &str) -> ProcessServer {
+    let config = dir.join("ps.toml");
+    let mut text = format!(
+        "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n{tracking}[target]\naddress = \"{target}\"\nnode = \"ps1\"\nplain_tcp = true\n[[group]]\nid = \"g1\"\n"
+    );
+    for d in DISKS {
+        text.push_str(&format!(
+            "[[group.disk]]\nid = \"{d}\"\npath = \"{d}.img\"\nsize = \"16MiB\"\n"
+        ));
     }
-
-    /// Like [`ProcessServer::start`] with `tracking` added to the `[tracking]` table.
-    fn start_with(dir: &Path, target: SocketAddr, tracking: &str) -> Self {
-        let config = dir.join("ps.toml");
-        let mut text = format!(
-            "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n{tracking}[target]\naddress = \"{target}\"\nnode = \"ps1\"\n[[group]]\nid = \"g1\"\n"
-        );
-        for d in DISKS {
-            text.push_str(&format!(
-                "[[group.disk]]\nid = \"{d}\"\npath = \"{d}.img\"\nsize = \"16MiB\"\n"
-            ));
-        }
-        std::fs::write(&config, text).expect("write process-server config");
-        let mut cmd = Command::new(common::bin_path("process-server"));
-        cmd.args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info");
-        let common::Started { child, port, log } = common::start_listening(cmd, TIMEOUT);
-        Self { child, port, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Runs one qemu-io command against `disk`; it must succeed.
-    fn qemu_io(&self, disk: &str, cmd: &str) {
-        let uri = format!("nbd://127.0.0.1:{}/{disk}", self.port);
-        let out = Command::new("qemu-io")
-            .args(["-f", "raw", &uri, "-c", cmd])
-            .output()
-            .expect("run qemu-io (is qemu-utils installed?)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "qemu-io {cmd:?} on {disk}: {text}"
-        );
-    }
-
-    /// Waits until the shipper logs an acknowledged consistent point cut after
-    /// `after_unix_ms`.
-    fn wait_acked_after(&self, after_unix_ms: u64) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let log = self.log();
-            let acked = log
-                .lines()
-                .filter(|l| l.contains("point acknowledged") && l.contains("consistent=true"))
-                .filter_map(|l| l.split("point_time_unix_ms=").nth(1))
-                .filter_map(|rest| {
-                    rest.split(|c: char| !c.is_ascii_digit())
-                        .next()
-                        .and_then(|n| n.parse::<u64>().ok())
-                })
-                .any(|t| t > after_unix_ms);
-            if acked {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no point after {after_unix_ms} acknowledged; log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM (a clean stop), and waits for the exit; it must succeed.
-    fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(st.success());
-        let status = self.child.wait().expect("wait for process server");
-        // Let the log thread drain the last lines.
-        std::thread::sleep(Duration::from_millis(50));
-        let log = self.log();
-        assert!(
-            status.success(),
-            "process server exit {status:?}; log:\n{log}"
-        );
-        log
-    }
-}
-
-impl Drop for ProcessServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    std::fs::write(&config, text).expect("write process-server config");
+    ProcessServer::start(&config, TIMEOUT)
 }
 
 /// The states the disk pair went through: S0 (all zero), then one after each write.
@@ -347,7 +253,7 @@ fn round(r: u8) -> Vec<(&'static str, String)> {
 fn writes_replicate_point_by_point() {
     let dir = tempfile::tempdir().unwrap();
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
-    let ps = ProcessServer::start(dir.path(), mt.addr);
+    let ps = start_process_server(dir.path(), mt.addr);
     let mut states = States::new(dir.path());
     let mut done = 0;
     for (disk, cmd) in round(0).into_iter().chain(round(1)) {
@@ -369,7 +275,7 @@ fn master_target_kill_and_restart_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let addr = mt.addr;
-    let ps = ProcessServer::start(dir.path(), addr);
+    let ps = start_process_server(dir.path(), addr);
     let mut states = States::new(dir.path());
     for (disk, cmd) in round(0) {
         states.write(&ps, disk, &cmd);
@@ -402,7 +308,7 @@ fn process_server_restart_resumes_from_state() {
     let dir = tempfile::tempdir().unwrap();
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let mut states = States::new(dir.path());
-    let ps = ProcessServer::start(dir.path(), mt.addr);
+    let ps = start_process_server(dir.path(), mt.addr);
     for (disk, cmd) in round(0) {
         states.write(&ps, disk, &cmd);
     }
@@ -411,7 +317,7 @@ fn process_server_restart_resumes_from_state() {
         dir.path().join("ps-state/g1/shipped").exists(),
         "no shipping state written"
     );
-    let ps = ProcessServer::start(dir.path(), mt.addr);
+    let ps = start_process_server(dir.path(), mt.addr);
     let mut done = 0;
     for (disk, cmd) in round(1) {
         done = states.write(&ps, disk, &cmd);
@@ -430,7 +336,7 @@ fn lost_target_data_stops_the_group() {
     let dir = tempfile::tempdir().unwrap();
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let addr = mt.addr;
-    let ps = ProcessServer::start(dir.path(), addr);
+    let ps = start_process_server(dir.path(), addr);
     let mut states = States::new(dir.path());
     let mut done = 0;
     for (disk, cmd) in round(0) {
@@ -478,7 +384,7 @@ fn process_server_kill_9_resyncs_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let mut states = States::new(dir.path());
-    let mut ps = ProcessServer::start(dir.path(), mt.addr);
+    let mut ps = start_process_server(dir.path(), mt.addr);
     let mut done = 0;
     for (disk, cmd) in round(0) {
         done = states.write(&ps, disk, &cmd);
@@ -491,7 +397,7 @@ fn process_server_kill_9_resyncs_and_resumes() {
     ps.child.kill().expect("kill -9 the process server");
     ps.child.wait().expect("wait");
     drop(ps);
-    let ps = ProcessServer::start(dir.path(), mt.addr);
+    let ps = start_process_server(dir.path(), mt.addr);
     for (disk, cmd) in round(2) {
         done = states.write(&ps, disk, &cmd);
     }
@@ -522,7 +428,7 @@ fn initial_sync_ships_existing_data() {
     let mut states = States::from_disks(dir.path());
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let start = now_unix_ms();
-    let ps = ProcessServer::start(dir.path(), mt.addr);
+    let ps = start_process_server(dir.path(), mt.addr);
     ps.wait_acked_after(start);
     let mut done = 0;
     for (disk, cmd) in round(0) {
@@ -562,7 +468,7 @@ fn spool_overflow_then_resync() {
     let mt = MasterTarget::start(dir.path(), "127.0.0.1:0");
     let addr = mt.addr;
     let mut states = States::new(dir.path());
-    let ps = ProcessServer::start_with(
+    let ps = start_process_server_with(
         dir.path(),
         addr,
         "spool_bytes_max = \"2MiB\"\nspool_segment_bytes = \"1MiB\"\n",

@@ -69,7 +69,7 @@ impl Pair {
 
         let ps_config = dir.join("ps.toml");
         let mut text = format!(
-            "metrics = \"127.0.0.1:0\"\n[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n[target]\naddress = \"{mt_addr}\"\nnode = \"ps1\"\n[[group]]\nid = \"g1\"\n"
+            "metrics = \"127.0.0.1:0\"\n[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = 100\n[target]\naddress = \"{mt_addr}\"\nnode = \"ps1\"\nplain_tcp = true\n[[group]]\nid = \"g1\"\n"
         );
         for d in ["disk0", "disk1"] {
             text.push_str(&format!(

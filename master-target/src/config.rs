@@ -6,6 +6,10 @@
 //! plain_tcp_loopback = true      # plain TCP only on a loopback address, and only if set
 //! node = "mt1"                   # optional: the node id in our hello (default "master-target")
 //! metrics = "127.0.0.1:9101"     # optional: serve GET /metrics (Prometheus) here
+//! # [tls]                        # instead of plain_tcp_loopback: TLS 1.3, mutual
+//! # ca = "certs/ca.pem"          # client certificates must be signed by this CA
+//! # cert = "certs/master-target.pem"
+//! # key = "certs/master-target.key"
 //! [[group]]
 //! id = "g1"
 //! [[group.disk]]
@@ -20,6 +24,13 @@
 //! Relative paths are taken relative to the directory of the config file, so a config
 //! works wherever the command is started from. Unknown fields are refused, and every
 //! error names the file and the field at fault.
+//!
+//! Transport rules (checked by [`Config::check_transport`] before `serve` listens):
+//! with `[tls]` the server speaks TLS 1.3 only and requires a client certificate signed
+//! by `tls.ca` (see `tls`); without it, plain TCP is served only when
+//! `plain_tcp_loopback = true` AND `listen` is a loopback address. Both `[tls]` and
+//! `plain_tcp_loopback = true` in one file is an error: it would be unclear which one
+//! the operator meant.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -44,8 +55,18 @@ struct RawConfig {
     node: Option<String>,
     #[serde(default)]
     metrics: Option<String>,
+    tls: Option<RawTls>,
     #[serde(default, rename = "group")]
     groups: Vec<RawGroup>,
+}
+
+/// `[tls]` as written; every field is required in the table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,7 +104,20 @@ pub struct Config {
     pub node: String,
     /// Where `GET /metrics` is served (`metrics`); `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// `[tls]`: serve TLS 1.3 with mutual authentication; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
     pub groups: Vec<GroupConfig>,
+}
+
+/// The PEM files of `[tls]`, absolute.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The deployment CA: a client certificate must be signed by it.
+    pub ca: PathBuf,
+    /// The master target's certificate (chain), signed by the CA.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
 }
 
 /// One replication group.
@@ -214,6 +248,32 @@ impl Config {
         if raw.data_dir.as_os_str().is_empty() {
             return Err(at("data_dir", &"empty path"));
         }
+        let tls = match raw.tls {
+            None => None,
+            Some(_) if raw.plain_tcp_loopback => {
+                return Err(at(
+                    "tls, plain_tcp_loopback",
+                    &"[tls] and plain_tcp_loopback = true exclude each other: remove \
+                      plain_tcp_loopback to serve TLS, or [tls] to serve plain TCP on loopback",
+                ));
+            }
+            Some(t) => {
+                for (field, path) in [
+                    ("tls.ca", &t.ca),
+                    ("tls.cert", &t.cert),
+                    ("tls.key", &t.key),
+                ] {
+                    if path.as_os_str().is_empty() {
+                        return Err(at(field, &"empty path"));
+                    }
+                }
+                Some(TlsFiles {
+                    ca: base.join(t.ca),
+                    cert: base.join(t.cert),
+                    key: base.join(t.key),
+                })
+            }
+        };
         Ok(Config {
             file: file.to_path_buf(),
             listen,
@@ -221,6 +281,7 @@ impl Config {
             plain_tcp_loopback: raw.plain_tcp_loopback,
             node,
             metrics,
+            tls,
             groups,
         })
     }
@@ -240,20 +301,24 @@ impl Config {
         self.group_dir(group).join("journal")
     }
 
-    /// Refuses a listen address the server may not use without TLS (which does not
-    /// exist yet): plain TCP needs `plain_tcp_loopback = true` and a loopback address.
-    pub fn check_plain_tcp(&self) -> anyhow::Result<()> {
+    /// Refuses a transport the server may not use: with `[tls]` any listen address is
+    /// fine; plain TCP needs `plain_tcp_loopback = true` and a loopback address.
+    pub fn check_transport(&self) -> anyhow::Result<()> {
+        if self.tls.is_some() {
+            return Ok(());
+        }
         if !self.plain_tcp_loopback {
             bail!(
-                "config file {}: plain_tcp_loopback: TLS is not implemented yet, so serving \
-                 needs plain_tcp_loopback = true (and a loopback listen address)",
+                "config file {}: tls: no [tls] table, so serving is plain TCP, which needs \
+                 plain_tcp_loopback = true (and a loopback listen address); add [tls] with \
+                 ca, cert and key (see `master-target certs --help`)",
                 self.file.display()
             );
         }
         if !self.listen.ip().is_loopback() {
             bail!(
                 "config file {}: listen: {} is not a loopback address; plain TCP is only \
-                 allowed on loopback (TLS is not implemented yet)",
+                 allowed on loopback (configure [tls] to listen elsewhere)",
                 self.file.display(),
                 self.listen
             );
@@ -348,9 +413,10 @@ replica = "/abs/replica-disk1.img"
         assert!(c.data_dir.is_absolute() && c.data_dir.ends_with("mt-data"));
         assert_eq!(c.node, DEFAULT_NODE);
         assert_eq!(c.metrics, None);
-        c.check_plain_tcp().unwrap();
         let m = load_str(&format!("metrics = \"0.0.0.0:9101\"\n{GOOD}")).unwrap();
         assert_eq!(m.metrics, Some("0.0.0.0:9101".parse().unwrap()));
+        assert!(c.tls.is_none());
+        c.check_transport().unwrap();
     }
 
     /// Proves bad configs are refused with a message naming the file and the field.
@@ -377,8 +443,54 @@ replica = "/abs/replica-disk1.img"
     #[test]
     fn plain_tcp_needs_loopback_and_opt_in() {
         let c = load_str(&GOOD.replace("127.0.0.1", "0.0.0.0")).unwrap();
-        assert!(c.check_plain_tcp().is_err());
+        let e = format!("{:#}", c.check_transport().unwrap_err());
+        assert!(e.contains("listen") && e.contains("loopback"), "{e}");
         let c = load_str(&GOOD.replace("plain_tcp_loopback = true", "")).unwrap();
-        assert!(c.check_plain_tcp().is_err());
+        let e = format!("{:#}", c.check_transport().unwrap_err());
+        assert!(
+            e.contains("plain_tcp_loopback") && e.contains("mt.toml"),
+            "{e}"
+        );
+    }
+
+    const TLS: &str =
+        "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/mt.pem\"\nkey = \"/abs/mt.key\"\n";
+
+    /// Proves `[tls]` loads with paths resolved like the others, allows any listen
+    /// address, and is refused together with plain_tcp_loopback, incomplete, or with an
+    /// unknown field, naming the field.
+    #[test]
+    fn tls_table_rules() {
+        let plain = GOOD.replace("plain_tcp_loopback = true\n", "");
+        let with_tls =
+            |text: &str, tls: &str| text.replacen("[[group]]", &format!("{tls}[[group]]"), 1);
+        let c = load_str(&with_tls(&plain.replace("127.0.0.1", "0.0.0.0"), TLS)).unwrap();
+        let t = c.tls.as_ref().unwrap();
+        assert!(t.ca.is_absolute() && t.ca.ends_with("certs/ca.pem"));
+        assert!(t.cert.ends_with("certs/mt.pem"));
+        assert_eq!(t.key, PathBuf::from("/abs/mt.key"));
+        c.check_transport().unwrap();
+
+        let cases = [
+            (with_tls(GOOD, TLS), "plain_tcp_loopback"),
+            (with_tls(GOOD, TLS), "tls"),
+            (
+                with_tls(&plain, &TLS.replace("key = \"/abs/mt.key\"\n", "")),
+                "key",
+            ),
+            (
+                with_tls(&plain, &TLS.replace("ca = ", "cafile = ")),
+                "cafile",
+            ),
+            (
+                with_tls(&plain, &TLS.replace("certs/mt.pem", "")),
+                "tls.cert",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = format!("{:#}", load_str(&text).unwrap_err());
+            assert!(e.contains("mt.toml"), "no file in {e}");
+            assert!(e.contains(field), "no {field} in {e}");
+        }
     }
 }

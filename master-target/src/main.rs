@@ -8,8 +8,10 @@
 //! |------------|---------------------------------------------------------------|
 //! | [`config`] | the TOML config file                                          |
 //! | [`store`]  | files per group and disk, and the group lock                  |
-//! | [`reader`] | cutting the TCP stream into frames with bounded memory         |
+//! | [`reader`] | cutting the byte stream into frames with bounded memory        |
 //! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
+//! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
+//! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
 //! | [`control`] | the control socket `status` and `points` ask a running server |
 //! | [`query`]  | `points` and `status`, live or from the files on disk         |
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod certs;
 mod config;
 mod control;
 mod metrics;
@@ -26,6 +29,7 @@ mod reader;
 mod server;
 mod store;
 mod timefmt;
+mod tls;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,8 +44,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Receive frames from process servers and journal them (plain TCP on loopback
-    /// until TLS arrives). Prints `listening on ADDR` once it accepts connections.
+    /// Receive frames from process servers and journal them: TLS 1.3 with client
+    /// certificates when the config has [tls], else plain TCP on loopback. Prints
+    /// `listening on ADDR` once it accepts connections.
     Serve {
         /// The TOML config file.
         #[arg(long)]
@@ -66,6 +71,35 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Make the certificates of a new deployment (TLS between process servers and the
+    /// master target) in a new directory. Nothing is overwritten.
+    ///
+    /// Writes into DIR:
+    ///   ca.pem                       -> the master target ([tls] ca) and every process
+    ///                                   server ([target] ca)
+    ///   ca.key                       -> no server: keep it offline
+    ///   master-target.pem, .key      -> the master target ([tls] cert, key)
+    ///   process-server-NODE.pem, .key -> process server NODE ([target] cert, key; its
+    ///                                   [target] node must be NODE)
+    ///
+    /// The master target's certificate names localhost, 127.0.0.1, ::1 and every
+    /// --master-target-name; a process server's [target] server_name (default: the IP
+    /// of its address) must be one of them. Keys are written with mode 0600.
+    #[command(verbatim_doc_comment)]
+    Certs {
+        /// The directory to write to (created if missing; files in it are never
+        /// overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Another name of the master target for its certificate: a DNS name or an IP
+        /// address that process servers connect to (repeatable).
+        #[arg(long = "master-target-name", value_name = "NAME")]
+        master_target_names: Vec<String>,
+        /// A process server's node id: it gets a client certificate for that node
+        /// (repeatable, at least one).
+        #[arg(long = "process-server", value_name = "NODE", required = true)]
+        nodes: Vec<String>,
     },
     /// Print the versions of the formats this build reads and writes.
     Version,
@@ -94,6 +128,16 @@ fn main() -> anyhow::Result<()> {
             json,
         } => query::points(&config::Config::load(&config)?, &group, json),
         Cmd::Status { config, json } => query::status(&config::Config::load(&config)?, json),
+        Cmd::Certs {
+            out,
+            master_target_names,
+            nodes,
+        } => {
+            for w in certs::generate(&out, &master_target_names, &nodes)? {
+                println!("{}  -> {}", w.path.display(), w.goes_to);
+            }
+            Ok(())
+        }
         Cmd::Version => {
             println!(
                 "master-target {} (data path format versions: frame {}, protocol {}, journal {})",

@@ -1,4 +1,5 @@
-//! Cuts a TCP byte stream into whole frames, one at a time, with bounded memory.
+//! Cuts a byte stream (plain TCP or TLS) into whole frames, one at a time, with bounded
+//! memory.
 //!
 //! The 32-byte header is read and checked with [`FrameHeader::parse`] (which bounds
 //! `body_len` by [`frame::MAX_BODY_BYTES`]) before the body is allocated, so a peer can
@@ -6,14 +7,19 @@
 //! and the body are the caller's (see `server`), so that a frame that fails its crc is
 //! refused with the same message whether it came first or mid-batch.
 //!
-//! [`FrameReader::try_step`] never waits: it returns [`Step::WouldBlock`] when the socket
+//! [`FrameReader::try_step`] never waits: it returns [`Step::WouldBlock`] when the stream
 //! has nothing more buffered, keeping a partial frame for the next call. That is how the
-//! server knows a batch is complete ("append every frame already received").
+//! server knows a batch is complete ("append every frame already received"). It polls
+//! the stream once with a waker that does nothing: a stream that is not ready answers
+//! `Pending` (for TLS: no whole record buffered), which is exactly "nothing more now";
+//! the next [`FrameReader::next`] polls again with the task's real waker.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
 use datapath::frame::{self, FrameError, FrameHeader, FrameKind, HEADER_BYTES};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Bytes of the read-ahead buffer: small frames (points, small writes) are cut out of
 /// it without a system call each; larger bodies are read straight into their frame.
@@ -55,7 +61,7 @@ pub enum Step {
     Frame(Vec<u8>),
     /// The peer closed the connection between frames.
     Eof,
-    /// Nothing more is buffered on the socket; a partial frame is kept.
+    /// Nothing more is buffered on the stream; a partial frame is kept.
     WouldBlock,
 }
 
@@ -97,18 +103,33 @@ impl FrameReader {
     }
 
     /// Waits for the next whole frame; `None` when the peer closed between frames.
-    pub async fn next(&mut self, s: &TcpStream) -> Result<Option<Vec<u8>>, ReadError> {
-        loop {
-            match self.try_step(s)? {
-                Step::Frame(f) => return Ok(Some(f)),
-                Step::Eof => return Ok(None),
-                Step::WouldBlock => s.readable().await.map_err(ReadError::Io)?,
-            }
-        }
+    /// Cancel-safe: a partial frame stays in the reader.
+    pub async fn next<S: AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
+        std::future::poll_fn(|cx| match self.step(s, cx) {
+            // The stream answered Pending, so it wakes this task when it has more.
+            Ok(Step::WouldBlock) => Poll::Pending,
+            Ok(Step::Frame(f)) => Poll::Ready(Ok(Some(f))),
+            Ok(Step::Eof) => Poll::Ready(Ok(None)),
+            Err(e) => Poll::Ready(Err(e)),
+        })
+        .await
     }
 
-    /// Makes as much progress as the socket allows without waiting.
-    pub fn try_step(&mut self, s: &TcpStream) -> Result<Step, ReadError> {
+    /// Makes as much progress as the stream allows without waiting.
+    pub fn try_step<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> Result<Step, ReadError> {
+        self.step(s, &mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Makes as much progress as the stream allows; [`Step::WouldBlock`] when a read
+    /// answered `Pending` (which registered `cx`'s waker).
+    fn step<S: AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Result<Step, ReadError> {
         loop {
             let want = self.cur.len() - self.filled;
             let avail = self.ahead_end - self.ahead_start;
@@ -131,10 +152,9 @@ impl FrameReader {
             // The read-ahead is empty here: refill it, or read a large body directly.
             let read = if self.cur.len() - self.filled >= self.ahead.len() {
                 let end = self.cur.len();
-                s.try_read(&mut self.cur[self.filled..end])
-                    .map(|n| (n, false))
+                poll_read(s, cx, &mut self.cur[self.filled..end]).map(|n| (n, false))
             } else {
-                s.try_read(&mut self.ahead).map(|n| (n, true))
+                poll_read(s, cx, &mut self.ahead).map(|n| (n, true))
             };
             match read {
                 Ok((0, _)) => {
@@ -186,5 +206,20 @@ impl FrameReader {
         self.filled = 0;
         self.header_done = false;
         std::mem::replace(&mut self.cur, vec![0u8; HEADER_BYTES])
+    }
+}
+
+/// One read into `buf`, as `try_read` on a socket answers: the byte count (0 at the
+/// end of the stream), or `WouldBlock` when the stream is not ready.
+fn poll_read<S: AsyncRead + Unpin>(
+    s: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(s).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => Ok(rb.filled().len()),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
     }
 }

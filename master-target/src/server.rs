@@ -1,14 +1,16 @@
 //! The receiver: process servers connect, name their groups, and stream frames that
 //! are verified, journaled, synced and acknowledged.
 //!
-//! # Protocol on one TCP connection
+//! # Protocol on one connection
 //!
-//! Every message is a [`datapath::frame`] frame.
+//! A connection is TLS 1.3 with a client certificate (config `[tls]`, see [`crate::tls`])
+//! or plain TCP on loopback. Every message is a [`datapath::frame`] frame.
 //!
 //! 1. The process server sends a Hello (role process server; its groups, each with its
 //!    disks' ids and sizes). Nothing else is accepted first: a header of another kind is
 //!    refused before its body is read.
-//! 2. The master target checks it: role, a common protocol version
+//! 2. The master target checks it: over TLS, the hello's `node` must be a name of the
+//!    client certificate (its CN or a DNS name); then role, a common protocol version
 //!    ([`Hello::negotiate`]), every group configured here, every disk configured in its
 //!    group with the same size, and no group already streamed by another connection.
 //!    Then it answers with its own Hello (the accepted groups with their configured
@@ -41,6 +43,7 @@
 //! | bad header, bad crc, truncated, oversized body_len  | `BAD_FRAME`           |
 //! | first frame not a Hello, Hello after the opening    | `BAD_FRAME`           |
 //! | frame header version, or no common hello version    | `UNSUPPORTED_VERSION` |
+//! | hello node not named by the client certificate (TLS) | `AUTH`              |
 //! | group not configured (or not in this hello)         | `UNKNOWN_GROUP`       |
 //! | disk not configured in its group (or not in hello)  | `UNKNOWN_DISK`        |
 //! | disk size differs from the replica's                | `SIZE_MISMATCH`       |
@@ -57,8 +60,9 @@
 //! one connection at a time: the connection takes the group's [`Journal`] out of its
 //! slot for its lifetime and puts it back when it ends. A newer connection of the same
 //! node (hello `node`) takes a group over from an older one, which may be a half-open
-//! leftover of a network failure (see [`claim`]); until TLS authenticates nodes, a node
-//! id is taken on trust. A connection holds at most one
+//! leftover of a network failure (see [`claim`]); over TLS the node id is the one the
+//! client certificate names, on plain TCP (loopback only) it is taken on trust. A
+//! connection holds at most one
 //! frame being read (bounded by [`frame::MAX_BODY_BYTES`]) plus one batch, and at most
 //! [`CONNECTIONS_MAX`] connections are served at once.
 //!
@@ -80,15 +84,16 @@ use datapath::frame::{
     MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
 };
 use datapath::journal::{Journal, JournalError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::config::{Config, GroupConfig};
 use crate::control;
 use crate::metrics::{self, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::store::{self, GroupLock};
+use crate::tls::{self, ClientNames};
 
 /// A batch takes at most this many frames before it is committed.
 pub const BATCH_FRAMES_MAX: usize = 64;
@@ -160,7 +165,13 @@ fn refuse(code: u16, message: impl AsRef<str>) -> End {
 /// Prepares every group (lock, replicas, journal) and serves until SIGINT or SIGTERM.
 /// Prints `listening on ADDR` on stdout once the socket accepts connections.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    cfg.check_plain_tcp()?;
+    cfg.check_transport()?;
+    let acceptor = match &cfg.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            files, &cfg.file,
+        )?)),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new(&cfg));
     let mut locks = Vec::new();
     let mut groups = HashMap::new();
@@ -238,7 +249,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         background.spawn(metrics::serve_http(l, render));
         tracing::info!("metrics at http://{a}/metrics");
     }
-    tracing::info!(%local, "listening (plain TCP on loopback)");
+    if acceptor.is_some() {
+        tracing::info!(%local, "listening (TLS 1.3, mutual)");
+    } else {
+        tracing::info!(%local, "listening (plain TCP on loopback)");
+    }
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -268,17 +283,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
         let shared = shared.clone();
         let permit = permits.clone().try_acquire_owned();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            match permit {
-                Ok(_permit) => serve_conn(shared, stream, peer).await,
-                Err(_) => {
-                    let e = ErrorFrame::new(
-                        ErrorFrame::BUSY,
-                        &format!("too many connections (at most {CONNECTIONS_MAX}); retry later"),
-                    );
-                    tracing::warn!(%peer, "{}", e.message);
-                    send_error_and_close(stream, &e).await;
+            match acceptor {
+                None => serve_or_busy(shared, stream, peer, permit, None).await,
+                // A failed handshake is logged (with the peer) and closes the connection.
+                Some(a) => {
+                    if let Some((stream, names)) = tls::accept(&a, stream, peer).await {
+                        serve_or_busy(shared, stream, peer, permit, Some(names)).await;
+                    }
                 }
             }
         });
@@ -289,10 +303,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    tracing::debug!(%peer, "connection");
+/// Serves a connection, or refuses it as busy when there was no permit for it.
+async fn serve_or_busy<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    permit: Result<OwnedSemaphorePermit, TryAcquireError>,
+    client: Option<ClientNames>,
+) {
+    match permit {
+        Ok(_permit) => serve_conn(shared, stream, peer, client.as_ref()).await,
+        Err(_) => {
+            let e = ErrorFrame::new(
+                ErrorFrame::BUSY,
+                &format!("too many connections (at most {CONNECTIONS_MAX}); retry later"),
+            );
+            tracing::warn!(%peer, "{}", e.message);
+            send_error_and_close(stream, &e).await;
+        }
+    }
+}
+
+/// Serves one connection; `client` holds the names of its client certificate when it is
+/// TLS, `None` on plain TCP.
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    peer: SocketAddr,
+    client: Option<&ClientNames>,
+) {
+    tracing::debug!(%peer, transport = transport(client), "connection");
     let mut rd = FrameReader::new();
-    let end = conn(&shared, &stream, peer, &mut rd).await;
+    let end = conn(&shared, &mut stream, peer, client, &mut rd).await;
     match end {
         End::Closed => tracing::info!(%peer, "connection closed"),
         End::Refuse(e) => {
@@ -307,13 +349,18 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// Sends an Error frame, half-closes, drains the peer for a bounded while, closes.
-async fn send_error_and_close(mut stream: TcpStream, e: &ErrorFrame) {
+fn transport(client: Option<&ClientNames>) -> &'static str {
+    if client.is_some() { "TLS" } else { "plain TCP" }
+}
+
+/// Sends an Error frame, half-closes (over TLS: a close_notify, then the TCP half-close),
+/// drains the peer for a bounded while, closes.
+async fn send_error_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, e: &ErrorFrame) {
     let mut out = Vec::new();
     if frame::encode_error(e, &mut out).is_err() {
         return;
     }
-    if stream.write_all(&out).await.is_err() || stream.shutdown().await.is_err() {
+    if write_all(&mut stream, &out).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }
     let drain = async {
@@ -351,10 +398,11 @@ fn read_refusal(e: ReadError) -> End {
     }
 }
 
-async fn conn(
+async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Arc<Shared>,
-    stream: &TcpStream,
+    stream: &mut S,
     peer: SocketAddr,
+    client: Option<&ClientNames>,
     rd: &mut FrameReader,
 ) -> End {
     // 1. The hello, within a deadline; a header of another kind is refused at once.
@@ -379,6 +427,19 @@ async fn conn(
         Ok(h) => h,
         Err(e) => return refuse(ErrorFrame::BAD_FRAME, format!("hello: {e}")),
     };
+    // Before anything is claimed: over TLS a node may only speak for itself (the node
+    // id decides who may take a group over, see `claim`).
+    if let Some(names) = client
+        && !names.names(&hello.node)
+    {
+        return refuse(
+            ErrorFrame::AUTH,
+            format!(
+                "hello: node {:?} is not the node of the client certificate, which names {}",
+                hello.node, names
+            ),
+        );
+    }
     let cancel = Arc::new(Notify::new());
     let mut st = match check_hello(shared, &hello, peer, cancel.clone()).await {
         Ok(st) => st,
@@ -388,6 +449,7 @@ async fn conn(
     tracing::info!(
         %peer,
         node = %hello.node,
+        transport = transport(client),
         groups = ?st.groups.iter().map(|g| (g.id.as_str(), g.durable_seq())).collect::<Vec<_>>(),
         "process server connected"
     );
@@ -512,16 +574,11 @@ async fn conn(
     }
 }
 
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Writes `buf` and flushes it: TLS keeps records it could not send yet in its own
+/// buffer until the next write or flush, and the peer waits for these bytes.
+async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> std::io::Result<()> {
+    stream.write_all(buf).await?;
+    stream.flush().await
 }
 
 fn append_acks(acks: &[Ack], out: &mut Vec<u8>) -> Result<(), End> {

@@ -26,9 +26,22 @@
 //! size = "64MiB"               # created sparse if missing; if present, must match
 //!
 //! [target]                     # optional: without it nothing is shipped
-//! address = "127.0.0.1:10900"  # the master target; plain TCP, loopback only until TLS
+//! address = "127.0.0.1:10900"  # the master target
 //! node = "ps1"                 # this process server's node id
+//! plain_tcp = true             # plain TCP: only to a loopback address, only if set
+//! # or TLS 1.3 with a client certificate (files from `master-target certs`), any address:
+//! # ca = "certs/ca.pem"
+//! # cert = "certs/process-server-ps1.pem"
+//! # key = "certs/process-server-ps1.key"
+//! # server_name = "mt.example" # default: the IP of `address`
 //! ```
+//!
+//! Shipping transport rules: with `ca`, `cert` and `key` (all three, or none) the
+//! shipper speaks TLS 1.3 to any address, presents `cert` (its subject must name
+//! `node`: the master target refuses a hello for another node) and accepts only a master
+//! target certificate signed by `ca` and valid for `server_name`. Without them it speaks
+//! plain TCP, and only to a loopback address with `plain_tcp = true`; both at once is
+//! an error.
 //!
 //! `size` takes an integer (bytes) or a string with a suffix `B`, `KiB`, `MiB`, `GiB`,
 //! `TiB`. It may be left out when the path exists: the disk then has its current size.
@@ -65,6 +78,12 @@ struct FileConfig {
 struct FileTarget {
     address: String,
     node: String,
+    #[serde(default)]
+    plain_tcp: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,11 +145,26 @@ pub struct Config {
 /// The master target to ship to (`[target]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetConfig {
-    /// The master target's address. Plain TCP only, so it must be a loopback address
-    /// until TLS arrives.
+    /// The master target's address; a loopback address when `tls` is `None`.
     pub address: SocketAddr,
     /// This process server's node id in its hello.
     pub node: String,
+    /// TLS 1.3 with a client certificate; `None`: plain TCP (loopback only).
+    pub tls: Option<TargetTls>,
+}
+
+/// The TLS files of `[target]` (absolute) and the name the master target's certificate
+/// must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetTls {
+    /// The deployment CA: the master target's certificate must be signed by it.
+    pub ca: PathBuf,
+    /// This process server's certificate (chain), signed by the CA.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// A DNS name or IP address; default: the IP of `address`.
+    pub server_name: String,
 }
 
 /// Change tracking (`[tracking]`, every field optional).
@@ -350,20 +384,29 @@ impl Config {
                 let address: SocketAddr = t.address.parse().with_context(|| {
                     format!("target.address: {:?} is not an address:port", t.address)
                 })?;
-                if !address.ip().is_loopback() {
-                    bail!(
-                        "target.address: {address} is not a loopback address; shipping is plain TCP until TLS arrives, so only loopback targets are allowed"
-                    );
-                }
                 if !datapath::valid_id(&t.node) {
                     bail!(
                         "target.node: {:?} is not a valid id ([a-z0-9][a-z0-9_-]{{0,63}})",
                         t.node
                     );
                 }
+                let tls = target_tls(&t, address, dir)?;
+                if tls.is_none() {
+                    if !t.plain_tcp {
+                        bail!(
+                            "target.plain_tcp: no ca, cert and key, so shipping would be plain TCP, which needs plain_tcp = true (and a loopback address); for TLS set target.ca, target.cert and target.key (see `master-target certs --help`)"
+                        );
+                    }
+                    if !address.ip().is_loopback() {
+                        bail!(
+                            "target.address: {address} is not a loopback address; plain TCP is only allowed to loopback (set target.ca, target.cert and target.key for TLS)"
+                        );
+                    }
+                }
                 Some(TargetConfig {
                     address,
                     node: t.node,
+                    tls,
                 })
             }
         };
@@ -381,6 +424,63 @@ impl Config {
             metrics,
         })
     }
+}
+
+/// The TLS part of `[target]`: all of ca, cert and key, or none (then no server_name
+/// either); not together with plain_tcp.
+fn target_tls(
+    t: &FileTarget,
+    address: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<Option<TargetTls>> {
+    let files = [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)];
+    let set: Vec<&str> = files
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(n, _)| *n)
+        .collect();
+    if set.is_empty() {
+        if t.server_name.is_some() {
+            bail!(
+                "target.server_name: only used with TLS, and target.ca, target.cert and target.key are not set"
+            );
+        }
+        return Ok(None);
+    }
+    if t.plain_tcp {
+        bail!(
+            "target.plain_tcp and target.{}: plain_tcp = true and TLS files exclude each other; remove plain_tcp to ship over TLS",
+            set[0]
+        );
+    }
+    let mut paths = Vec::with_capacity(3);
+    for (name, v) in files {
+        match v {
+            None => bail!(
+                "target.{name}: missing; TLS needs target.ca, target.cert and target.key (set: {})",
+                set.join(", ")
+            ),
+            Some(p) if p.as_os_str().is_empty() => bail!("target.{name}: empty path"),
+            Some(p) => paths.push(dir.join(p)),
+        }
+    }
+    let server_name = match &t.server_name {
+        None => address.ip().to_string(),
+        Some(n) => {
+            if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+                bail!("target.server_name: {n:?} is neither a DNS name nor an IP address");
+            }
+            n.clone()
+        }
+    };
+    let [ca, cert, key] =
+        <[PathBuf; 3]>::try_from(paths).map_err(|_| anyhow::anyhow!("target: ca, cert and key"))?;
+    Ok(Some(TargetTls {
+        ca,
+        cert,
+        key,
+        server_name,
+    }))
 }
 
 impl DiskConfig {
@@ -472,11 +572,85 @@ size = 4096
         let m = format!("metrics = \"0.0.0.0:9100\"\n{GOOD}");
         let m = Config::parse(&m, Path::new("/etc/ps")).unwrap();
         assert_eq!(m.metrics, Some("0.0.0.0:9100".parse().unwrap()));
-        let t = format!("{GOOD}[target]\naddress = \"127.0.0.1:10900\"\nnode = \"ps1\"\n");
+        let t = format!(
+            "{GOOD}[target]\naddress = \"127.0.0.1:10900\"\nnode = \"ps1\"\nplain_tcp = true\n"
+        );
         let c = Config::parse(&t, Path::new("/etc/ps")).unwrap();
         let t = c.target.unwrap();
         assert_eq!(t.address.port(), 10900);
         assert_eq!(t.node, "ps1");
+        assert_eq!(t.tls, None);
+    }
+
+    const TLS: &str = "ca = \"certs/ca.pem\"\ncert = \"certs/ps1.pem\"\nkey = \"/abs/ps1.key\"\n";
+
+    fn with_target(target: &str) -> String {
+        format!("{GOOD}[target]\nnode = \"ps1\"\n{target}")
+    }
+
+    /// Proves TLS in `[target]`: paths resolved against the config's directory, any
+    /// address allowed, server_name defaulting to the address's IP or as given.
+    #[test]
+    fn target_tls_parses() {
+        let text = with_target(&format!("address = \"10.0.0.1:10900\"\n{TLS}"));
+        let c = Config::parse(&text, Path::new("/etc/ps")).unwrap();
+        let tls = c.target.unwrap().tls.unwrap();
+        assert_eq!(tls.ca, Path::new("/etc/ps/certs/ca.pem"));
+        assert_eq!(tls.cert, Path::new("/etc/ps/certs/ps1.pem"));
+        assert_eq!(tls.key, Path::new("/abs/ps1.key"));
+        assert_eq!(tls.server_name, "10.0.0.1");
+        let text = with_target(&format!(
+            "address = \"[::1]:10900\"\n{TLS}server_name = \"mt.example\"\n"
+        ));
+        let c = Config::parse(&text, Path::new("/etc/ps")).unwrap();
+        assert_eq!(c.target.unwrap().tls.unwrap().server_name, "mt.example");
+    }
+
+    /// Proves the transport rules of `[target]` name the field at fault: plain TCP needs
+    /// the opt-in and a loopback address, TLS needs all three files and excludes
+    /// plain_tcp, server_name needs TLS and must be a name.
+    #[test]
+    fn target_transport_rules() {
+        let lo = "address = \"127.0.0.1:10900\"\n";
+        let far = "address = \"10.0.0.1:10900\"\n";
+        let cases = [
+            (format!("{far}plain_tcp = true\n"), "target.address"),
+            (format!("{far}plain_tcp = true\n"), "loopback"),
+            (lo.to_string(), "target.plain_tcp"),
+            (
+                format!("{lo}plain_tcp = true\n{TLS}"),
+                "target.plain_tcp and target.ca",
+            ),
+            (
+                format!("{far}{}", TLS.replace("key = \"/abs/ps1.key\"\n", "")),
+                "target.key: missing",
+            ),
+            (
+                format!("{far}{}", TLS.replace("ca = \"certs/ca.pem\"\n", "")),
+                "target.ca: missing",
+            ),
+            (format!("{far}cert = \"c.pem\"\n"), "target.ca: missing"),
+            (
+                format!("{far}{TLS}").replace("certs/ps1.pem", ""),
+                "target.cert: empty",
+            ),
+            (
+                format!("{lo}plain_tcp = true\nserver_name = \"mt\"\n"),
+                "target.server_name",
+            ),
+            (
+                format!("{far}{TLS}server_name = \"not a name\"\n"),
+                "target.server_name",
+            ),
+            (format!("{far}{TLS}cafile = \"x\"\n"), "cafile"),
+        ];
+        for (target, want) in cases {
+            let err = format!(
+                "{:#}",
+                Config::parse(&with_target(&target), Path::new("/")).unwrap_err()
+            );
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
     }
 
     /// Proves unknown fields, bad ids, duplicate ids and bad sizes are refused, naming the field.
@@ -503,7 +677,9 @@ size = 4096
             (GOOD.replace("[nbd]", "[nbdx]"), "nbdx"),
             (format!("metrics = \"9100\"\n{GOOD}"), "metrics"),
             (
-                format!("{GOOD}[target]\naddress = \"10.0.0.1:10900\"\nnode = \"ps1\"\n"),
+                format!(
+                    "{GOOD}[target]\naddress = \"10.0.0.1:10900\"\nnode = \"ps1\"\nplain_tcp = true\n"
+                ),
                 "loopback",
             ),
             (

@@ -12,6 +12,7 @@
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
 //! | [`metrics`]      | live counters, throughput, state names, the `/metrics` endpoint   |
+//! | [`tls`]          | the connection to the master target: TLS 1.3 or plain TCP         |
 
 pub mod capture;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod nbd_server;
 pub mod resync;
 pub mod ship_state;
 pub mod shipper;
+pub mod tls;
 pub mod tracking;

@@ -104,8 +104,14 @@ async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let tracking = Arc::new(tracking);
     let shipper = match &config.target {
         Some(target) => {
-            let s = Shipper::new(target.clone(), &tracking, &config.tracking.state_dir)?;
-            info!(target = %target.address, node = %target.node, "shipping to the master target");
+            let s = Shipper::new(target.clone(), &tracking, &config.tracking.state_dir)
+                .with_context(|| format!("config file {}", config_path.display()))?;
+            let transport = if target.tls.is_some() {
+                "TLS 1.3"
+            } else {
+                "plain TCP"
+            };
+            info!(target = %target.address, node = %target.node, transport, "shipping to the master target");
             Some(tokio::spawn(Arc::new(s).run()))
         }
         None => {

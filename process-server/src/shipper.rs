@@ -4,7 +4,8 @@
 //!
 //! # Connection
 //!
-//! Plain TCP to a loopback master target (TLS comes later). The shipper sends a Hello
+//! TLS 1.3 with a client certificate, or plain TCP to a loopback master target (see
+//! [`crate::tls`]); everything below runs the same over both. The shipper sends a Hello
 //! (role process server, its node id, every group still shipped with its disks and
 //! sizes), reads the master target's Hello and one Ack per group carrying the group's
 //! journal `durable_seq`, then runs a sender and an ack reader on the same connection.
@@ -63,13 +64,13 @@ use datapath::spool::SpoolEntry;
 use datapath::storage::{RealFs, Storage};
 use datapath::tracker::{DiskSpec, GroupTracker, TrackMode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::config::TargetConfig;
 use crate::metrics::GroupMetrics;
 use crate::ship_state::ShipState;
+use crate::tls::TlsClient;
 use crate::tracking::{Tracking, now_unix_ms};
 
 /// Bytes of frames sent and not yet acknowledged, per connection.
@@ -132,6 +133,8 @@ struct Out {
 /// Ships every group of a [`Tracking`] to one master target. See the module doc.
 pub struct Shipper {
     target: TargetConfig,
+    /// Built from `target.tls`; `None`: plain TCP.
+    tls: Option<TlsClient>,
     fs: Arc<dyn Storage>,
     groups: Vec<Arc<GroupShip>>,
     /// [`ACK_TIMEOUT_MS`]; shorter in tests.
@@ -139,7 +142,7 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    /// Loads every group's shipping state from `state_dir/<group>`.
+    /// Loads every group's shipping state from `state_dir/<group>`, and the TLS files.
     pub fn new(
         target: TargetConfig,
         tracking: &Tracking,
@@ -172,8 +175,10 @@ impl Shipper {
                 metrics,
             }));
         }
+        let tls = target.tls.as_ref().map(TlsClient::load).transpose()?;
         Ok(Self {
             target,
+            tls,
             fs,
             groups,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
@@ -213,10 +218,8 @@ impl Shipper {
             // Nothing to ship: stay idle (the stop was logged when it happened).
             std::future::pending::<()>().await;
         }
-        let mut stream = TcpStream::connect(self.target.address)
-            .await
-            .with_context(|| format!("connect to {}", self.target.address))?;
-        stream.set_nodelay(true).context("set TCP_NODELAY")?;
+        let (mut stream, transport) =
+            crate::tls::connect(self.target.address, self.tls.as_ref()).await?;
         let hello = Hello {
             version_min: PROTOCOL_VERSION,
             version_max: PROTOCOL_VERSION,
@@ -240,7 +243,9 @@ impl Shipper {
         let mut buf = Vec::new();
         frame::encode_hello(&hello, &mut buf).context("encode the hello")?;
         stream.write_all(&buf).await.context("send the hello")?;
-        let (mut rd, mut wr) = stream.into_split();
+        // TLS holds records it could not send yet until a flush.
+        stream.flush().await.context("send the hello")?;
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let mut dec = Decoder::new();
         let hello_reply = tokio::time::timeout(self.ack_timeout, read_frame(&mut rd, &mut dec))
             .await
@@ -253,7 +258,7 @@ impl Shipper {
             other => bail!("expected a hello, got {}", frame_name(&other)),
         }
         *connected = true;
-        info!(target = %self.target.address, "connected");
+        info!(target = %self.target.address, transport, "connected");
         let mut producing = Vec::new();
         for _ in &active {
             let first_ack = tokio::time::timeout(self.ack_timeout, read_frame(&mut rd, &mut dec))
@@ -322,6 +327,7 @@ impl Shipper {
                 self.groups[out.group]
                     .metrics
                     .sent_frame(u64::from(n), u64::from(plain));
+                wr.flush().await.context("send a frame")?;
             }
             anyhow::Ok(())
         };
@@ -712,6 +718,7 @@ mod tests {
     use datapath::bitmap::BitmapConfig;
     use datapath::spool::SpoolConfig;
     use datapath::tracker::InitialSync;
+    use tokio::net::TcpStream;
 
     const DISK_BYTES: u64 = 8 << 20;
 
@@ -847,7 +854,9 @@ mod tests {
                     target: TargetConfig {
                         address: listener.local_addr().unwrap(),
                         node: "ps1".into(),
+                        tls: None,
                     },
+                    tls: None,
                     fs: Arc::new(RealFs),
                     groups: vec![g.clone()],
                     ack_timeout: Duration::from_millis(300),

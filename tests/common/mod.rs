@@ -23,6 +23,30 @@ pub fn bin_path(name: &str) -> PathBuf {
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
+        // Cargo gives this test process the variables of the package under test. Build
+        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...)
+        // would see them change between this build and the outer `cargo test`, and
+        // each would rebuild ring and everything above it.
+        for (name, _) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name)
+            {
+                cmd.env_remove(name);
+            }
+        }
         let status = cmd.status().expect("run cargo build for the binaries");
         assert!(status.success(), "cargo build of the binaries failed");
     });
@@ -130,5 +154,115 @@ pub fn start_master_target(
                 std::fs::read_to_string(log).unwrap_or_default()
             )
         }
+    }
+}
+
+/// Now, in milliseconds since 1970.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running `process-server serve`; killed on drop.
+pub struct ProcessServer {
+    pub child: std::process::Child,
+    pub port: u16,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// How long [`ProcessServer::wait_acked_after`] waits.
+    timeout: std::time::Duration,
+}
+
+impl ProcessServer {
+    /// Starts `process-server serve --config CONFIG` (RUST_LOG=info) and waits (up to
+    /// `timeout`) until its NBD port accepts.
+    pub fn start(config: &std::path::Path, timeout: std::time::Duration) -> Self {
+        let mut cmd = Command::new(bin_path("process-server"));
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info");
+        let Started { child, port, log } = start_listening(cmd, timeout);
+        Self {
+            child,
+            port,
+            log,
+            timeout,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs one qemu-io command against `disk`; it must succeed.
+    pub fn qemu_io(&self, disk: &str, cmd: &str) {
+        let uri = format!("nbd://127.0.0.1:{}/{disk}", self.port);
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", &uri, "-c", cmd])
+            .output()
+            .expect("run qemu-io (is qemu-utils installed?)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !text.contains("failed"),
+            "qemu-io {cmd:?} on {disk}: {text}"
+        );
+    }
+
+    /// Waits until the shipper logs an acknowledged consistent point cut after
+    /// `after_unix_ms`.
+    pub fn wait_acked_after(&self, after_unix_ms: u64) {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let log = self.log();
+            let acked = log
+                .lines()
+                .filter(|l| l.contains("point acknowledged") && l.contains("consistent=true"))
+                .filter_map(|l| l.split("point_time_unix_ms=").nth(1))
+                .filter_map(|rest| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+                .any(|t| t > after_unix_ms);
+            if acked {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no point after {after_unix_ms} acknowledged; log:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (a clean stop), and waits for the exit; it must succeed.
+    pub fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success());
+        let status = self.child.wait().expect("wait for process server");
+        // Let the log thread drain the last lines.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let log = self.log();
+        assert!(
+            status.success(),
+            "process server exit {status:?}; log:\n{log}"
+        );
+        log
+    }
+}
+
+impl Drop for ProcessServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

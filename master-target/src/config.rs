@@ -6,6 +6,7 @@
 //! plain_tcp_loopback = true      # plain TCP only on a loopback address, and only if set
 //! node = "mt1"                   # optional: the node id in our hello (default "master-target")
 //! metrics = "127.0.0.1:9101"     # optional: serve GET /metrics (Prometheus) here
+//! log_level = "info"             # optional: tracing directives; RUST_LOG wins when set
 //! # [tls]                        # instead of plain_tcp_loopback: TLS 1.3, mutual
 //! # ca = "certs/ca.pem"          # client certificates must be signed by this CA
 //! # cert = "certs/master-target.pem"
@@ -55,6 +56,8 @@ struct RawConfig {
     node: Option<String>,
     #[serde(default)]
     metrics: Option<String>,
+    #[serde(default)]
+    log_level: Option<String>,
     tls: Option<RawTls>,
     #[serde(default, rename = "group")]
     groups: Vec<RawGroup>,
@@ -104,6 +107,8 @@ pub struct Config {
     pub node: String,
     /// Where `GET /metrics` is served (`metrics`); `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// Log directives (`log_level`); `RUST_LOG` wins when set. Default `info`.
+    pub log_level: String,
     /// `[tls]`: serve TLS 1.3 with mutual authentication; `None`: plain TCP.
     pub tls: Option<TlsFiles>,
     pub groups: Vec<GroupConfig>,
@@ -170,6 +175,13 @@ impl Config {
                 )
             })?),
         };
+        let log_level = raw.log_level.clone().unwrap_or_else(|| "info".to_string());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            return Err(at(
+                "log_level",
+                &format!("{log_level:?} is not a log filter such as \"info\" ({e})"),
+            ));
+        }
         let node = raw.node.unwrap_or_else(|| DEFAULT_NODE.to_string());
         if !datapath::valid_id(&node) {
             return Err(at(
@@ -281,6 +293,7 @@ impl Config {
             plain_tcp_loopback: raw.plain_tcp_loopback,
             node,
             metrics,
+            log_level,
             tls,
             groups,
         })
@@ -431,6 +444,7 @@ replica = "/abs/replica-disk1.img"
             (GOOD.replace("127.0.0.1:10900", "nowhere"), "listen"),
             (GOOD.replace("size = 1048576\n", ""), "size"),
             (format!("metrics = \"9101\"\n{GOOD}"), "metrics"),
+            (format!("log_level = \"info,=[\"\n{GOOD}"), "log_level"),
         ];
         for (text, field) in cases {
             let e = format!("{:#}", load_str(&text).unwrap_err());

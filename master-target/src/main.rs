@@ -107,16 +107,24 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let init_logging = |level: &str| {
+        // RUST_LOG when set, else the config's log_level.
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    };
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        init_logging("info");
+    }
     match cli.cmd {
         Cmd::Serve { config } => {
             let cfg = config::Config::load(&config)?;
+            init_logging(&cfg.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! metrics = "127.0.0.1:9100"   # optional: serve GET /metrics (Prometheus) here
+//! log_level = "info"           # optional: tracing directives; RUST_LOG wins when set
 //!
 //! [nbd]
 //! listen = "127.0.0.1:10809"   # port 0: any free port (logged at start)
@@ -65,6 +66,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     metrics: Option<String>,
+    log_level: Option<String>,
     nbd: FileNbd,
     #[serde(default)]
     tracking: FileTracking,
@@ -140,6 +142,9 @@ pub struct Config {
     pub target: Option<TargetConfig>,
     /// Where `GET /metrics` is served (`metrics`); `None`: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// Log directives (`log_level`, e.g. `info` or `info,process_server::shipper=debug`);
+    /// `RUST_LOG` wins when set. Default `info`.
+    pub log_level: String,
 }
 
 /// The master target to ship to (`[target]`).
@@ -416,12 +421,17 @@ impl Config {
                 format!("metrics: {m:?} is not an address:port (e.g. \"127.0.0.1:9100\")")
             })?),
         };
+        let log_level = file.log_level.unwrap_or_else(|| "info".to_string());
+        tracing_subscriber::EnvFilter::try_new(&log_level).with_context(|| {
+            format!("log_level: {log_level:?} is not a log filter (e.g. \"info\" or \"info,process_server::shipper=debug\")")
+        })?;
         Ok(Self {
             listen,
             tracking,
             groups,
             target,
             metrics,
+            log_level,
         })
     }
 }
@@ -676,6 +686,7 @@ size = 4096
             (GOOD.replace("127.0.0.1:0", "nowhere"), "nbd.listen"),
             (GOOD.replace("[nbd]", "[nbdx]"), "nbdx"),
             (format!("metrics = \"9100\"\n{GOOD}"), "metrics"),
+            (format!("log_level = \"info,=[\"\n{GOOD}"), "log_level"),
             (
                 format!(
                     "{GOOD}[target]\naddress = \"10.0.0.1:10900\"\nnode = \"ps1\"\nplain_tcp = true\n"

@@ -32,8 +32,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve every configured disk over NBD (export name = disk id), writing through
-    /// to its backing file or device. Logs go to stderr; set the level with RUST_LOG
-    /// (default info).
+    /// to its backing file or device. Logs go to stderr; the level is RUST_LOG when
+    /// set, else the config's log_level (default info).
     Serve {
         /// The TOML config file; relative paths in it are resolved against its directory.
         #[arg(long, value_name = "FILE")]
@@ -81,9 +81,11 @@ fn print_versions() {
     );
 }
 
-fn init_logging() {
+/// Logs to stderr: `RUST_LOG` when set, else the config's `log_level`.
+fn init_logging(level: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -92,8 +94,7 @@ fn init_logging() {
         .init();
 }
 
-async fn serve(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&config_path)?;
+async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let exports = Exports::open(&config)
         .with_context(|| format!("open the disks of {}", config_path.display()))?;
     for e in exports.iter() {
@@ -430,12 +431,12 @@ fn main() -> ExitCode {
             json,
         }) => tag(config, group, app_consistent, json),
         Some(Cmd::Status { config, json }) => status(config, json),
-        Some(Cmd::Serve { config }) => {
-            init_logging();
+        Some(Cmd::Serve { config }) => Config::load(&config).and_then(|cfg| {
+            init_logging(&cfg.log_level);
             tokio::runtime::Runtime::new()
                 .context("start the tokio runtime")
-                .and_then(|rt| rt.block_on(serve(config)))
-        }
+                .and_then(|rt| rt.block_on(serve(config, cfg)))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -719,9 +719,11 @@ fn negotiate(
                     flags,
                     block_min_bytes,
                     block_preferred_bytes,
-                    // Never more than the spec's default maximum, whatever was said: a
-                    // simple reply cannot carry more safely, and the server refuses it.
-                    payload_max_bytes: payload_max_bytes.min(REQUEST_BYTES_MAX),
+                    // Never more than the spec's default maximum, whatever was said (a
+                    // simple reply cannot carry more safely), and a multiple of the
+                    // minimum so that split requests stay aligned.
+                    payload_max_bytes: payload_max_bytes.min(REQUEST_BYTES_MAX) / block_min_bytes
+                        * block_min_bytes,
                 });
             }
             REP_INFO => info_reply(&data, &mut got)?,

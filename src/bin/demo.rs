@@ -11,7 +11,7 @@
 //! extents, and a replay of the journal up to the newest point compared byte for byte
 //! with the disks.
 //!
-//! Run: `cargo run --release --bin demo [-- --disk-mib 256 --seconds 10 --keep DIR]`.
+//! Run: `cargo run --release --bin demo [-- --disk-mib 256 --seconds 10 --rate-mib 100 --keep DIR]`.
 //! Any failure ends it with a non-zero exit and a message naming what failed and the
 //! log to read; the directory is then kept.
 
@@ -100,6 +100,11 @@ struct Args {
     /// Seed of the disk layout and the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Write rate of the workload in MiB/s (0: as fast as the server takes them; a
+    /// rate above what replication carries fills the spool and drops the group to
+    /// bitmap-only tracking until a resync).
+    #[arg(long, default_value_t = 100, value_name = "MIB_S")]
+    rate_mib: u64,
 }
 
 /// Set by Ctrl-C; every wait checks it.
@@ -320,8 +325,21 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         t.elapsed().as_millis()
     );
 
+    // TLS 1.3 with mutual certificates, as a deployment would run it.
+    let out = Command::new(bin_dir.join("master-target"))
+        .args(["certs", "--out", "certs", "--process-server", "ps1"])
+        .current_dir(dir)
+        .output()
+        .context("run master-target certs")?;
+    if !out.status.success() {
+        bail!(
+            "master-target certs failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    println!("  certificates for TLS 1.3 (mutual) made with `master-target certs` in certs/");
     let (configs, mt) = start_master_target(bin_dir, dir, disk_bytes)?;
-    println!("  master target listening on {} (log mt.log)", mt.addr);
+    println!("  master target listening on {} (TLS, log mt.log)", mt.addr);
     let ps_start_ms = now_unix_ms();
     let mut ps = ProcessServer::start(bin_dir, dir, &configs)?;
     println!(
@@ -467,15 +485,16 @@ fn write_configs(dir: &Path, disk_bytes: u64, mt_addr: SocketAddr) -> Result<Con
         "# master target of the blockrep demo\n\
          listen = \"{mt_addr}\"\n\
          data_dir = \"mt-data\"\n\
-         plain_tcp_loopback = true\n\
          node = \"mt-demo\"\n\n\
+         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/master-target.pem\"\nkey = \"certs/master-target.key\"\n\n\
          [[group]]\nid = \"{GROUP}\"\n"
     );
     let mut ps = format!(
         "# process server of the blockrep demo\n\
          [nbd]\nlisten = \"127.0.0.1:0\"\n\n\
          [tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = {CUT_INTERVAL_MS}\n\n\
-         [target]\naddress = \"{mt_addr}\"\nnode = \"ps1\"\n\n\
+         [target]\naddress = \"{mt_addr}\"\nnode = \"ps1\"\n\
+         ca = \"certs/ca.pem\"\ncert = \"certs/process-server-ps1.pem\"\nkey = \"certs/process-server-ps1.key\"\n\n\
          [[group]]\nid = \"{GROUP}\"\n\
          freeze = \"echo freeze >> hooks.log\"\n\
          thaw = \"echo thaw >> hooks.log\"\n\
@@ -1015,6 +1034,15 @@ fn workload(
             // application quiesced by the freeze hook would.
             wl.tags.push(tag_app_consistent(&ps.status_cmd, configs)?);
             next_tag = Instant::now() + TAG_EVERY;
+        }
+        if args.rate_mib > 0 {
+            // Ahead of the rate: wait until the clock catches up (not past the end).
+            let due = Duration::from_secs_f64(wl.bytes as f64 / (args.rate_mib << 20) as f64);
+            let wake = (start + due).min(end);
+            let now = Instant::now();
+            if wake > now {
+                std::thread::sleep(wake - now);
+            }
         }
         if tty && last_print.elapsed() >= Duration::from_millis(250) {
             last_print = Instant::now();

@@ -136,9 +136,10 @@ pub use control::{
     encode_error, encode_hash_list, encode_hello,
 };
 pub use data::{
-    DATA_FIXED_BYTES, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo, DataFrameMeta, Decoder,
-    EXTENT_ENTRY_BYTES, EXTENT_FLAG_ZERO, EncodeStats, Encoder, ExtentEntry, MAX_EXTENTS,
-    MAX_PLAIN_BYTES, MAX_ZERO_BYTES, PayloadEncoding, encoded_plain_bytes, peek_data,
+    DATA_FIXED_BYTES, DATA_HEAD_BYTES_MAX, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo,
+    DataFrameMeta, Decoder, EXTENT_ENTRY_BYTES, EXTENT_FLAG_ZERO, EncodeStats, Encoder,
+    ExtentEntry, MAX_EXTENTS, MAX_PLAIN_BYTES, MAX_ZERO_BYTES, PayloadEncoding,
+    encoded_plain_bytes, peek_data, peek_data_head,
 };
 
 /// The frame magic. Never modify: it names the format on every wire and disk.
@@ -365,6 +366,10 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8]) -> Self {
         Self { buf, pos: 0 }
+    }
+    /// Bytes consumed so far.
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
     }
     pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
         let rest = self.buf.len() - self.pos;

@@ -15,6 +15,7 @@
 //! | [`spool`]    | the process server's bounded on-disk queue of captured writes         |
 //! | [`journal`]  | the master target's per-group log of frames and recovery points       |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
+//! | [`pointview`] | a recovery point as a readable disk: the replica with the journal laid over it |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
@@ -46,6 +47,7 @@ pub mod journal;
 mod le;
 pub mod metrics;
 pub mod nbd;
+pub mod pointview;
 pub mod spool;
 pub mod storage;
 #[cfg(test)]

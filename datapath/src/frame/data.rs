@@ -629,7 +629,31 @@ fn invalid(field: &'static str, why: String) -> FrameError {
 
 /// Parses a data body (crc already checked) with every bound checked before allocating.
 fn parse_table(body: &[u8]) -> Result<Table<'_>, FrameError> {
-    let mut r = Reader::new(body);
+    let head = parse_head(body, body.len())?;
+    let payload = &body[head.payload_at..];
+    Ok(Table {
+        meta: head.meta,
+        entries: head.entries,
+        encoding: head.encoding,
+        plain_bytes: head.plain_bytes,
+        payload,
+    })
+}
+
+/// A data body's fields and checked extent table, and where its payload starts.
+struct Head {
+    meta: DataFrameMeta,
+    entries: Vec<ExtentEntry>,
+    encoding: PayloadEncoding,
+    plain_bytes: u32,
+    payload_bytes: u32,
+    payload_at: usize,
+}
+
+/// Parses the fields and the extent table of a data body of `body_len` bytes from
+/// `prefix`, its first bytes (all of it, or at least up to the end of the table).
+fn parse_head(prefix: &[u8], body_len: usize) -> Result<Head, FrameError> {
+    let mut r = Reader::new(prefix);
     let epoch = r.u64("epoch")?;
     let count = r.u32("extent_count")?;
     if count == 0 {
@@ -681,13 +705,13 @@ fn parse_table(body: &[u8]) -> Result<Table<'_>, FrameError> {
     let disk = r.id("disk")?;
     let table_bytes = count as usize * EXTENT_ENTRY_BYTES;
     let expected = table_bytes + payload_bytes as usize;
-    if r.remaining() != expected {
+    let follow = body_len.saturating_sub(r.pos());
+    if follow != expected {
         return Err(invalid(
             "data body",
             format!(
-                "{} bytes follow the ids; {count} extents and a payload of {payload_bytes} \
-                 need {expected}",
-                r.remaining()
+                "{follow} bytes follow the ids; {count} extents and a payload of \
+                 {payload_bytes} need {expected}"
             ),
         ));
     }
@@ -751,14 +775,57 @@ fn parse_table(body: &[u8]) -> Result<Table<'_>, FrameError> {
             format!("{plain_bytes}, but the data extents hold {data_sum}"),
         ));
     }
-    let payload = r.take(payload_bytes as usize, "payload")?;
-    r.finish("data body")?;
-    Ok(Table {
+    let payload_at = r.pos();
+    if prefix.len() == body_len {
+        r.take(payload_bytes as usize, "payload")?;
+        r.finish("data body")?;
+    }
+    Ok(Head {
         meta: DataFrameMeta { group, disk, epoch },
         entries,
         encoding,
         plain_bytes,
-        payload,
+        payload_bytes,
+        payload_at,
+    })
+}
+
+/// Bytes of the start of a data frame that always hold its whole extent table: header,
+/// fixed fields, two ids of the longest length and [`MAX_EXTENTS`] entries.
+pub const DATA_HEAD_BYTES_MAX: usize = super::HEADER_BYTES
+    + DATA_FIXED_BYTES
+    + 2 * (1 + ID_BYTES_MAX)
+    + MAX_EXTENTS as usize * EXTENT_ENTRY_BYTES;
+
+/// The extent table of a data frame from the first bytes of it (at least up to the end
+/// of the table; [`DATA_HEAD_BYTES_MAX`] always suffice), without its payload. Every
+/// field and extent is checked as in [`peek_data`], but NOT the crc, which covers the
+/// whole frame: for indexing frames whose crc was checked when they were stored (a
+/// journal); read the whole frame with [`Decoder::decode_data`] before trusting its
+/// bytes. A prefix too short for the table is [`FrameError::Truncated`].
+pub fn peek_data_head(prefix: &[u8]) -> Result<DataFrameInfo, FrameError> {
+    let head: &[u8; super::HEADER_BYTES] = prefix
+        .get(..super::HEADER_BYTES)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(FrameError::Truncated {
+            field: "header",
+            need: super::HEADER_BYTES,
+            got: prefix.len(),
+        })?;
+    let h = FrameHeader::parse(head)?;
+    if h.kind != FrameKind::Data {
+        return Err(invalid("kind", format!("{:?}, expected Data", h.kind)));
+    }
+    let body = &prefix[super::HEADER_BYTES..];
+    let body = &body[..body.len().min(h.body_len as usize)];
+    let t = parse_head(body, h.body_len as usize)?;
+    Ok(DataFrameInfo {
+        seq: h.seq,
+        meta: t.meta,
+        entries: t.entries,
+        encoding: t.encoding,
+        plain_bytes: t.plain_bytes.into(),
+        payload_bytes: t.payload_bytes.into(),
     })
 }
 

@@ -789,3 +789,45 @@ proptest! {
         prop_assert_eq!(g.entries(), f.entries());
     }
 }
+
+/// Proves `peek_data_head` reads the same table as `peek_data` from any prefix that
+/// holds the table (the whole frame, the table's end, `DATA_HEAD_BYTES_MAX`), says
+/// Truncated for a shorter one, and never panics on a prefix of any length or on
+/// random bytes.
+#[test]
+fn peek_head_from_prefixes() {
+    let f = frame_a();
+    let full = peek_data(&f).unwrap();
+    assert_eq!(peek_data_head(&f).unwrap(), full);
+    let table_end = HEADER_BYTES
+        + DATA_FIXED_BYTES
+        + 2
+        + meta().group.len()
+        + meta().disk.len()
+        + full.entries.len() * EXTENT_ENTRY_BYTES;
+    assert_eq!(peek_data_head(&f[..table_end]).unwrap(), full);
+    assert!(matches!(
+        peek_data_head(&f[..table_end - 1]),
+        Err(FrameError::Truncated { .. })
+    ));
+    for n in 0..f.len() {
+        let _ = peek_data_head(&f[..n]);
+    }
+    let mut rng = crate::testutil::Rng(99);
+    for _ in 0..2000 {
+        let n = rng.below(600) as usize;
+        let mut b: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+        if b.len() >= 8 && rng.below(2) == 0 {
+            b[..8].copy_from_slice(&f[..8]);
+        }
+        let _ = peek_data_head(&b);
+    }
+    // A body length that disagrees with the table is refused, prefix or not.
+    let mut g = f.clone();
+    put_u32(&mut g, 8, full_body_len(&f) + 1);
+    assert!(peek_data_head(&g[..table_end]).is_err());
+}
+
+fn full_body_len(f: &[u8]) -> u32 {
+    u32::from_le_bytes(f[8..12].try_into().unwrap())
+}

@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 mod certs;
 mod config;
 mod control;
+mod export;
 mod metrics;
 mod query;
 mod reader;
@@ -101,6 +102,22 @@ enum Cmd {
         #[arg(long = "process-server", value_name = "NODE", required = true)]
         nodes: Vec<String>,
     },
+    /// Test failover: serve every disk of a group as it was at a point over NBD
+    /// (export name = disk id), without touching the replicas. Writes go to a throwaway
+    /// overlay, removed when the export ends (SIGINT or SIGTERM). Prints `listening on
+    /// ADDR` once ready. Needs the server stopped for now.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// A point id, latest, latest-processed or latest-app.
+        #[arg(long, value_name = "SPEC")]
+        point: String,
+        /// Where to serve NBD (port 0: any free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the versions of the formats this build reads and writes.
     Version,
 }
@@ -136,6 +153,12 @@ fn main() -> anyhow::Result<()> {
             json,
         } => query::points(&config::Config::load(&config)?, &group, json),
         Cmd::Status { config, json } => query::status(&config::Config::load(&config)?, json),
+        Cmd::Export {
+            config,
+            group,
+            point,
+            listen,
+        } => export::run_offline(&config::Config::load(&config)?, &group, &point, listen),
         Cmd::Certs {
             out,
             master_target_names,

@@ -50,6 +50,43 @@ const _: () = assert!(IN_FLIGHT_BYTES_MAX >= nbd::REQUEST_BYTES_MAX);
 
 static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0u8; ZERO_CHUNK_BYTES];
 
+/// What an export's requests read and write: the backing file or device of a protected
+/// disk, or on the master target a recovery point with a throwaway overlay (test
+/// failover). Called from blocking threads, concurrently.
+pub trait BlockStore: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `data` at `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write before it durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Writes `len` zero bytes at `offset` (TRIM is served the same way, so a trimmed
+    /// range reads back as zeros and the replica can be told exactly what the disk holds).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
+            self.write_at(&ZEROS[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockStore for std::fs::File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(data, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
 /// One protected disk as an export.
 #[derive(Debug)]
 pub struct Export {
@@ -57,7 +94,8 @@ pub struct Export {
     pub id: String,
     /// The disk's consistency group.
     pub group: String,
-    pub file: std::fs::File,
+    /// Where its bytes are.
+    pub store: Arc<dyn BlockStore>,
     /// The backing file or device.
     pub path: std::path::PathBuf,
     pub size_bytes: u64,
@@ -85,7 +123,7 @@ impl Exports {
                 list.push(Export {
                     id: d.id.clone(),
                     group: g.id.clone(),
-                    file,
+                    store: Arc::new(file),
                     path: d.path.clone(),
                     size_bytes,
                 });
@@ -472,7 +510,7 @@ fn execute(
     let finish_write = |written: Result<(), Errno>| {
         let r = written.and_then(|()| {
             if req.fua() {
-                export.file.sync_data().map_err(|e| io_fail("fua sync", e))
+                export.store.sync().map_err(|e| io_fail("fua sync", e))
             } else {
                 Ok(())
             }
@@ -486,8 +524,8 @@ fn execute(
         Command::Read => {
             let mut buf = vec![0u8; req.len as usize];
             export
-                .file
-                .read_exact_at(&mut buf, req.offset)
+                .store
+                .read_at(&mut buf, req.offset)
                 .map_err(|e| io_fail("read", e))?;
             Ok(Some(buf))
         }
@@ -497,8 +535,8 @@ fn execute(
                 .before_write(disk, req.offset, len)
                 .map_err(|e| hook_fail("before_write", e))?;
             let written = export
-                .file
-                .write_all_at(&payload, req.offset)
+                .store
+                .write_at(&payload, req.offset)
                 .map_err(|e| io_fail("write", e));
             finish_write(written)?;
             capture
@@ -511,7 +549,10 @@ fn execute(
             capture
                 .before_write(disk, req.offset, len)
                 .map_err(|e| hook_fail("before_write", e))?;
-            let written = zero_range(&export.file, req.offset, len).map_err(|e| io_fail("zero", e));
+            let written = export
+                .store
+                .write_zeroes(req.offset, len)
+                .map_err(|e| io_fail("zero", e));
             finish_write(written)?;
             capture
                 .after_write(disk, req.offset, WriteData::Zero(len))
@@ -519,23 +560,11 @@ fn execute(
             Ok(None)
         }
         Command::Flush => {
-            export.file.sync_data().map_err(|e| io_fail("flush", e))?;
+            export.store.sync().map_err(|e| io_fail("flush", e))?;
             capture.flush(disk).map_err(|e| hook_fail("flush", e))?;
             Ok(None)
         }
         // DISC is handled by the reader and unknown commands are refused by check.
         Command::Disc | Command::Other(_) => Err(Errno::Inval),
     }
-}
-
-/// Writes zeros over a range. TRIM is served the same way so that a trimmed range
-/// reads back as zeros and the replica can be told exactly what the disk holds.
-fn zero_range(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
-        file.write_all_at(&ZEROS[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

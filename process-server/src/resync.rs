@@ -17,7 +17,6 @@
 //! Progress: a bar on a terminal (stderr), a log line every [`LOG_EVERY`], and the
 //! tracker's [`datapath::tracker::ResyncProgress`] in `status`.
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -196,7 +195,7 @@ fn read_and_record(
     let ranges = tracking.in_flight();
     ranges.acquire(disk, ext.offset, ext.len);
     let r = (|| {
-        export.file.read_exact_at(buf, ext.offset).map_err(|e| {
+        export.store.read_at(buf, ext.offset).map_err(|e| {
             anyhow::anyhow!(
                 "read {} bytes at {} of {}: {e}",
                 ext.len,

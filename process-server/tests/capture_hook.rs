@@ -108,7 +108,7 @@ fn start() -> Harness {
     let exports = Exports::new(vec![Export {
         id: "disk0".into(),
         group: "g1".into(),
-        file,
+        store: Arc::new(file),
         path: path.clone(),
         size_bytes: DISK_BYTES,
     }]);

@@ -91,15 +91,26 @@ struct Src {
     zero: bool,
 }
 
-/// Non-overlapping byte ranges of one disk, each with its source; later inserts win.
-#[derive(Clone, Debug, Default)]
-struct RangeMap {
-    /// start -> (end, source).
-    map: BTreeMap<u64, (u64, Src)>,
+/// Non-overlapping byte ranges, each with a value; a later insert wins over what it
+/// overlaps (which is split around it). The index of a point, and an export's map of
+/// what its overlay holds.
+#[derive(Clone, Debug)]
+pub struct RangeMap<V> {
+    /// start -> (end, value).
+    map: BTreeMap<u64, (u64, V)>,
 }
 
-impl RangeMap {
-    fn insert(&mut self, start: u64, end: u64, src: Src) {
+impl<V> Default for RangeMap<V> {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Copy> RangeMap<V> {
+    /// Sets `[start, end)` to `src`.
+    pub fn insert(&mut self, start: u64, end: u64, src: V) {
         if start >= end {
             return;
         }
@@ -123,8 +134,9 @@ impl RangeMap {
         self.map.insert(start, (end, src));
     }
 
-    /// The pieces of `[start, end)`: `(from, to, source)`, `None` where no frame wrote.
-    fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<Src>)> {
+    /// The pieces of `[start, end)` in order: `(from, to, value)`, `None` where nothing
+    /// was inserted.
+    pub fn pieces(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<V>)> {
         let mut out = Vec::new();
         let mut at = start;
         // A range that starts before `start` and reaches into it.
@@ -152,8 +164,14 @@ impl RangeMap {
         out
     }
 
-    fn len(&self) -> usize {
+    /// Ranges held.
+    pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Whether nothing was inserted.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -176,7 +194,7 @@ struct FrameLoc {
 #[derive(Debug)]
 pub struct PointIndex {
     disks: Vec<ViewDisk>,
-    maps: Vec<RangeMap>,
+    maps: Vec<RangeMap<Src>>,
     frames: HashMap<u64, FrameLoc>,
 }
 
@@ -199,7 +217,7 @@ impl PointIndex {
         frames: &[FrameEntry],
         disks: &[ViewDisk],
     ) -> Result<(Self, IndexStats), PointViewError> {
-        let mut maps = vec![RangeMap::default(); disks.len()];
+        let mut maps: Vec<RangeMap<Src>> = vec![RangeMap::default(); disks.len()];
         let mut locs = HashMap::new();
         let mut stats = IndexStats::default();
         let mut open: Option<(u64, Box<dyn StorageFile>)> = None;

@@ -14,7 +14,6 @@
 //! The NBD server is write capture's ([`process_server::nbd_server`]) with a
 //! [`BlockStore`] per disk and no capture hook.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -23,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use datapath::journal::{FrameEntry, Journal};
-use datapath::pointview::{IndexStats, PointIndex, PointView, ViewDisk};
+use datapath::pointview::{IndexStats, PointIndex, PointView, RangeMap, ViewDisk};
 use datapath::storage::RealFs;
 use process_server::nbd_server::{BlockStore, Export, Exports};
 
@@ -35,8 +34,8 @@ pub struct PointStore {
     view: Arc<Mutex<PointView>>,
     overlay: File,
     overlay_path: PathBuf,
-    /// Byte ranges written through the export: start -> end, merged.
-    written: Mutex<BTreeMap<u64, u64>>,
+    /// Byte ranges written through the export (they are in the overlay).
+    written: Mutex<RangeMap<()>>,
 }
 
 impl std::fmt::Debug for PointStore {
@@ -53,61 +52,13 @@ fn lock<T>(m: &Mutex<T>) -> io::Result<std::sync::MutexGuard<'_, T>> {
         .map_err(|_| io::Error::other("an export thread panicked"))
 }
 
-impl PointStore {
-    /// The pieces of `[start, end)`: `(from, to, written)`.
-    fn pieces(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64, bool)>> {
-        let w = lock(&self.written)?;
-        let mut out = Vec::new();
-        let mut at = start;
-        let before = w
-            .range(..start)
-            .next_back()
-            .filter(|(_, e)| **e > start)
-            .map(|(s, e)| (*s, *e));
-        for (s, e) in before
-            .into_iter()
-            .chain(w.range(start..end).map(|(s, e)| (*s, *e)))
-        {
-            let from = s.max(start);
-            if from > at {
-                out.push((at, from, false));
-            }
-            let to = e.min(end);
-            out.push((from, to, true));
-            at = to;
-        }
-        if at < end {
-            out.push((at, end, false));
-        }
-        Ok(out)
-    }
-
-    fn mark_written(&self, start: u64, end: u64) -> io::Result<()> {
-        let mut w = lock(&self.written)?;
-        let (mut s, mut e) = (start, end);
-        // Merge with every range that touches [s, e).
-        let touching: Vec<(u64, u64)> = w
-            .range(..=e)
-            .rev()
-            .take_while(|(_, re)| **re >= s)
-            .map(|(a, b)| (*a, *b))
-            .collect();
-        for (a, b) in touching {
-            w.remove(&a);
-            s = s.min(a);
-            e = e.max(b);
-        }
-        w.insert(s, e);
-        Ok(())
-    }
-}
-
 impl BlockStore for PointStore {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset + buf.len() as u64;
-        for (from, to, written) in self.pieces(offset, end)? {
+        let pieces = lock(&self.written)?.pieces(offset, end);
+        for (from, to, written) in pieces {
             let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            if written {
+            if written.is_some() {
                 self.overlay.read_exact_at(out, from)?;
             } else {
                 lock(&self.view)?
@@ -120,7 +71,8 @@ impl BlockStore for PointStore {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.overlay.write_all_at(data, offset)?;
-        self.mark_written(offset, offset + data.len() as u64)
+        lock(&self.written)?.insert(offset, offset + data.len() as u64, ());
+        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -208,7 +160,7 @@ pub fn build(
                     view: view.clone(),
                     overlay,
                     overlay_path,
-                    written: Mutex::new(BTreeMap::new()),
+                    written: Mutex::new(RangeMap::default()),
                 }),
                 path: d.replica.clone(),
                 size_bytes: d.size_bytes,

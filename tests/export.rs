@@ -34,21 +34,19 @@ fn replicas(dir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// `master-target export` of group g1 at `point` on any free loopback port.
+fn export_cmd(config: &Path, point: &str) -> Command {
+    let mut cmd = Command::new(common::bin_path("master-target"));
+    cmd.args(["export", "--group", "g1", "--listen", "127.0.0.1:0"])
+        .args(["--point", point, "--config"])
+        .arg(config);
+    cmd
+}
+
 /// Starts `master-target export` and returns it with the address it serves.
 fn start_export(config: &Path, point: &str) -> (Child, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(common::bin_path("master-target"))
-        .args([
-            "export",
-            "--group",
-            "g1",
-            "--listen",
-            "127.0.0.1:0",
-            "--point",
-            point,
-        ])
-        .arg("--config")
-        .arg(config)
+    let mut child = export_cmd(config, point)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -88,20 +86,7 @@ fn fetch(addr: &str, disk: &str, into: &Path) -> Vec<u8> {
 }
 
 fn qemu_io(addr: &str, disk: &str, cmd: &str) -> String {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &format!("nbd://{addr}/{disk}"), "-c", cmd])
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "{cmd}: {text}"
-    );
-    text
+    common::qemu_io(&format!("nbd://{addr}/{disk}"), cmd)
 }
 
 /// Proves an export serves exactly the disks as they were at the chosen point (an older
@@ -192,20 +177,7 @@ fn export_serves_exactly_the_point() {
 
     // Bad specs are refused with a reason.
     for (spec, why) in [("nope", "not a point id"), ("999999", "no point 999999")] {
-        let out = Command::new(common::bin_path("master-target"))
-            .args([
-                "export",
-                "--group",
-                "g1",
-                "--listen",
-                "127.0.0.1:0",
-                "--point",
-                spec,
-            ])
-            .arg("--config")
-            .arg(d.join("mt.toml"))
-            .output()
-            .unwrap();
+        let out = export_cmd(&d.join("mt.toml"), spec).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(why), "{spec}: {err}");
     }

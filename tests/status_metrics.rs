@@ -129,20 +129,7 @@ impl Pair {
     /// Writes `len` bytes of `src` at `offset` of `disk` with qemu-io over NBD.
     fn write(&self, disk: &str, src: &Path, offset: u64, len: u64) {
         let uri = format!("nbd://127.0.0.1:{}/{disk}", self.nbd_port);
-        let cmd = format!("write -s {} {offset} {len}", src.display());
-        let out = Command::new("qemu-io")
-            .args(["-f", "raw", &uri, "-c", &cmd])
-            .output()
-            .expect("run qemu-io (is qemu-utils installed?)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "qemu-io {cmd:?} on {disk}: {text}"
-        );
+        common::qemu_io(&uri, &format!("write -s {} {offset} {len}", src.display()));
     }
 
     /// Waits until the process server reports a point cut after `after_unix_ms` as

@@ -157,6 +157,25 @@ pub fn start_master_target(
     }
 }
 
+/// Runs one qemu-io command against the NBD export `uri`; it must succeed. Returns its
+/// output.
+pub fn qemu_io(uri: &str, cmd: &str) -> String {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", uri, "-c", cmd])
+        .output()
+        .expect("run qemu-io (is qemu-utils installed?)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd:?} on {uri}: {text}"
+    );
+    text
+}
+
 /// Now, in milliseconds since 1970.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -197,20 +216,7 @@ impl ProcessServer {
 
     /// Runs one qemu-io command against `disk`; it must succeed.
     pub fn qemu_io(&self, disk: &str, cmd: &str) {
-        let uri = format!("nbd://127.0.0.1:{}/{disk}", self.port);
-        let out = Command::new("qemu-io")
-            .args(["-f", "raw", &uri, "-c", cmd])
-            .output()
-            .expect("run qemu-io (is qemu-utils installed?)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "qemu-io {cmd:?} on {disk}: {text}"
-        );
+        qemu_io(&format!("nbd://127.0.0.1:{}/{disk}", self.port), cmd);
     }
 
     /// Waits until the shipper logs an acknowledged consistent point cut after

@@ -591,15 +591,7 @@ pub struct DataFrameInfo {
 /// decompressing or checking the blake3 hashes (use [`Decoder::decode_data`] for that).
 pub fn peek_data(frame: &[u8]) -> Result<DataFrameInfo, FrameError> {
     let (h, body) = verify_kind(frame, FrameKind::Data)?;
-    let t = parse_table(body)?;
-    Ok(DataFrameInfo {
-        seq: h.seq,
-        meta: t.meta,
-        entries: t.entries,
-        encoding: t.encoding,
-        plain_bytes: t.plain_bytes.into(),
-        payload_bytes: t.payload.len() as u64,
-    })
+    Ok(parse_head(body, body.len())?.info(h.seq))
 }
 
 /// The `plain_bytes` field of a data frame this process encoded itself, read without
@@ -648,6 +640,19 @@ struct Head {
     plain_bytes: u32,
     payload_bytes: u32,
     payload_at: usize,
+}
+
+impl Head {
+    fn info(self, seq: u64) -> DataFrameInfo {
+        DataFrameInfo {
+            seq,
+            meta: self.meta,
+            entries: self.entries,
+            encoding: self.encoding,
+            plain_bytes: self.plain_bytes.into(),
+            payload_bytes: self.payload_bytes.into(),
+        }
+    }
 }
 
 /// Parses the fields and the extent table of a data body of `body_len` bytes from
@@ -818,15 +823,7 @@ pub fn peek_data_head(prefix: &[u8]) -> Result<DataFrameInfo, FrameError> {
     }
     let body = &prefix[super::HEADER_BYTES..];
     let body = &body[..body.len().min(h.body_len as usize)];
-    let t = parse_head(body, h.body_len as usize)?;
-    Ok(DataFrameInfo {
-        seq: h.seq,
-        meta: t.meta,
-        entries: t.entries,
-        encoding: t.encoding,
-        plain_bytes: t.plain_bytes.into(),
-        payload_bytes: t.payload_bytes.into(),
-    })
+    Ok(parse_head(body, h.body_len as usize)?.info(h.seq))
 }
 
 /// Decodes and verifies frames. Holds a zstd context and a spare plain buffer reused

@@ -10,6 +10,7 @@
 //! | [`store`]  | files per group and disk, and the group lock                  |
 //! | [`reader`] | cutting the byte stream into frames with bounded memory        |
 //! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
+//! | [`retention`] | the retention fold per group: who runs it, when, what it reports |
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
@@ -26,6 +27,7 @@ mod control;
 mod metrics;
 mod query;
 mod reader;
+mod retention;
 mod server;
 mod store;
 mod timefmt;

@@ -139,6 +139,9 @@ impl GroupRetention {
     /// next step retries, and nothing is lost meanwhile.
     pub fn step(&self, j: &mut Journal) -> bool {
         let policy = self.cfg.retention_policy();
+        // Near the limit is judged on the journal as the step finds it: a fold for
+        // space brings it down again, and the warning must come before that.
+        self.check_near_limit(j.bytes());
         let started = Instant::now();
         let mut dec = Decoder::new();
         let now = now_unix_ms();
@@ -157,11 +160,20 @@ impl GroupRetention {
                 false
             }
         };
-        let mut s = self.state();
-        s.last_run = Some(Instant::now());
-        s.backlog = backlog;
-        let bytes = j.bytes();
+        {
+            let mut s = self.state();
+            s.last_run = Some(Instant::now());
+            s.backlog = backlog;
+        }
+        self.check_near_limit(j.bytes());
+        backlog
+    }
+
+    /// Warns once each time the journal crosses [`retention::NEAR_LIMIT_PERCENT`] of its
+    /// limit upwards.
+    fn check_near_limit(&self, bytes: u64) {
         let near = retention::near_limit(bytes, self.cfg.journal_bytes_max);
+        let mut s = self.state();
         if near && !s.near_limit {
             tracing::warn!(
                 group = %self.cfg.id,
@@ -169,13 +181,12 @@ impl GroupRetention {
                 journal_bytes_max = self.cfg.journal_bytes_max,
                 "journal at {}% of journal_bytes_max: beyond the limit the oldest points will be \
                  dropped for space (raise journal_bytes_max or shorten retention)",
-                bytes.saturating_mul(100) / self.cfg.journal_bytes_max.max(1)
+                u128::from(bytes) * 100 / u128::from(self.cfg.journal_bytes_max.max(1))
             );
         } else if !near && s.near_limit {
-            tracing::info!(group = %self.cfg.id, journal_bytes = bytes, "journal back below 80% of journal_bytes_max");
+            tracing::debug!(group = %self.cfg.id, journal_bytes = bytes, "journal back below the warning level of journal_bytes_max");
         }
         s.near_limit = near;
-        backlog
     }
 
     /// Logs a step and counts it.

@@ -29,7 +29,8 @@
 //! | `journal.state`                        | the base seq, replaced with [`storage::write_atomic`] |
 //! | `journal.state.tmp`                    | a leftover of an interrupted replace; ignored     |
 //!
-//! Other names in the directory are ignored.
+//! Other names in the directory are ignored, among them the retention fold's intent
+//! `retention.intent` ([`crate::retention`]).
 //!
 //! ## Segment header, version 1 (all integers little-endian)
 //!

@@ -39,6 +39,13 @@
 //! someone else between two calls. A caller keeps calling while
 //! [`FoldReport::done`] is false and it has the time.
 //!
+//! **The base need not be a point.** DESIGN.md speaks of the replicas at the group's
+//! *base point*; with bounded steps the base may stop between two points (mid-epoch),
+//! until the next step reaches the target. Nothing depends on the base being a point:
+//! every point after it is the replicas plus the frames up to it, exactly, and the
+//! points before it have left the list. A fold that runs to its end (the usual case,
+//! one step for up to 256 MiB) leaves the base at a consistent point.
+//!
 //! # Order of durable steps
 //!
 //! | step | what                                                                          |

@@ -433,8 +433,15 @@ fn status_text(st: &Status) -> String {
         };
         let _ = write!(
             out,
-            "  {}: {}, {peer}, durable seq {}, {} points, newest {newest}, journal {} bytes",
-            g.id, g.state, g.durable_seq, g.points, g.journal_bytes
+            "  {}: {}, {peer}, durable seq {}, {} points, newest {newest}, journal {} bytes \
+             (max {}, retention {})",
+            g.id,
+            g.state,
+            g.durable_seq,
+            g.points,
+            g.journal_bytes,
+            g.journal_bytes_max,
+            age(g.retention_ms)
         );
         if let Some(r) = g.receive_bytes_per_s {
             let _ = write!(out, ", receiving {}", human_rate(r));
@@ -484,5 +491,38 @@ fn human_rate(bytes_per_s: f64) -> String {
         format!("{v:.0} {}", UNITS[u])
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proves the journal warning appears at 80% of the limit, names the points dropped
+    /// for space and the newest one's time, and is null otherwise.
+    #[test]
+    fn journal_warning_levels() {
+        assert_eq!(journal_warning(79, 100, None), None);
+        assert_eq!(
+            journal_warning(79, 100, Some(&RetentionTotals::default())),
+            None
+        );
+        let w = journal_warning(80, 100, None).unwrap();
+        assert!(w.contains("80%") && w.contains("journal_bytes_max"), "{w}");
+        let t = RetentionTotals {
+            space_dropped_points: 3,
+            newest_space_dropped_time_unix_ms: Some(1_700_000_000_000),
+            ..RetentionTotals::default()
+        };
+        let w = journal_warning(10, 100, Some(&t)).unwrap();
+        assert!(
+            w.contains("3 points dropped for space") && w.contains("2023-11-14T22:13:20.000Z"),
+            "{w}"
+        );
+        assert!(
+            journal_warning(u64::MAX, 1, Some(&t))
+                .unwrap()
+                .contains("; ")
+        );
     }
 }

@@ -143,6 +143,8 @@ struct SlotState {
     journal: Option<Journal>,
     /// The idle retention fold has the journal for one bounded step; a claim waits.
     folding: bool,
+    /// A claim waits for the idle fold: it takes no further step until the claim is in.
+    claim_waiting: bool,
     /// The connection that holds the group.
     holder: Option<Holder>,
 }
@@ -218,6 +220,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 state: Mutex::new(SlotState {
                     journal: Some(journal),
                     folding: false,
+                    claim_waiting: false,
                     holder: None,
                 }),
                 metrics: gm,
@@ -733,8 +736,9 @@ fn claim(
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
             match &s.holder {
                 // The idle retention fold has the journal for one bounded step.
-                None if s.folding => {}
+                None if s.folding => s.claim_waiting = true,
                 None => {
+                    s.claim_waiting = false;
                     s.holder = Some(Holder {
                         peer,
                         node: node.to_string(),
@@ -1057,7 +1061,8 @@ async fn retention_forever(slot: Arc<GroupSlot>) {
 }
 
 /// Takes the journal out of an unheld slot (marked `folding`) for one step at a time,
-/// giving it back between steps so that a claim gets in.
+/// giving it back between steps and stopping as soon as a claim waits, so that a
+/// process server gets its group back within one step however large the backlog.
 fn fold_idle(slot: &GroupSlot) {
     /// Gives the journal back and clears `folding`, also on a panic (then `None`: the
     /// next claim reopens the journal).
@@ -1080,7 +1085,7 @@ fn fold_idle(slot: &GroupSlot) {
     loop {
         let journal = {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.holder.is_some() || s.folding {
+            if s.holder.is_some() || s.folding || s.claim_waiting {
                 return;
             }
             let Some(j) = s.journal.take() else {

@@ -55,7 +55,8 @@ enum Cmd {
         config: PathBuf,
     },
     /// List a group's durable recovery points, oldest first (asks the running server,
-    /// or reads the journal when none runs).
+    /// or reads the journal when none runs). Points older than the group's `retention`
+    /// are folded into the replicas and no longer listed.
     Points {
         #[arg(long)]
         config: PathBuf,
@@ -65,8 +66,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show per group the state, peer, durable seq, points, RPO, journal size and
-    /// receive throughput, and per disk its replica and state (live from the running
+    /// Show per group the state, peer, durable seq, points, RPO, journal size (with its
+    /// limit and a warning near it), retention and receive throughput, and per disk its replica and state (live from the running
     /// server, or read from disk when none runs: then "running": false).
     Status {
         #[arg(long)]

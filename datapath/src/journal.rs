@@ -29,7 +29,8 @@
 //! | `journal.state`                        | the base seq, replaced with [`storage::write_atomic`] |
 //! | `journal.state.tmp`                    | a leftover of an interrupted replace; ignored     |
 //!
-//! Other names in the directory are ignored.
+//! Other names in the directory are ignored, among them the retention fold's intent
+//! `retention.intent` ([`crate::retention`]).
 //!
 //! ## Segment header, version 1 (all integers little-endian)
 //!
@@ -245,6 +246,15 @@ pub struct FrameEntry {
     /// Whole frame length, header included.
     pub len: u32,
     pub kind: FrameKind,
+}
+
+/// One segment file, as [`Journal::segments`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Seq of its first frame (also in its name).
+    pub first_seq: u64,
+    /// Bytes in the file, header included.
+    pub bytes: u64,
 }
 
 /// A recovery point in the index.
@@ -1037,6 +1047,36 @@ impl Journal {
     /// Number of segment files.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
+    }
+
+    /// The segment files, oldest first: where each starts and how many bytes it holds
+    /// (frames not yet committed included). The retention fold plans with it: a
+    /// [`Journal::drop_through`] removes whole segments only, never the active one.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.segments
+            .iter()
+            .map(|s| SegmentInfo {
+                first_seq: s.first_seq,
+                bytes: s.len_bytes,
+            })
+            .collect()
+    }
+
+    /// Bytes of every segment file (headers included): what the journal occupies on
+    /// disk, apart from its 96-byte state file.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len_bytes).sum()
+    }
+
+    /// The journal's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file system the journal lives on (a file next to it, such as the retention
+    /// fold's intent, must be written through the same one).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.fs
     }
 
     /// Appends one whole frame (a data or point frame as verified off the wire): writes it

@@ -16,6 +16,7 @@
 //! | [`journal`]  | the master target's per-group log of frames and recovery points       |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`pointview`] | a recovery point as a readable disk: the replica with the journal laid over it |
+//! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
@@ -35,6 +36,7 @@
 //! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |
 //! | spool release           | target ack received -> segments wholly below it removed -> directory synced  |
 //! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
+//! | retention fold          | intent replaced ([`storage::write_atomic`]) -> frames applied to replicas -> replicas synced -> journal `drop_through` (state replaced, segments removed, directory synced) |
 //! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
 
@@ -48,6 +50,7 @@ mod le;
 pub mod metrics;
 pub mod nbd;
 pub mod pointview;
+pub mod retention;
 pub mod spool;
 pub mod storage;
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! file system: captured writes enter the spool, each epoch is coalesced in an epoch
 //! map and encoded into frames, the journal takes them with group commit, a crash hits
 //! at a random durability step and shipping resumes from the journal's durable point,
-//! retention folds the oldest history into the replica, and failback (with undo)
-//! to any retained point gives exactly the disk as it was at that point.
+//! retention ([`datapath::retention`]) folds the history older than its window into
+//! the replica in bounded steps, and failback (with undo) to any retained point gives
+//! exactly the disk as it was at that point.
 //!
 //! Each run prints its seed on failure; a seed that once failed goes into
 //! `PINNED_SEEDS` so it runs forever after.
@@ -15,6 +16,7 @@ use datapath::apply::{self, UndoLog};
 use datapath::extent::{EpochMap, ExtentData};
 use datapath::frame::{self, DataFrameMeta, Decoder, Encoder, Frame, PointKind, PointRecord};
 use datapath::journal::{Journal, JournalConfig, RecoveryMode};
+use datapath::retention::{self, Pins, Policy, Replica};
 use datapath::spool::{Spool, SpoolConfig, SpoolEntry, SpoolRecordRef};
 use datapath::storage::{CrashMode, OpenMode, SimFs, Storage, StorageFile};
 
@@ -241,14 +243,34 @@ fn run(seed: u64) -> bool {
     let ids: Vec<u64> = j.points().iter().map(|pt| pt.record.point_id).collect();
     assert_eq!(ids, (1..=epochs).collect::<Vec<_>>(), "every point, once");
 
-    // Retention: fold the oldest points into the replica, then drop their segments.
+    // Retention: fold the points older than the window into the replica, in bounded
+    // steps (apply, sync, then drop their segments), with the library's fold.
     let fold = rng.below(epochs);
-    if fold > 0 {
-        let seq = j.point_by_id(fold).unwrap().seq;
+    {
         let f = fs.open(&replica, OpenMode::Existing).unwrap();
-        apply_range(&j, j.base_seq() + 1, seq, f.as_ref(), None);
-        j.drop_through(seq).unwrap();
+        let reps = [Replica {
+            disk: DISK,
+            file: f.as_ref(),
+            size_bytes: DISK_BYTES,
+        }];
+        let policy = Policy {
+            retention_ms: 1000,
+            fold_bytes_max: 128 << 10,
+            ..Policy::default()
+        };
+        // Point `fold` is exactly one window old; the next one is younger.
+        let now = 1_700_000_000_000 + fold * 1000 + 1000;
+        let mut dec = Decoder::new();
+        let pins = Pins::new();
+        while retention::fold_step(&mut j, &reps, &pins, &policy, now, &mut dec)
+            .expect("fold")
+            .is_some()
+        {}
     }
+    assert_eq!(
+        j.points().first().map(|pt| pt.record.point_id),
+        Some(fold + 1)
+    );
     assert_eq!(read_file(fs.as_ref(), &replica), snapshots[fold as usize]);
 
     // Failback to a point, back through the undo log, then to another point.

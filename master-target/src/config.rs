@@ -13,11 +13,26 @@
 //! # key = "certs/master-target.key"
 //! [[group]]
 //! id = "g1"
+//! retention = "24h"              # optional: history kept; s, m, h, d or plain seconds (default 24h)
+//! journal_bytes_max = "64GiB"    # optional: journal size limit, like size (default 64 GiB)
+//! # journal_segment_bytes = "64MiB"      # optional: journal segment file size (default 64 MiB)
+//! # retention_check_interval_ms = 10000  # optional: how often the fold runs (default 10 s)
 //! [[group.disk]]
 //! id = "disk0"
 //! size = "64MiB"                 # bytes as an integer, or with a unit: B, KiB, MiB, GiB, TiB
 //! replica = "replica-disk0.img"  # created (sparse, that size) by `serve` if missing
 //! ```
+//!
+//! **Retention** (see `crate::retention` and [`datapath::retention`]): per group, a
+//! background fold applies the journal's history older than `retention` to the replicas
+//! and drops it, so points older than the window leave `points`. `journal_bytes_max`
+//! bounds the journal's segment files: at 80% a warning is logged and shown in
+//! `status`; beyond 100% the oldest points are folded (dropped for space) until it fits,
+//! with a warning each time. The limit must be at least twice `journal_segment_bytes`
+//! (1 MiB ..= 16 GiB), because only whole segments are removed and the active one
+//! stays. `retention_check_interval_ms` (100 ..= 3600000) is how often the fold looks;
+//! tests make it short. `retention` is at least 1 s; `"90m"`, `"36h"`, `"7d"`, `"30s"`,
+//! `"45"` and `45` (seconds) are all accepted.
 //!
 //! `metrics` is read-only and unauthenticated: any address is allowed, but one that is
 //! not loopback shows the groups' names and counters to whoever can reach it.
@@ -76,6 +91,14 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawGroup {
     id: String,
+    #[serde(default)]
+    retention: Option<DurationValue>,
+    #[serde(default)]
+    journal_bytes_max: Option<SizeValue>,
+    #[serde(default)]
+    journal_segment_bytes: Option<SizeValue>,
+    #[serde(default)]
+    retention_check_interval_ms: Option<u64>,
     #[serde(default, rename = "disk")]
     disks: Vec<RawDisk>,
 }
@@ -95,6 +118,23 @@ enum SizeValue {
     Bytes(u64),
     Text(String),
 }
+
+/// A duration as written: an integer of seconds or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+/// Default [`GroupConfig::journal_segment_bytes`].
+pub const JOURNAL_SEGMENT_BYTES_DEFAULT: u64 = datapath::journal::SEGMENT_BYTES_DEFAULT;
+/// Smallest [`GroupConfig::journal_segment_bytes`].
+pub const JOURNAL_SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// Default [`GroupConfig::retention_check_interval_ms`].
+pub const RETENTION_CHECK_INTERVAL_MS_DEFAULT: u64 = 10_000;
+/// Bounds of [`GroupConfig::retention_check_interval_ms`].
+pub const RETENTION_CHECK_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 
 /// A checked configuration with absolute paths.
 #[derive(Clone, Debug)]
@@ -130,6 +170,14 @@ pub struct TlsFiles {
 pub struct GroupConfig {
     pub id: String,
     pub disks: Vec<DiskConfig>,
+    /// History kept (`retention`), at least 1 s.
+    pub retention_ms: u64,
+    /// Limit of the journal's segment files (`journal_bytes_max`).
+    pub journal_bytes_max: u64,
+    /// Size of one journal segment file (`journal_segment_bytes`).
+    pub journal_segment_bytes: u64,
+    /// How often the retention fold looks (`retention_check_interval_ms`).
+    pub retention_check_interval_ms: u64,
 }
 
 /// One disk of a group.
@@ -245,7 +293,64 @@ impl Config {
                     replica: base.join(d.replica),
                 });
             }
-            groups.push(GroupConfig { id: g.id, disks });
+            let retention_ms = match &g.retention {
+                None => datapath::retention::RETENTION_MS_DEFAULT,
+                Some(v) => {
+                    parse_duration_ms(v).map_err(|why| at(&format!("{gfield} retention"), &why))?
+                }
+            };
+            let journal_segment_bytes = match &g.journal_segment_bytes {
+                None => JOURNAL_SEGMENT_BYTES_DEFAULT,
+                Some(v) => parse_size(v)
+                    .and_then(|b| {
+                        let max = datapath::journal::SEGMENT_BYTES_LIMIT;
+                        if (JOURNAL_SEGMENT_BYTES_MIN..=max).contains(&b) {
+                            Ok(b)
+                        } else {
+                            Err(format!(
+                                "{b} bytes is not in {JOURNAL_SEGMENT_BYTES_MIN}..={max} (1 MiB ..= 16 GiB)"
+                            ))
+                        }
+                    })
+                    .map_err(|why| at(&format!("{gfield} journal_segment_bytes"), &why))?,
+            };
+            let journal_bytes_max = match &g.journal_bytes_max {
+                None => datapath::retention::JOURNAL_BYTES_MAX_DEFAULT,
+                Some(v) => {
+                    parse_size(v).map_err(|why| at(&format!("{gfield} journal_bytes_max"), &why))?
+                }
+            };
+            if journal_bytes_max < 2 * journal_segment_bytes {
+                return Err(at(
+                    &format!("{gfield} journal_bytes_max"),
+                    &format!(
+                        "{journal_bytes_max} bytes is less than twice journal_segment_bytes \
+                         ({journal_segment_bytes}): only whole segments can be dropped, and the \
+                         active one always stays"
+                    ),
+                ));
+            }
+            let retention_check_interval_ms = g
+                .retention_check_interval_ms
+                .unwrap_or(RETENTION_CHECK_INTERVAL_MS_DEFAULT);
+            if !RETENTION_CHECK_INTERVAL_MS_RANGE.contains(&retention_check_interval_ms) {
+                return Err(at(
+                    &format!("{gfield} retention_check_interval_ms"),
+                    &format!(
+                        "{retention_check_interval_ms} is not in {}..={}",
+                        RETENTION_CHECK_INTERVAL_MS_RANGE.start(),
+                        RETENTION_CHECK_INTERVAL_MS_RANGE.end()
+                    ),
+                ));
+            }
+            groups.push(GroupConfig {
+                id: g.id,
+                disks,
+                retention_ms,
+                journal_bytes_max,
+                journal_segment_bytes,
+                retention_check_interval_ms,
+            });
         }
         if groups.len() > usize::from(datapath::frame::MAX_HELLO_GROUPS) {
             return Err(at(
@@ -345,6 +450,45 @@ impl GroupConfig {
     pub fn disk(&self, id: &str) -> Option<&DiskConfig> {
         self.disks.iter().find(|d| d.id == id)
     }
+
+    /// The group's retention policy (the fold's step budget is the library default).
+    pub fn retention_policy(&self) -> datapath::retention::Policy {
+        datapath::retention::Policy {
+            retention_ms: self.retention_ms,
+            journal_bytes_max: self.journal_bytes_max,
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses a duration into milliseconds: an integer of seconds, or a string `<n><unit>`
+/// with unit s, m, h or d (none: seconds; spaces allowed). At least 1 s.
+fn parse_duration_ms(v: &DurationValue) -> Result<u64, String> {
+    let secs = match v {
+        DurationValue::Seconds(n) => *n,
+        DurationValue::Text(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("{s:?} does not start with a number"))?;
+            let mult: u64 = match unit.trim() {
+                "" | "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86_400,
+                u => return Err(format!("unknown unit {u:?} in {s:?} (s, m, h, d)")),
+            };
+            n.checked_mul(mult)
+                .ok_or_else(|| format!("{s:?} is too long"))?
+        }
+    };
+    if secs == 0 {
+        return Err("must be at least 1 s".into());
+    }
+    secs.checked_mul(1000)
+        .ok_or_else(|| format!("{secs} s is too long"))
 }
 
 /// Parses a size: an integer of bytes, or a string `<n><unit>` with unit B, KiB, MiB,
@@ -445,12 +589,71 @@ replica = "/abs/replica-disk1.img"
             (GOOD.replace("size = 1048576\n", ""), "size"),
             (format!("metrics = \"9101\"\n{GOOD}"), "metrics"),
             (format!("log_level = \"info,=[\"\n{GOOD}"), "log_level"),
+            (with_group("retention = \"2w\""), "group \"g1\" retention"),
+            (with_group("retention = \"0s\""), "retention"),
+            (with_group("retention = \"h\""), "retention"),
+            (with_group("retention = -1"), "retention"),
+            (
+                with_group("journal_bytes_max = \"1GB\""),
+                "journal_bytes_max",
+            ),
+            (
+                with_group("journal_bytes_max = \"100MiB\""),
+                "group \"g1\" journal_bytes_max",
+            ),
+            (
+                with_group("journal_segment_bytes = \"512KiB\""),
+                "journal_segment_bytes",
+            ),
+            (
+                with_group("retention_check_interval_ms = 10"),
+                "retention_check_interval_ms",
+            ),
+            (with_group("retension = \"1h\""), "retension"),
         ];
         for (text, field) in cases {
             let e = format!("{:#}", load_str(&text).unwrap_err());
             assert!(e.contains("mt.toml"), "no file in {e}");
             assert!(e.contains(field), "no {field} in {e}");
         }
+    }
+
+    /// GOOD with `line` added to its group.
+    fn with_group(line: &str) -> String {
+        GOOD.replacen("id = \"g1\"\n", &format!("id = \"g1\"\n{line}\n"), 1)
+    }
+
+    /// Proves the retention fields take their defaults, every duration syntax, and sizes
+    /// like `size`.
+    #[test]
+    fn retention_fields() {
+        let g = &load_str(GOOD).unwrap().groups[0];
+        assert_eq!(g.retention_ms, 24 * 3600 * 1000);
+        assert_eq!(g.journal_bytes_max, 64 << 30);
+        assert_eq!(g.journal_segment_bytes, 64 << 20);
+        assert_eq!(g.retention_check_interval_ms, 10_000);
+        for (v, ms) in [
+            ("\"2s\"", 2000),
+            ("\"90m\"", 90 * 60_000),
+            ("\"36h\"", 36 * 3_600_000),
+            ("\" 7 d \"", 7 * 86_400_000),
+            ("\"45\"", 45_000),
+            ("45", 45_000),
+        ] {
+            let c = load_str(&with_group(&format!("retention = {v}"))).unwrap();
+            assert_eq!(c.groups[0].retention_ms, ms, "{v}");
+        }
+        let c = load_str(&with_group(
+            "journal_bytes_max = \"2MiB\"\njournal_segment_bytes = \"1MiB\"\nretention_check_interval_ms = 100",
+        ))
+        .unwrap();
+        let g = &c.groups[0];
+        assert_eq!(
+            (g.journal_bytes_max, g.journal_segment_bytes),
+            (2 << 20, 1 << 20)
+        );
+        assert_eq!(g.retention_check_interval_ms, 100);
+        assert_eq!(g.retention_policy().journal_bytes_max, 2 << 20);
     }
 
     /// Proves plain TCP is refused off loopback or without the opt-in.

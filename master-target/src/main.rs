@@ -10,6 +10,7 @@
 //! | [`store`]  | files per group and disk, and the group lock                  |
 //! | [`reader`] | cutting the byte stream into frames with bounded memory        |
 //! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
+//! | [`retention`] | the retention fold per group: who runs it, when, what it reports |
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
@@ -27,6 +28,7 @@ mod export;
 mod metrics;
 mod query;
 mod reader;
+mod retention;
 mod server;
 mod store;
 mod timefmt;
@@ -54,7 +56,8 @@ enum Cmd {
         config: PathBuf,
     },
     /// List a group's durable recovery points, oldest first (asks the running server,
-    /// or reads the journal when none runs).
+    /// or reads the journal when none runs). Points older than the group's `retention`
+    /// are folded into the replicas and no longer listed.
     Points {
         #[arg(long)]
         config: PathBuf,
@@ -64,8 +67,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show per group the state, peer, durable seq, points, RPO, journal size and
-    /// receive throughput, and per disk its replica and state (live from the running
+    /// Show per group the state, peer, durable seq, points, RPO, journal size (with its
+    /// limit and a warning near it), retention and receive throughput, and per disk its replica and state (live from the running
     /// server, or read from disk when none runs: then "running": false).
     Status {
         #[arg(long)]

@@ -13,6 +13,7 @@
 //! | durable seq, base seq, points    | [`GroupMetrics::publish`] after every commit, and when a journal is opened |
 //! | peer                             | `server`: set when a connection claims the group, cleared when it lets go (under the slot's lock) |
 //! | connected process servers        | `server`: connections past their hello                 |
+//! | folded bytes, points dropped for space | `retention`: after each fold step ([`GroupMetrics::folded`]) |
 //!
 //! The point list is the journal's durable point index, copied incrementally (new points
 //! appended, the whole list replaced only when the journal's front moved): the journal
@@ -41,6 +42,9 @@
 //! | `blockrep_newest_point_timestamp_seconds`     | gauge   | group         |
 //! | `blockrep_rpo_seconds` (absent without a point) | gauge | group         |
 //! | `blockrep_journal_bytes`                      | gauge   | group         |
+//! | `blockrep_journal_bytes_max` (`journal_bytes_max`) | gauge | group       |
+//! | `blockrep_folded_bytes_total` (frames folded into the replicas) | counter | group |
+//! | `blockrep_points_dropped_for_space_total`     | counter | group         |
 //! | `blockrep_connected` (0/1)                    | gauge   | group         |
 //! | `blockrep_group_state` (1 for the current state) | gauge | group, state |
 //! | `blockrep_connected_process_servers`          | gauge   |               |
@@ -55,6 +59,7 @@ use datapath::journal::{Journal, PointEntry};
 use datapath::metrics::{
     Exposition, MetricType, REQUEST_HEAD_BYTES_MAX, RateWindow, Route, SampleValue, answer, route,
 };
+use datapath::retention::FoldReport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -136,6 +141,8 @@ pub struct Peer {
 /// One group's counters and published journal state.
 pub struct GroupMetrics {
     pub id: String,
+    /// The configured limit of the journal.
+    journal_bytes_max: u64,
     received_bytes: AtomicU64,
     received_frames: AtomicU64,
     journaled_bytes: AtomicU64,
@@ -147,6 +154,19 @@ pub struct GroupMetrics {
     peer: Mutex<Option<Peer>>,
     receive_rate: Mutex<RateWindow>,
     journal_rate: Mutex<RateWindow>,
+    retention: Mutex<RetentionTotals>,
+}
+
+/// What the retention fold did since the server started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionTotals {
+    pub folded_frames: u64,
+    /// Bytes of journal frames folded into the replicas.
+    pub folded_bytes: u64,
+    /// Points dropped because the journal was over `journal_bytes_max`.
+    pub space_dropped_points: u64,
+    /// Time of the newest of them.
+    pub newest_space_dropped_time_unix_ms: Option<u64>,
 }
 
 /// A group's values at one instant.
@@ -165,6 +185,8 @@ pub struct GroupSnapshot {
     pub peer: Option<Peer>,
     pub receive_bytes_per_s: f64,
     pub journal_bytes_per_s: f64,
+    pub journal_bytes_max: u64,
+    pub retention: RetentionTotals,
 }
 
 impl GroupSnapshot {
@@ -191,9 +213,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl GroupMetrics {
-    fn new(id: &str) -> Self {
+    fn new(id: &str, journal_bytes_max: u64) -> Self {
         Self {
             id: id.to_string(),
+            journal_bytes_max,
             received_bytes: AtomicU64::new(0),
             received_frames: AtomicU64::new(0),
             journaled_bytes: AtomicU64::new(0),
@@ -204,6 +227,18 @@ impl GroupMetrics {
             peer: Mutex::new(None),
             receive_rate: Mutex::new(RateWindow::new(RATE_WINDOW_SAMPLES)),
             journal_rate: Mutex::new(RateWindow::new(RATE_WINDOW_SAMPLES)),
+            retention: Mutex::new(RetentionTotals::default()),
+        }
+    }
+
+    /// A retention fold step did `r`.
+    pub fn folded(&self, r: &FoldReport) {
+        let mut t = lock(&self.retention);
+        t.folded_frames += r.frames;
+        t.folded_bytes += r.frame_bytes;
+        t.space_dropped_points += r.space_points_dropped as u64;
+        if r.newest_space_dropped_time_unix_ms.is_some() {
+            t.newest_space_dropped_time_unix_ms = r.newest_space_dropped_time_unix_ms;
         }
     }
 
@@ -273,6 +308,8 @@ impl GroupMetrics {
             peer: lock(&self.peer).clone(),
             receive_bytes_per_s: lock(&self.receive_rate).per_second(),
             journal_bytes_per_s: lock(&self.journal_rate).per_second(),
+            journal_bytes_max: self.journal_bytes_max,
+            retention: *lock(&self.retention),
         }
     }
 }
@@ -302,7 +339,7 @@ impl Metrics {
             groups: cfg
                 .groups
                 .iter()
-                .map(|g| Arc::new(GroupMetrics::new(&g.id)))
+                .map(|g| Arc::new(GroupMetrics::new(&g.id, g.journal_bytes_max)))
                 .collect(),
             connections: AtomicU64::new(0),
             started: Instant::now(),
@@ -358,7 +395,7 @@ pub fn render(cfg: &Config, metrics: &Metrics) -> Result<String, String> {
     let mut e = Exposition::new();
     // (snapshot, journal bytes, now in Unix ms)
     type Pick = fn(&GroupSnapshot, u64, u64) -> Option<SampleValue>;
-    let per_group: [(&'static str, MetricType, &str, Pick); 11] = [
+    let per_group: [(&'static str, MetricType, &str, Pick); 14] = [
         (
             "blockrep_received_bytes_total",
             MetricType::Counter,
@@ -427,6 +464,24 @@ pub fn render(cfg: &Config, metrics: &Metrics) -> Result<String, String> {
             MetricType::Gauge,
             "Bytes of the group's journal files on disk.",
             |_, journal_bytes, _| Some(journal_bytes.into()),
+        ),
+        (
+            "blockrep_journal_bytes_max",
+            MetricType::Gauge,
+            "The journal's limit (journal_bytes_max): beyond it the oldest points are dropped.",
+            |s, _, _| Some(s.journal_bytes_max.into()),
+        ),
+        (
+            "blockrep_folded_bytes_total",
+            MetricType::Counter,
+            "Bytes of journal frames the retention fold applied to the replicas and dropped.",
+            |s, _, _| Some(s.retention.folded_bytes.into()),
+        ),
+        (
+            "blockrep_points_dropped_for_space_total",
+            MetricType::Counter,
+            "Points dropped before their retention window ended, because the journal was over journal_bytes_max.",
+            |s, _, _| Some(s.retention.space_dropped_points.into()),
         ),
     ];
     for (name, kind, help, pick) in per_group {
@@ -585,6 +640,9 @@ mod tests {
             "blockrep_received_bytes_total",
             "blockrep_journaled_bytes_total",
             "blockrep_journal_bytes",
+            "blockrep_journal_bytes_max",
+            "blockrep_folded_bytes_total",
+            "blockrep_points_dropped_for_space_total",
             "blockrep_rpo_seconds",
             "blockrep_connected",
             "blockrep_connected_process_servers",
@@ -594,6 +652,7 @@ mod tests {
         }
         assert!(text.contains("blockrep_received_bytes_total{group=\"g1\"} 100\n"));
         assert!(text.contains("blockrep_journal_bytes{group=\"g1\"} 0\n"));
+        assert!(text.contains("blockrep_journal_bytes_max{group=\"g1\"} 68719476736\n"));
         assert!(text.contains("blockrep_connected{group=\"g1\"} 0\n"));
         assert!(text.contains("blockrep_group_state{group=\"g1\",state=\"disconnected\"} 1\n"));
         assert!(text.contains("blockrep_connected_process_servers 1\n"));
@@ -670,7 +729,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) =
             Journal::open(Arc::new(RealFs), dir.path(), "g1", JournalConfig::default()).unwrap();
-        let g = GroupMetrics::new("g1");
+        let g = GroupMetrics::new("g1", 1 << 30);
         let mut buf = Vec::new();
         for id in 1..=3 {
             encode_point(&point(id, id != 3), id, &mut buf);

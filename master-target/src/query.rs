@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, GroupConfig};
 use crate::control;
-use crate::metrics::{Metrics, PointSummary, state_name};
+use crate::metrics::{Metrics, PointSummary, RetentionTotals, state_name};
 use crate::store::{self, GroupLock};
 use crate::timefmt::{now_unix_ms, rfc3339_ms};
 
@@ -180,6 +180,16 @@ pub struct GroupStatus {
     /// Age of the newest durable point; null without one.
     pub rpo_ms: Option<u64>,
     pub journal_bytes: u64,
+    /// The journal's limit (`journal_bytes_max`).
+    pub journal_bytes_max: u64,
+    /// Set when the journal is at 80% of its limit or more, or points were dropped for
+    /// space since the server started ([`journal_warning`]); else null.
+    pub journal_warning: Option<String>,
+    /// History kept (`retention`).
+    pub retention_ms: u64,
+    /// Bytes of frames the retention fold applied to the replicas since the server
+    /// started (null when it is not running).
+    pub folded_bytes: Option<u64>,
     /// Totals since the server started (null when it is not running).
     pub received_bytes: Option<u64>,
     pub received_frames: Option<u64>,
@@ -213,6 +223,30 @@ pub struct Status {
     pub metrics: Option<String>,
     pub groups: Vec<GroupStatus>,
     pub disks: Vec<DiskStatus>,
+}
+
+/// The warning `status` shows for a journal of `bytes` with limit `max`: near or over
+/// the limit ([`datapath::retention::near_limit`]), and points dropped for space since
+/// the server started. `None` when there is nothing to warn about.
+pub fn journal_warning(bytes: u64, max: u64, totals: Option<&RetentionTotals>) -> Option<String> {
+    let mut parts = Vec::new();
+    if datapath::retention::near_limit(bytes, max) {
+        parts.push(format!(
+            "journal at {}% of journal_bytes_max ({bytes} of {max} bytes): beyond it the oldest \
+             points are dropped for space",
+            u128::from(bytes) * 100 / u128::from(max.max(1))
+        ));
+    }
+    if let Some(t) = totals.filter(|t| t.space_dropped_points > 0) {
+        parts.push(format!(
+            "{} points dropped for space since the server started, the newest from {}",
+            t.space_dropped_points,
+            t.newest_space_dropped_time_unix_ms
+                .map(rfc3339_ms)
+                .unwrap_or_default()
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn newest(p: &PointSummary, now: u64) -> NewestPoint {
@@ -258,6 +292,7 @@ pub fn live_status(
             .map(|m| m.snapshot())
             .unwrap_or_default();
         let state = s.state();
+        let journal_bytes = store::dir_bytes(&cfg.journal_dir(&g.id))?;
         st.groups.push(GroupStatus {
             id: g.id.clone(),
             state: state.to_string(),
@@ -270,7 +305,15 @@ pub fn live_status(
             points: s.points,
             newest_point: s.newest_point.map(|p| newest(&p, now)),
             rpo_ms: s.rpo_ms(now),
-            journal_bytes: store::dir_bytes(&cfg.journal_dir(&g.id))?,
+            journal_bytes,
+            journal_bytes_max: g.journal_bytes_max,
+            journal_warning: journal_warning(
+                journal_bytes,
+                g.journal_bytes_max,
+                Some(&s.retention),
+            ),
+            retention_ms: g.retention_ms,
+            folded_bytes: Some(s.retention.folded_bytes),
             received_bytes: Some(s.received_bytes),
             received_frames: Some(s.received_frames),
             journaled_bytes: Some(s.journaled_bytes),
@@ -303,6 +346,7 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
             .as_ref()
             .and_then(|j| j.points().iter().rev().find(|p| p.record.consistent))
             .map(PointSummary::from);
+        let journal_bytes = store::dir_bytes(&cfg.journal_dir(&g.id))?;
         let state = state_name(
             false,
             newest_point.map(|p| p.consistent),
@@ -317,7 +361,11 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
             points: j.as_ref().map_or(0, |j| j.points().len()),
             newest_point: newest_point.map(|p| newest(&p, now)),
             rpo_ms: newest_consistent.map(|p| now.saturating_sub(p.time_unix_ms)),
-            journal_bytes: store::dir_bytes(&cfg.journal_dir(&g.id))?,
+            journal_bytes,
+            journal_bytes_max: g.journal_bytes_max,
+            journal_warning: journal_warning(journal_bytes, g.journal_bytes_max, None),
+            retention_ms: g.retention_ms,
+            folded_bytes: None,
             received_bytes: None,
             received_frames: None,
             journaled_bytes: None,
@@ -385,13 +433,23 @@ fn status_text(st: &Status) -> String {
         };
         let _ = write!(
             out,
-            "  {}: {}, {peer}, durable seq {}, {} points, newest {newest}, journal {} bytes",
-            g.id, g.state, g.durable_seq, g.points, g.journal_bytes
+            "  {}: {}, {peer}, durable seq {}, {} points, newest {newest}, journal {} bytes \
+             (max {}, retention {})",
+            g.id,
+            g.state,
+            g.durable_seq,
+            g.points,
+            g.journal_bytes,
+            g.journal_bytes_max,
+            age(g.retention_ms)
         );
         if let Some(r) = g.receive_bytes_per_s {
             let _ = write!(out, ", receiving {}", human_rate(r));
         }
         out.push('\n');
+        if let Some(w) = &g.journal_warning {
+            let _ = writeln!(out, "    WARNING: {w}");
+        }
     }
     out.push_str("disks:\n");
     for d in &st.disks {
@@ -433,5 +491,38 @@ fn human_rate(bytes_per_s: f64) -> String {
         format!("{v:.0} {}", UNITS[u])
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proves the journal warning appears at 80% of the limit, names the points dropped
+    /// for space and the newest one's time, and is null otherwise.
+    #[test]
+    fn journal_warning_levels() {
+        assert_eq!(journal_warning(79, 100, None), None);
+        assert_eq!(
+            journal_warning(79, 100, Some(&RetentionTotals::default())),
+            None
+        );
+        let w = journal_warning(80, 100, None).unwrap();
+        assert!(w.contains("80%") && w.contains("journal_bytes_max"), "{w}");
+        let t = RetentionTotals {
+            space_dropped_points: 3,
+            newest_space_dropped_time_unix_ms: Some(1_700_000_000_000),
+            ..RetentionTotals::default()
+        };
+        let w = journal_warning(10, 100, Some(&t)).unwrap();
+        assert!(
+            w.contains("3 points dropped for space") && w.contains("2023-11-14T22:13:20.000Z"),
+            "{w}"
+        );
+        assert!(
+            journal_warning(u64::MAX, 1, Some(&t))
+                .unwrap()
+                .contains("; ")
+        );
     }
 }

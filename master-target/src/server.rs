@@ -66,6 +66,16 @@
 //! frame being read (bounded by [`frame::MAX_BODY_BYTES`]) plus one batch, and at most
 //! [`CONNECTIONS_MAX`] connections are served at once.
 //!
+//! # Retention
+//!
+//! Each group's [`GroupRetention`] folds history older than its window into the
+//! replicas (see [`crate::retention`]): the connection that holds the group runs a
+//! bounded step between batches, after sending the acks; a background task per group
+//! ([`retention_forever`]) runs it while no connection holds the group, taking the
+//! journal out of the slot with `folding` set, so that a claim waits for the step
+//! instead of reopening the journal. At start, a fold a crash interrupted is finished
+//! before the server listens.
+//!
 //! # Status and metrics
 //!
 //! Each group's counters, durable seq, point list and holder are published to its
@@ -92,6 +102,7 @@ use crate::config::{Config, GroupConfig};
 use crate::control;
 use crate::metrics::{self, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
+use crate::retention::GroupRetention;
 use crate::store::{self, GroupLock};
 use crate::tls::{self, ClientNames};
 
@@ -122,12 +133,18 @@ struct GroupSlot {
     state: Mutex<SlotState>,
     /// What status and metrics see of the group.
     metrics: Arc<GroupMetrics>,
+    /// The group's retention fold and its pins.
+    retention: Arc<GroupRetention>,
 }
 
 struct SlotState {
-    /// `None` while a connection holds it, or after a journal failure (reopened on the
-    /// next claim).
+    /// `None` while a connection holds it, while the idle retention fold runs a step
+    /// (`folding`), or after a journal failure (reopened on the next claim).
     journal: Option<Journal>,
+    /// The idle retention fold has the journal for one bounded step; a claim waits.
+    folding: bool,
+    /// A claim waits for the idle fold: it takes no further step until the claim is in.
+    claim_waiting: bool,
     /// The connection that holds the group.
     holder: Option<Holder>,
 }
@@ -180,7 +197,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         for d in &g.disks {
             store::prepare_replica(&g.id, d)?;
         }
-        let (journal, rec) = store::open_journal(&cfg, &g.id)?;
+        let (mut journal, rec) = store::open_journal(&cfg, &g.id)?;
         tracing::info!(
             group = %g.id,
             durable_seq = journal.durable_seq(),
@@ -193,6 +210,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .group(&g.id)
             .with_context(|| format!("group {:?}: no metrics", g.id))?
             .clone();
+        let retention = Arc::new(GroupRetention::new(g, gm.clone()));
+        retention.finish_interrupted(&mut journal)?;
         gm.publish(&journal);
         groups.insert(
             g.id.clone(),
@@ -200,9 +219,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg: g.clone(),
                 state: Mutex::new(SlotState {
                     journal: Some(journal),
+                    folding: false,
+                    claim_waiting: false,
                     holder: None,
                 }),
                 metrics: gm,
+                retention,
             }),
         );
     }
@@ -259,6 +281,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {local}").context("write to stdout")?;
         out.flush().context("flush stdout")?;
+    }
+    for slot in groups.values() {
+        background.spawn(retention_forever(slot.clone()));
     }
     let shared = Arc::new(Shared {
         cfg,
@@ -571,6 +596,20 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(end) = after {
             return end;
         }
+        // Between batches, after the acks: a bounded retention step when one is due.
+        if st.groups.iter().any(|g| g.slot.retention.due()) {
+            st = match tokio::task::spawn_blocking(move || {
+                st.fold_due();
+                st
+            })
+            .await
+            {
+                Ok(st) => st,
+                Err(e) => {
+                    return refuse(ErrorFrame::INTERNAL, format!("retention fold failed: {e}"));
+                }
+            };
+        }
     }
 }
 
@@ -696,7 +735,10 @@ fn claim(
         let journal = loop {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
             match &s.holder {
+                // The idle retention fold has the journal for one bounded step.
+                None if s.folding => s.claim_waiting = true,
                 None => {
+                    s.claim_waiting = false;
                     s.holder = Some(Holder {
                         peer,
                         node: node.to_string(),
@@ -798,6 +840,17 @@ struct Outcome {
 }
 
 impl ConnState {
+    /// Runs a retention step on each held group whose fold is due.
+    fn fold_due(&mut self) {
+        for g in &mut self.groups {
+            if let Some(j) = g.journal.as_mut()
+                && g.slot.retention.due()
+            {
+                g.slot.retention.step(j);
+            }
+        }
+    }
+
     /// Appends the batch's frames in order until one is refused, commits every touched
     /// journal once, and returns the acks.
     fn process(&mut self, batch: Vec<Vec<u8>>) -> Outcome {
@@ -992,5 +1045,66 @@ impl ConnState {
             ));
         }
         Ok(seq < j.next_seq())
+    }
+}
+
+/// The idle retention fold of one group: every check interval, while no connection
+/// holds the group, bounded steps until the fold has no backlog.
+async fn retention_forever(slot: Arc<GroupSlot>) {
+    let mut tick = tokio::time::interval(slot.retention.check_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = slot.clone();
+        let _ = tokio::task::spawn_blocking(move || fold_idle(&s)).await;
+    }
+}
+
+/// Takes the journal out of an unheld slot (marked `folding`) for one step at a time,
+/// giving it back between steps and stopping as soon as a claim waits, so that a
+/// process server gets its group back within one step however large the backlog.
+fn fold_idle(slot: &GroupSlot) {
+    /// Gives the journal back and clears `folding`, also on a panic (then `None`: the
+    /// next claim reopens the journal).
+    struct Back<'a> {
+        slot: &'a GroupSlot,
+        journal: Option<Journal>,
+    }
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            let journal = self.journal.take();
+            s.journal = if std::thread::panicking() {
+                None
+            } else {
+                journal
+            };
+            s.folding = false;
+        }
+    }
+    loop {
+        let journal = {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.holder.is_some() || s.folding || s.claim_waiting {
+                return;
+            }
+            let Some(j) = s.journal.take() else {
+                return;
+            };
+            s.folding = true;
+            j
+        };
+        let mut back = Back {
+            slot,
+            journal: Some(journal),
+        };
+        let more = match back.journal.as_mut() {
+            Some(j) => slot.retention.step(j),
+            None => false,
+        };
+        drop(back);
+        if !more {
+            return;
+        }
     }
 }

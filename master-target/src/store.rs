@@ -3,7 +3,7 @@
 //! | path                          | what                                                   |
 //! |-------------------------------|--------------------------------------------------------|
 //! | `data_dir/<group>/lock`       | empty; `serve`, `points` and `status` hold an exclusive `flock` on it while they use the group |
-//! | `data_dir/<group>/journal/`   | the group's [`datapath::journal`]                      |
+//! | `data_dir/<group>/journal/`   | the group's [`datapath::journal`], and the retention fold's intent (`retention.intent`, [`datapath::retention`]) |
 //! | each disk's `replica`         | the replica image, `size` bytes (sparse when created)  |
 //!
 //! **Why a lock.** [`Journal::open`] may cut a torn tail and remove folded segments; two
@@ -59,7 +59,15 @@ impl GroupLock {
 /// Opens (creating if needed) the journal of `group`. The caller holds its [`GroupLock`].
 pub fn open_journal(cfg: &Config, group: &str) -> anyhow::Result<(Journal, JournalRecovery)> {
     let dir = cfg.journal_dir(group);
-    Journal::open(Arc::new(RealFs), &dir, group, JournalConfig::default())
+    let jcfg = JournalConfig {
+        segment_bytes_max: cfg
+            .group(group)
+            .map_or(JournalConfig::default().segment_bytes_max, |g| {
+                g.journal_segment_bytes
+            }),
+        ..JournalConfig::default()
+    };
+    Journal::open(Arc::new(RealFs), &dir, group, jcfg)
         .with_context(|| format!("open journal of group {group:?} in {}", dir.display()))
 }
 

@@ -15,6 +15,7 @@
 //! | [`spool`]    | the process server's bounded on-disk queue of captured writes         |
 //! | [`journal`]  | the master target's per-group log of frames and recovery points       |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
+//! | [`failback`] | a group's failback to a point: journal through it onto every replica, undo, progress, commit |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
@@ -36,10 +37,14 @@
 //! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
 //! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
+//! | failback batch          | frames read (crc) and decoded (blake3) -> per disk: apply with undo (row above) -> replica synced -> applied extents re-read and checked -> failback state (`applied_seq`) replaced |
+//! | change of point         | failback state `applying Q` + `REVERT` replaced -> every undo log replayed (replica synced) -> undo logs reset -> batches |
+//! | failback commit         | failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
 
 pub mod apply;
 pub mod bitmap;
 pub mod extent;
+pub mod failback;
 pub mod frame;
 pub mod hashing;
 pub mod journal;

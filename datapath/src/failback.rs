@@ -517,47 +517,72 @@ pub fn load_state(
     decode_state(&b, group, &path).map(Some)
 }
 
-/// The point [`Choice`] names in `j`: only consistent points qualify.
-pub fn resolve(j: &Journal, choice: Choice) -> Result<PointEntry, FailbackError> {
-    let group = j.group().to_string();
-    let pts = j.points();
-    let consistent = pts.iter().filter(|p| p.record.consistent).count();
-    let none = || FailbackError::NoPoint {
-        group: group.clone(),
-        choice,
-        points: pts.len(),
-        consistent,
-    };
+/// What [`choose`] needs to know of a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointInfo {
+    pub id: u64,
+    pub time_unix_ms: u64,
+    pub kind: PointKind,
+    pub consistent: bool,
+}
+
+impl From<&PointEntry> for PointInfo {
+    fn from(p: &PointEntry) -> Self {
+        Self {
+            id: p.record.point_id,
+            time_unix_ms: p.record.time_unix_ms,
+            kind: p.record.kind,
+            consistent: p.record.consistent,
+        }
+    }
+}
+
+/// The index in `points` (a group's points, oldest first, ids rising) of the point
+/// [`Choice`] names: only consistent points qualify. A caller that knows only a copy of
+/// the point list (the server, before it stops replication) checks a choice with it.
+pub fn choose(group: &str, points: &[PointInfo], choice: Choice) -> Result<usize, FailbackError> {
+    let consistent = points.iter().filter(|p| p.consistent).count();
+    let newest = |f: &dyn Fn(&PointInfo) -> bool| points.iter().rposition(|p| p.consistent && f(p));
     let found = match choice {
-        Choice::LatestProcessed => pts.iter().rev().find(|p| p.record.consistent),
-        Choice::LatestApp => pts
-            .iter()
-            .rev()
-            .find(|p| p.record.consistent && p.record.kind == PointKind::App),
+        Choice::LatestProcessed => newest(&|_| true),
+        Choice::LatestApp => newest(&|p| p.kind == PointKind::App),
         // Times are not trusted to rise (clocks step): the newest by seq that is not
         // later than asked.
-        Choice::AtOrBefore(t) => pts
-            .iter()
-            .rev()
-            .find(|p| p.record.consistent && p.record.time_unix_ms <= t),
+        Choice::AtOrBefore(t) => newest(&|p| p.time_unix_ms <= t),
         Choice::Id(id) => {
-            let Some(p) = j.point_by_id(id) else {
-                let range = match (pts.first(), pts.last()) {
-                    (Some(a), Some(b)) => format!(
-                        "it holds points {}..={}",
-                        a.record.point_id, b.record.point_id
-                    ),
+            let Some(i) = points.iter().position(|p| p.id == id) else {
+                let range = match (points.first(), points.last()) {
+                    (Some(a), Some(b)) => format!("it holds points {}..={}", a.id, b.id),
                     _ => "it holds no point".to_string(),
                 };
-                return Err(FailbackError::UnknownPoint { group, id, range });
+                return Err(FailbackError::UnknownPoint {
+                    group: group.to_string(),
+                    id,
+                    range,
+                });
             };
-            if !p.record.consistent {
-                return Err(FailbackError::Inconsistent { group, id });
+            if !points[i].consistent {
+                return Err(FailbackError::Inconsistent {
+                    group: group.to_string(),
+                    id,
+                });
             }
-            Some(p)
+            Some(i)
         }
     };
-    found.cloned().ok_or_else(none)
+    found.ok_or_else(|| FailbackError::NoPoint {
+        group: group.to_string(),
+        choice,
+        points: points.len(),
+        consistent,
+    })
+}
+
+/// The point [`Choice`] names in `j` ([`choose`] over its point index).
+pub fn resolve(j: &Journal, choice: Choice) -> Result<PointEntry, FailbackError> {
+    let infos: Vec<PointInfo> = j.points().iter().map(PointInfo::from).collect();
+    let i = choose(j.group(), &infos, choice)?;
+    Ok(j.points()[i].clone())
 }
 
 /// One disk of the group: its id (as frames name it), its replica, its size.

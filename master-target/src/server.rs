@@ -52,6 +52,7 @@
 //! | group busy on a connection of another node; too many connections | `BUSY` |
 //! | (to the old connection) superseded by a newer one of the same node | `BUSY` |
 //! | journal I/O failure | `INTERNAL` |
+//! | group failing back, failed back or committed here (see [`crate::failback`]); also to the connection holding it when a failback begins | `NOT_PROTECTED` |
 //!
 //! # Concurrency and memory
 //!
@@ -79,6 +80,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use datapath::failback::{FailbackError, FailbackState, Phase, PointInfo, Progress};
 use datapath::frame::{
     self, Ack, Decoder, ErrorFrame, FrameError, FrameKind, Hello, HelloDisk, HelloGroup,
     MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
@@ -89,8 +91,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::config::{Config, GroupConfig};
-use crate::control;
-use crate::metrics::{self, GroupMetrics, Metrics, Peer};
+use crate::control::{self, GroupOps};
+use crate::failback::{self as fb, CommitSummary, PointSpec, Summary};
+use crate::metrics::{self, FailbackMark, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::store::{self, GroupLock};
 use crate::tls::{self, ClientNames};
@@ -125,11 +128,26 @@ struct GroupSlot {
 }
 
 struct SlotState {
-    /// `None` while a connection holds it, or after a journal failure (reopened on the
-    /// next claim).
+    /// `None` while a connection or a failback holds it, after a journal failure
+    /// (reopened on the next claim), or once the group's failback is committed (the
+    /// journal is gone).
     journal: Option<Journal>,
     /// The connection that holds the group.
     holder: Option<Holder>,
+    /// Whether the group replicates or fails back; every state but `Replicating`
+    /// refuses hellos naming the group.
+    failback: SlotFailback,
+}
+
+/// A group's failback as the server sees it.
+#[derive(Clone, Copy, Debug)]
+enum SlotFailback {
+    /// No failback: the group replicates.
+    Replicating,
+    /// A failback or commit of the group runs now.
+    Running,
+    /// The failback state on disk: interrupted (applying), failed back, or committed.
+    Stopped(FailbackState),
 }
 
 /// Who holds a group, and how to ask it to let go.
@@ -180,27 +198,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         for d in &g.disks {
             store::prepare_replica(&g.id, d)?;
         }
-        let (journal, rec) = store::open_journal(&cfg, &g.id)?;
-        tracing::info!(
-            group = %g.id,
-            durable_seq = journal.durable_seq(),
-            frames = rec.frames,
-            points = rec.points,
-            truncated_bytes = rec.truncated_bytes,
-            "journal opened"
-        );
         let gm = metrics
             .group(&g.id)
             .with_context(|| format!("group {:?}: no metrics", g.id))?
             .clone();
-        gm.publish(&journal);
+        let state = fb::load_state(&cfg, &g.id)?;
+        log_failback_state(&g.id, state.as_ref());
+        // A committed group's journal is gone (or half removed by an interrupted
+        // commit, which a rerun of `commit` finishes): it is not opened.
+        let journal = if state.is_some_and(|s| s.phase == Phase::Committed) {
+            None
+        } else {
+            let (journal, rec) = store::open_journal(&cfg, &g.id)?;
+            tracing::info!(
+                group = %g.id,
+                durable_seq = journal.durable_seq(),
+                frames = rec.frames,
+                points = rec.points,
+                truncated_bytes = rec.truncated_bytes,
+                "journal opened"
+            );
+            gm.publish(&journal);
+            Some(journal)
+        };
+        gm.set_failback(state.as_ref().map(FailbackMark::from));
         groups.insert(
             g.id.clone(),
             Arc::new(GroupSlot {
                 cfg: g.clone(),
                 state: Mutex::new(SlotState {
-                    journal: Some(journal),
+                    journal,
                     holder: None,
+                    failback: state.map_or(SlotFailback::Replicating, SlotFailback::Stopped),
                 }),
                 metrics: gm,
             }),
@@ -229,6 +258,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("install SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install SIGINT handler")?;
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        groups,
+        _locks: locks,
+        metrics: metrics.clone(),
+    });
     let mut background = tokio::task::JoinSet::new();
     background.spawn(metrics.clone().sample_forever());
     {
@@ -236,6 +271,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
             metrics_addr,
+            groups: shared.clone(),
         });
         background.spawn(async move {
             if let Err(e) = control::serve(control_listener, control).await {
@@ -260,12 +296,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         writeln!(out, "listening on {local}").context("write to stdout")?;
         out.flush().context("flush stdout")?;
     }
-    let shared = Arc::new(Shared {
-        cfg,
-        groups,
-        _locks: locks,
-        metrics,
-    });
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, peer) = tokio::select! {
@@ -503,6 +533,15 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         let next = tokio::select! {
             r = rd.next(stream) => r,
             _ = cancel.notified() => {
+                // A failback stops replication of its group; otherwise a newer
+                // connection of the same node took over.
+                let failing_back = st.groups.iter().find_map(|g| {
+                    let s = g.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                    not_protected(&g.id, s.failback)
+                });
+                if let Some(why) = failing_back {
+                    return refuse(ErrorFrame::NOT_PROTECTED, why);
+                }
                 return refuse(
                     ErrorFrame::BUSY,
                     format!(
@@ -695,6 +734,9 @@ fn claim(
         let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
         let journal = loop {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = not_protected(&slot.cfg.id, s.failback) {
+                return Err(refuse(ErrorFrame::NOT_PROTECTED, why));
+            }
             match &s.holder {
                 None => {
                     s.holder = Some(Holder {
@@ -992,5 +1034,271 @@ impl ConnState {
             ));
         }
         Ok(seq < j.next_seq())
+    }
+}
+
+/// Why a hello naming `group` is refused while it fails back; `None` while it
+/// replicates.
+fn not_protected(group: &str, f: SlotFailback) -> Option<String> {
+    match f {
+        SlotFailback::Replicating => None,
+        SlotFailback::Running => Some(format!(
+            "group {group:?} is failing back at the master target: replication of it stops, \
+             and it is not protected until it is reprotected"
+        )),
+        SlotFailback::Stopped(s) => Some(match s.phase {
+            Phase::Applying => format!(
+                "group {group:?} is failing back at the master target (to point {}, \
+                 interrupted): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+            Phase::Applied => format!(
+                "group {group:?} is failed back at the master target (point {}, not \
+                 committed): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+            Phase::Committed => format!(
+                "group {group:?} was failed back at the master target (point {}, \
+                 committed): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+        }),
+    }
+}
+
+/// Says at start what a group's failback state means: the server finishes nothing by
+/// itself.
+fn log_failback_state(group: &str, s: Option<&FailbackState>) {
+    let Some(s) = s else { return };
+    match s.phase {
+        Phase::Applying => tracing::warn!(
+            group,
+            point = s.point.id,
+            applied_seq = s.applied_seq,
+            "a failback was interrupted: the group is not replicated; run `master-target \
+             failback --group {group} --point {}` again (or name another point) to finish it",
+            s.point.id
+        ),
+        Phase::Applied => tracing::info!(
+            group,
+            point = s.point.id,
+            "failed back, not committed: the group is not replicated; run `master-target \
+             commit --group {group}` or change the point with `failback --point OTHER`"
+        ),
+        Phase::Committed => tracing::info!(
+            group,
+            point = s.point.id,
+            "failed back and committed: not protected, replication refused until reprotect \
+             (a `commit` rerun removes what an interrupted commit left)"
+        ),
+    }
+}
+
+/// Puts a group's failback state back from the files when a failback or commit ends
+/// (however it ends): what is on disk decides whether the group replicates again.
+struct Settle<'a> {
+    cfg: &'a Config,
+    slot: &'a GroupSlot,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        let loaded = fb::load_state(self.cfg, &self.slot.cfg.id);
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.failback = match &loaded {
+            Ok(None) => SlotFailback::Replicating,
+            Ok(Some(st)) => SlotFailback::Stopped(*st),
+            // Unreadable: keep refusing replication; the next command says why.
+            Err(e) => {
+                tracing::error!(group = %self.slot.cfg.id, "{e:#}");
+                SlotFailback::Running
+            }
+        };
+        self.slot
+            .metrics
+            .set_failback(loaded.ok().flatten().as_ref().map(FailbackMark::from));
+    }
+}
+
+impl Shared {
+    fn slot(&self, group: &str) -> anyhow::Result<&Arc<GroupSlot>> {
+        self.groups.get(group).with_context(|| {
+            format!(
+                "group {group:?} is not configured on this master target (config file {})",
+                self.cfg.file.display()
+            )
+        })
+    }
+
+    /// Marks the group's failback as running; refuses a second one and a committed
+    /// group. Returns what it was.
+    fn begin(&self, slot: &GroupSlot, what: &str) -> anyhow::Result<SlotFailback> {
+        let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let SlotFailback::Running = s.failback {
+            anyhow::bail!(
+                "{what} of group {:?} refused: a failback or commit of it is running; wait \
+                 for it to end",
+                slot.cfg.id
+            );
+        }
+        Ok(std::mem::replace(&mut s.failback, SlotFailback::Running))
+    }
+
+    /// Stops replication of the group: the connection that holds it is told to let go
+    /// (it does between batches, so every frame it appended is committed), and the
+    /// journal is taken out of the slot (reopened if an earlier failure dropped it).
+    fn take_journal(&self, slot: &GroupSlot) -> anyhow::Result<Journal> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
+        loop {
+            {
+                let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                match &s.holder {
+                    None => {
+                        if let Some(j) = s.journal.take() {
+                            return Ok(j);
+                        }
+                        drop(s);
+                        let (j, _) = store::open_journal(&self.cfg, &slot.cfg.id)?;
+                        slot.metrics.publish(&j);
+                        return Ok(j);
+                    }
+                    Some(h) if std::time::Instant::now() < deadline => h.cancel.notify_one(),
+                    Some(h) => anyhow::bail!(
+                        "group {:?}: the connection of {} (node {:?}) did not let go of it \
+                         within {TAKEOVER_WAIT_MS} ms",
+                        slot.cfg.id,
+                        h.peer,
+                        h.node
+                    ),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl GroupOps for Shared {
+    fn failback(
+        &self,
+        group: &str,
+        spec: PointSpec,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> anyhow::Result<Summary> {
+        let slot = self.slot(group)?;
+        let before = self.begin(slot, "failback")?;
+        let _settle = Settle {
+            cfg: &self.cfg,
+            slot,
+        };
+        if let SlotFailback::Stopped(s) = before
+            && s.phase == Phase::Committed
+        {
+            return Err(FailbackError::Committed {
+                group: group.to_string(),
+                point: s.point.id,
+            }
+            .into());
+        }
+        // Checked on the published point list before replication stops, so that a
+        // point that does not exist costs the process server nothing.
+        if spec != PointSpec::Latest {
+            let infos: Vec<PointInfo> = slot
+                .metrics
+                .points()
+                .iter()
+                .map(|p| PointInfo {
+                    id: p.id,
+                    time_unix_ms: p.time_unix_ms,
+                    kind: p.kind,
+                    consistent: p.consistent,
+                })
+                .collect();
+            if let Err(e) = datapath::failback::choose(group, &infos, spec.choice()) {
+                return Err(fb::explain(e, spec));
+            }
+        }
+        let (resolved, note) = match spec {
+            PointSpec::Latest => self.cut_for_latest(slot),
+            _ => (None, None),
+        };
+        slot.metrics.set_failback(Some(FailbackMark {
+            phase: Phase::Applying,
+            point_id: resolved.unwrap_or(0),
+            point_time_unix_ms: 0,
+        }));
+        let journal = self.take_journal(slot)?;
+        tracing::info!(group, point = %spec, "failback: replication of the group stopped");
+        let r = fb::apply(
+            &self.cfg, &slot.cfg, &journal, spec, resolved, note, progress,
+        );
+        {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.journal = Some(journal);
+        }
+        match &r {
+            Ok(sum) => tracing::info!(
+                group,
+                point = sum.point_id,
+                bytes_applied = sum.bytes_applied,
+                seconds = sum.seconds,
+                already = sum.already,
+                "failed back, not committed"
+            ),
+            Err(e) => tracing::error!(group, "failback: {e:#}"),
+        }
+        r
+    }
+
+    fn commit(&self, group: &str) -> anyhow::Result<CommitSummary> {
+        let slot = self.slot(group)?;
+        self.begin(slot, "commit")?;
+        let _settle = Settle {
+            cfg: &self.cfg,
+            slot,
+        };
+        // Refusals (nothing to commit, an unfinished failback) before the journal is
+        // touched.
+        match fb::load_state(&self.cfg, group)? {
+            None => {
+                return Err(FailbackError::NotFailedBack {
+                    group: group.to_string(),
+                }
+                .into());
+            }
+            Some(s) if s.phase == Phase::Applying => {
+                return Err(FailbackError::Unfinished {
+                    group: group.to_string(),
+                    point: s.point.id,
+                }
+                .into());
+            }
+            Some(_) => {}
+        }
+        {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.holder.is_some() {
+                anyhow::bail!("group {group:?} is held by a connection: cannot commit");
+            }
+            // Closed before its files are removed.
+            s.journal = None;
+        }
+        let r = fb::commit_files(&self.cfg, &slot.cfg);
+        if r.is_ok() {
+            slot.metrics.forget_journal();
+            tracing::info!(group, "failback committed: undo logs and journal dropped");
+        }
+        r
+    }
+}
+
+impl Shared {
+    /// `latest`: asks the process server holding the group to cut now and waits until
+    /// that point is durable. Returns the point, or `None` and the note saying the
+    /// latest processed point is used.
+    fn cut_for_latest(&self, _slot: &GroupSlot) -> (Option<u64>, Option<String>) {
+        (None, Some(fb::NOT_REACHABLE_NOTE.to_string()))
     }
 }

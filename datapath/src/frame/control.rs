@@ -175,6 +175,10 @@ impl ErrorFrame {
     /// The peer is busy (a group held by another connection, too many connections,
     /// superseded by a newer connection): retry later.
     pub const BUSY: u16 = 11;
+    /// The group is failing back, failed back or committed at the master target: it is
+    /// not protected, and replication of it is refused until it is reprotected
+    /// (retrying does not help).
+    pub const NOT_PROTECTED: u16 = 12;
 
     /// An error frame whose message is cut (at a character boundary) to the bound.
     pub fn new(code: u16, message: &str) -> Self {
@@ -202,6 +206,7 @@ impl ErrorFrame {
             Self::FULL => "full",
             Self::INTERNAL => "internal",
             Self::BUSY => "busy",
+            Self::NOT_PROTECTED => "not protected",
             _ => "unknown",
         }
     }

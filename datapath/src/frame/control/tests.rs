@@ -394,6 +394,14 @@ fn control_encoders_refuse_invalid() {
         ErrorFrame::code_name(ErrorFrame::UNKNOWN_DISK),
         "unknown disk"
     );
+    assert_eq!(
+        ErrorFrame::code_name(ErrorFrame::NOT_PROTECTED),
+        "not protected"
+    );
+    assert_eq!(ErrorFrame::code_name(13), "unknown");
+    let np = ErrorFrame::new(ErrorFrame::NOT_PROTECTED, "group g1 failed back");
+    encode_error(&np, &mut out).unwrap();
+    assert_eq!(decode_error(&out).unwrap(), np);
     let too_many = HashListFrame {
         hashes: vec![[0; 32]; MAX_HASHES as usize + 1],
         ..hash_list()

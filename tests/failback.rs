@@ -293,7 +293,7 @@ fn round(disks: &[String], r: u64) -> Vec<(&str, String)> {
 }
 
 /// Proves, on a group of three disks with the servers running, that failback to the
-/// latest processed point, to the latest app-consistent point (tagged with `process-
+/// latest point (the process server cuts on request), to the latest processed point, to the latest app-consistent point (tagged with `process-
 /// server tag --app-consistent`), to a point id and to a time (RFC 3339 with an offset)
 /// each gives every disk exactly as it was at that point (one common point for the
 /// group), each change of point is exact, the same point again is a no-op, the process
@@ -344,7 +344,26 @@ fn failback_to_each_kind_of_point_and_commit() {
     );
     assert_eq!(env.group_state(), "replicating");
 
-    // Latest processed: the newest point, the final state.
+    // Latest: the process server cuts on request, and that cut is the final state.
+    let newest_listed = points
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let s = env.failback("latest");
+    assert!(s["note"].is_null(), "{s}");
+    assert!(s["point_id"].as_u64().unwrap() > newest_listed, "{s}");
+    assert_eq!(s["point_kind"], "crash");
+    env.assert_replicas(marks.last().unwrap(), "latest");
+    assert!(
+        env.ps()
+            .log()
+            .contains("cut at the master target's request"),
+        "{}",
+        env.ps().log()
+    );
+
+    // Latest processed: the newest point in the journal, the final state too.
     let s = env.failback("latest-processed");
     assert_eq!(s["disks"].as_array().unwrap().len(), 3, "{s}");
     assert_eq!(s["state"], "failed-back-uncommitted");
@@ -373,6 +392,7 @@ fn failback_to_each_kind_of_point_and_commit() {
     assert_eq!(s["point_id"], app_id, "{s}");
     assert_eq!(s["point_kind"], "app");
     assert_eq!(s["changed_from"], latest_id);
+    assert!(s["reverted_bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(s["data_loss_window_ms"].as_u64().unwrap() > 0, "{s}");
     env.assert_replicas(&marks[1], "latest-app");
 
@@ -522,7 +542,8 @@ fn refusals_change_nothing() {
 /// again: in-process (the command killed mid-apply, a second failback and a commit
 /// refused while it runs), then live (the server killed mid-way through a change of
 /// point, restarted: it keeps refusing replication and finishes nothing by itself, and
-/// the rerun through it is exact); a second failback while one runs is refused.
+/// the rerun through it is exact); a second failback while one runs is refused; and
+/// `latest` without a process server uses the latest processed point and says so.
 #[test]
 fn kill_9_during_apply_then_rerun_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
@@ -643,6 +664,14 @@ fn kill_9_during_apply_then_rerun_is_exact() {
     let (mid_id, _) = point_in(&points, &marks[1]);
     env.failback(&mid_id.to_string());
     env.assert_replicas(&marks[1], "change to the middle point");
+    // `latest` without a process server: the latest processed point, and a note.
+    let s = env.failback("latest");
+    let note = s["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("process server not reachable") && note.contains("no process server"),
+        "{s}"
+    );
+    env.assert_replicas(&marks[2], "latest without a process server");
 }
 
 /// The journal seq of the point a summary names, from a `points --json` list.

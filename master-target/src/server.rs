@@ -31,6 +31,12 @@
 //!    fsync), and then sends one Ack per touched group with its new `durable_seq`
 //!    (groups whose frames were all duplicates are acked too).
 //!
+//! 5. Cut requests (protocol 2, see [`crate::failback`]): a failback to `latest` asks the
+//!    connection holding its group to send a `CutRequest`; it goes out between batches.
+//!    The process server answers with a `CutDone` naming the point it cut, which is
+//!    taken out of the frame stream (never journaled) and handed to the failback; the
+//!    point itself arrives as a Point frame like any other.
+//!
 //! A refusal is one Error frame ([`ErrorFrame`] code and a message naming the thing at
 //! fault), after which the server stops reading, half-closes, drains what the peer
 //! still sends for a short while ([`LINGER_MS`], [`LINGER_BYTES_MAX`]) so that the
@@ -82,13 +88,14 @@ use std::time::Duration;
 use anyhow::Context;
 use datapath::failback::{FailbackError, FailbackState, Phase, PointInfo, Progress};
 use datapath::frame::{
-    self, Ack, Decoder, ErrorFrame, FrameError, FrameKind, Hello, HelloDisk, HelloGroup,
-    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
+    self, Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, Decoder, ErrorFrame, FrameError,
+    FrameKind, Hello, HelloDisk, HelloGroup, MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION,
+    Role,
 };
 use datapath::journal::{Journal, JournalError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 
 use crate::config::{Config, GroupConfig};
 use crate::control::{self, GroupOps};
@@ -155,8 +162,25 @@ struct Holder {
     peer: SocketAddr,
     /// The node id from its hello.
     node: String,
-    /// Notified when a newer connection of the same node takes the group over.
+    /// Notified when a newer connection of the same node takes the group over, or a
+    /// failback stops replication of the group.
     cancel: Arc<Notify>,
+    /// Where a failback to `latest` asks the connection to send a cut request; `None`
+    /// when the peer speaks no protocol with one (older than [`CUT_PROTOCOL_VERSION`]).
+    cut: Option<mpsc::UnboundedSender<CutAsk>>,
+}
+
+/// A failback's request for a cut of `group` now, and where the answer goes.
+struct CutAsk {
+    group: String,
+    reply: std::sync::mpsc::Sender<CutDone>,
+}
+
+/// What woke a connection between batches.
+enum Wake {
+    Frame(Result<Option<Vec<u8>>, ReadError>),
+    Cancel,
+    Cut(CutAsk),
 }
 
 /// What every connection shares.
@@ -471,7 +495,8 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         );
     }
     let cancel = Arc::new(Notify::new());
-    let mut st = match check_hello(shared, &hello, peer, cancel.clone()).await {
+    let (cut_tx, mut cut_rx) = mpsc::unbounded_channel::<CutAsk>();
+    let mut st = match check_hello(shared, &hello, peer, cancel.clone(), cut_tx).await {
         Ok(st) => st,
         Err(end) => return end,
     };
@@ -528,11 +553,18 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         return End::Closed;
     }
 
-    // 3. Batches of frames until the peer closes or a frame is refused.
+    // 3. Batches of frames until the peer closes or a frame is refused. Cut requests of
+    // a failback go out between batches; their answers are taken out of the stream.
+    let mut pending_cuts: HashMap<String, std::sync::mpsc::Sender<CutDone>> = HashMap::new();
     loop {
-        let next = tokio::select! {
-            r = rd.next(stream) => r,
-            _ = cancel.notified() => {
+        let wake = tokio::select! {
+            r = rd.next(stream) => Wake::Frame(r),
+            _ = cancel.notified() => Wake::Cancel,
+            Some(ask) = cut_rx.recv() => Wake::Cut(ask),
+        };
+        let next = match wake {
+            Wake::Frame(r) => r,
+            Wake::Cancel => {
                 // A failback stops replication of its group; otherwise a newer
                 // connection of the same node took over.
                 let failing_back = st.groups.iter().find_map(|g| {
@@ -551,17 +583,45 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
                     ),
                 );
             }
+            Wake::Cut(ask) => {
+                let mut out = Vec::new();
+                let req = CutRequest {
+                    group: ask.group.clone(),
+                };
+                if let Err(e) = frame::encode_cut_request(&req, &mut out) {
+                    return refuse(ErrorFrame::INTERNAL, format!("encode a cut request: {e}"));
+                }
+                if let Err(e) = write_all(stream, &out).await {
+                    tracing::debug!(%peer, "write a cut request: {e}");
+                    return End::Closed;
+                }
+                tracing::info!(%peer, group = %ask.group, "asked the process server for a cut (failback to latest)");
+                pending_cuts.insert(ask.group, ask.reply);
+                continue;
+            }
         };
         let first = match next {
             Ok(Some(f)) => f,
             Ok(None) => return End::Closed,
             Err(e) => return read_refusal(e),
         };
+        if is_cut_done(&first) {
+            if let Err(end) = take_cut_done(&first, &mut pending_cuts) {
+                return end;
+            }
+            continue;
+        }
         let mut bytes = first.len();
         let mut batch = vec![first];
         let mut after: Option<End> = None;
         while batch.len() < BATCH_FRAMES_MAX && bytes < BATCH_BYTES_MAX {
             match rd.try_step(stream) {
+                Ok(Step::Frame(f)) if is_cut_done(&f) => {
+                    if let Err(end) = take_cut_done(&f, &mut pending_cuts) {
+                        after = Some(end);
+                        break;
+                    }
+                }
                 Ok(Step::Frame(f)) => {
                     bytes += f.len();
                     batch.push(f);
@@ -613,6 +673,27 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Whether a frame off the stream is a cut answer (its header kind; the frame is
+/// checked by [`take_cut_done`]).
+fn is_cut_done(f: &[u8]) -> bool {
+    f.get(6) == Some(&(FrameKind::CutDone as u8))
+}
+
+/// Hands a cut answer to the failback waiting for it (one that gave up is gone: the
+/// answer is dropped); a bad one is refused.
+fn take_cut_done(
+    f: &[u8],
+    pending: &mut HashMap<String, std::sync::mpsc::Sender<CutDone>>,
+) -> Result<(), End> {
+    let d = frame::decode_cut_done(f)
+        .map_err(|e| refuse(ErrorFrame::BAD_FRAME, format!("cut answer: {e}")))?;
+    tracing::info!(group = %d.group, point = d.point_id, consistent = d.consistent, "the process server cut a point on request");
+    if let Some(tx) = pending.remove(&d.group) {
+        let _ = tx.send(d);
+    }
+    Ok(())
+}
+
 /// Writes `buf` and flushes it: TLS keeps records it could not send yet in its own
 /// buffer until the next write or flush, and the peer waits for these bytes.
 async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> std::io::Result<()> {
@@ -636,6 +717,7 @@ async fn check_hello(
     hello: &Hello,
     peer: SocketAddr,
     cancel: Arc<Notify>,
+    cut: mpsc::UnboundedSender<CutAsk>,
 ) -> Result<ConnState, End> {
     if hello.role != Role::ProcessServer {
         return Err(refuse(
@@ -653,7 +735,7 @@ async fn check_hello(
         node: shared.cfg.node.clone(),
         groups: Vec::new(),
     };
-    if ours.negotiate(hello).is_none() {
+    let Some(protocol) = ours.negotiate(hello) else {
         return Err(refuse(
             ErrorFrame::UNSUPPORTED_VERSION,
             format!(
@@ -666,7 +748,8 @@ async fn check_hello(
                 ours.version_max
             ),
         ));
-    }
+    };
+    let cut = (protocol >= CUT_PROTOCOL_VERSION).then_some(cut);
     let mut wanted = Vec::with_capacity(hello.groups.len());
     for g in &hello.groups {
         let Some(slot) = shared.groups.get(&g.id) else {
@@ -705,7 +788,7 @@ async fn check_hello(
     }
     let shared = shared.clone();
     let node = hello.node.clone();
-    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel))
+    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel, cut))
         .await
         .unwrap_or_else(|e| Err(refuse(ErrorFrame::INTERNAL, format!("claim groups: {e}"))))
 }
@@ -725,6 +808,7 @@ fn claim(
     peer: SocketAddr,
     node: &str,
     cancel: Arc<Notify>,
+    cut: Option<mpsc::UnboundedSender<CutAsk>>,
 ) -> Result<ConnState, End> {
     let mut st = ConnState {
         groups: Vec::with_capacity(wanted.len()),
@@ -743,6 +827,7 @@ fn claim(
                         peer,
                         node: node.to_string(),
                         cancel: cancel.clone(),
+                        cut: cut.clone(),
                     });
                     slot.metrics.set_peer(Some(Peer {
                         node: node.to_string(),
@@ -1298,7 +1383,72 @@ impl Shared {
     /// `latest`: asks the process server holding the group to cut now and waits until
     /// that point is durable. Returns the point, or `None` and the note saying the
     /// latest processed point is used.
-    fn cut_for_latest(&self, _slot: &GroupSlot) -> (Option<u64>, Option<String>) {
-        (None, Some(fb::NOT_REACHABLE_NOTE.to_string()))
+    fn cut_for_latest(&self, slot: &GroupSlot) -> (Option<u64>, Option<String>) {
+        let group = &slot.cfg.id;
+        let fallback = |why: String| (None, Some(format!("{} ({why})", fb::NOT_REACHABLE_NOTE)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = {
+            let s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            match &s.holder {
+                None => Err("no process server is connected for the group".to_string()),
+                Some(h) => match &h.cut {
+                    None => Err(format!(
+                        "process server {:?} speaks no protocol with cut requests",
+                        h.node
+                    )),
+                    Some(c) => c
+                        .send(CutAsk {
+                            group: group.clone(),
+                            reply: tx,
+                        })
+                        .map_err(|_| "its connection is closing".to_string()),
+                },
+            }
+        };
+        if let Err(why) = asked {
+            return fallback(why);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(fb::LATEST_WAIT_MS);
+        let done = match rx.recv_timeout(Duration::from_millis(fb::LATEST_WAIT_MS)) {
+            Ok(d) => d,
+            Err(_) => {
+                return fallback(format!(
+                    "no answer to the cut request within {} ms",
+                    fb::LATEST_WAIT_MS
+                ));
+            }
+        };
+        if done.point_id == 0 {
+            return fallback(
+                "the process server could not cut a point: the group tracks by bitmap only \
+                 until a resync"
+                    .into(),
+            );
+        }
+        if !done.consistent {
+            return fallback(format!(
+                "the process server's cut, point {}, is inconsistent: a resync runs",
+                done.point_id
+            ));
+        }
+        // Everything the process server held before the cut ships ahead of its point.
+        loop {
+            if slot.metrics.points().iter().any(|p| p.id == done.point_id) {
+                tracing::info!(
+                    group,
+                    point = done.point_id,
+                    "the process server's cut is durable: failing back to it"
+                );
+                return (Some(done.point_id), None);
+            }
+            if std::time::Instant::now() >= deadline {
+                return fallback(format!(
+                    "the process server cut point {} but it was not durable here within {} ms",
+                    done.point_id,
+                    fb::LATEST_WAIT_MS
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -14,7 +14,7 @@
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
-//! | [`control`] | the control socket `status` and `points` ask a running server |
+//! | [`control`] | the control socket `status`, `points`, `failback` and `commit` ask a running server |
 //! | [`query`]  | `points` and `status`, live or from the files on disk         |
 //! | [`failback`] | `failback` and `commit`: point specs, summary, live or in-process |
 //! | [`timefmt`] | RFC 3339 times: formatting, and parsing with offsets          |

@@ -155,6 +155,9 @@ enum SlotFailback {
     Running,
     /// The failback state on disk: interrupted (applying), failed back, or committed.
     Stopped(FailbackState),
+    /// The failback state file could not be read after a failback or commit: nothing
+    /// is known, so replication stays refused; the next command reports why.
+    Unreadable,
 }
 
 /// Who holds a group, and how to ask it to let go.
@@ -1131,6 +1134,10 @@ fn not_protected(group: &str, f: SlotFailback) -> Option<String> {
             "group {group:?} is failing back at the master target: replication of it stops, \
              and it is not protected until it is reprotected"
         )),
+        SlotFailback::Unreadable => Some(format!(
+            "group {group:?}: the master target cannot read its failback state (see its \
+             log): it is not protected; replication is refused"
+        )),
         SlotFailback::Stopped(s) => Some(match s.phase {
             Phase::Applying => format!(
                 "group {group:?} is failing back at the master target (to point {}, \
@@ -1196,10 +1203,9 @@ impl Drop for Settle<'_> {
         s.failback = match &loaded {
             Ok(None) => SlotFailback::Replicating,
             Ok(Some(st)) => SlotFailback::Stopped(*st),
-            // Unreadable: keep refusing replication; the next command says why.
             Err(e) => {
                 tracing::error!(group = %self.slot.cfg.id, "{e:#}");
-                SlotFailback::Running
+                SlotFailback::Unreadable
             }
         };
         self.slot

@@ -8,9 +8,10 @@
 //! every epoch is cut into a recovery point (every third one app-consistent). The
 //! shipper coalesces each epoch, encodes zstd + blake3 + crc32 frames, and the journal
 //! commits them (one fsync per epoch); the "ack" releases the spool and clears the
-//! bitmap. Then failback: the replica goes to the latest app-consistent point (with
-//! undo), is checked block for block against the source as it was at that cut, then
-//! changes point to the latest one and is checked again.
+//! bitmap. Then failback with `datapath::failback` (the code `master-target failback`
+//! runs): the replica goes to the latest app-consistent point (with an undo log), is
+//! checked block for block against the source as it was at that cut, then changes point
+//! to the latest one (through the undo log) and is checked again, then commits.
 //!
 //! Run: `cargo run --release --example demo [-- DISK_MIB [EPOCHS]]`
 
@@ -20,14 +21,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use blockrep::workload::{Rng, realistic_bytes};
-use datapath::apply::{self, UndoLog};
 use datapath::bitmap::{Bitmap, BitmapConfig};
-use datapath::extent::{EpochMap, Extent, ExtentData};
-use datapath::frame::{self, DataFrameMeta, Decoder, Encoder, Frame, PointKind, PointRecord};
+use datapath::extent::{EpochMap, Extent};
+use datapath::failback::{self, Choice, Disk, Failback};
+use datapath::frame::{self, DataFrameMeta, Encoder, PointKind, PointRecord};
 use datapath::hashing::{self, HashList};
 use datapath::journal::{Journal, JournalConfig};
 use datapath::spool::{Spool, SpoolConfig, SpoolEntry, SpoolRecordRef};
-use datapath::storage::{OpenMode, RealFs, Storage, StorageFile};
+use datapath::storage::{OpenMode, RealFs, Storage};
 
 const GROUP: &str = "demo";
 const DISK: &str = "disk0";
@@ -243,9 +244,26 @@ fn main() -> Result<()> {
     let Some(app_id) = app_point else {
         bail!("no app-consistent point: run with EPOCHS >= 3");
     };
-    let replica = fs.open(&replica_path, OpenMode::Existing)?;
-    let mut undo = UndoLog::create(fs.clone(), &dir.join("replica.undo"), disk_bytes)?;
-    let (secs, bytes) = failback(&journal, app_id, replica.as_ref(), disk_bytes, &mut undo)?;
+    // The library's failback: undo log per disk, progress state, re-read check.
+    let fb = Failback::new(
+        fs.clone(),
+        &dir.join("failback"),
+        GROUP,
+        vec![Disk {
+            id: DISK.into(),
+            replica: replica_path.clone(),
+            size_bytes: disk_bytes,
+        }],
+    )?;
+    let point = failback::resolve(&journal, Choice::LatestApp)?;
+    ensure!(
+        point.record.point_id == app_id,
+        "the latest app point is not {app_id}"
+    );
+    let t = Instant::now();
+    let out = fb.run(&journal, &point, &mut |_| {})?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = out.applied.bytes();
     let ok = hash(&replica_path)?.hashes == app_hashes.context("app hashes")?.hashes;
     println!(
         "failback to latest app-consistent point {app_id}: {:.1} MB applied in {secs:.2} s ({:.0} MB/s), replica {}",
@@ -260,18 +278,14 @@ fn main() -> Result<()> {
     ensure!(ok, "replica differs from the source at point {app_id}");
 
     let t = Instant::now();
-    undo.replay(replica.as_ref())?;
-    undo.reset()?;
-    let latest = journal
-        .latest_point()
-        .context("latest point")?
-        .record
-        .point_id;
-    let (_, bytes) = failback(&journal, latest, replica.as_ref(), disk_bytes, &mut undo)?;
+    let point = failback::resolve(&journal, Choice::LatestProcessed)?;
+    let latest = point.record.point_id;
+    let out = fb.run(&journal, &point, &mut |_| {})?;
     let ok = hash(&replica_path)?.hashes == hash(&source_path)?.hashes;
     println!(
-        "change of point to latest {latest}: undo replayed and {:.1} MB applied in {:.2} s, replica {}",
-        mb(bytes),
+        "change of point to latest {latest}: undo replayed ({:.1} MB) and {:.1} MB applied in {:.2} s, replica {}",
+        mb(out.reverted_bytes),
+        mb(out.applied.bytes()),
         t.elapsed().as_secs_f64(),
         if ok {
             "matches the source now, block for block"
@@ -280,30 +294,8 @@ fn main() -> Result<()> {
         }
     );
     ensure!(ok, "replica differs from the source at point {latest}");
-    undo.discard()?;
+    drop(journal);
+    fb.commit(&dir.join("journal"))?;
     bitmap.flush()?;
     Ok(())
-}
-
-/// Applies the journal through `point_id` to the replica with undo; returns seconds and
-/// bytes applied.
-fn failback(
-    journal: &Journal,
-    point_id: u64,
-    replica: &dyn StorageFile,
-    disk_bytes: u64,
-    undo: &mut UndoLog,
-) -> Result<(f64, u64)> {
-    let t = Instant::now();
-    let mut dec = Decoder::new();
-    let mut bytes = 0;
-    for item in journal.frames_through_point(point_id)? {
-        let (_, f) = item?;
-        if let Frame::Data(df) = frame::decode(&f, &mut dec)? {
-            let exts: Vec<(u64, ExtentData<'_>)> = df.extents().collect();
-            bytes += apply::apply_extents(replica, disk_bytes, &exts, Some(undo))?.data_bytes;
-        }
-    }
-    apply::sync_target(replica)?;
-    Ok((t.elapsed().as_secs_f64(), bytes))
 }

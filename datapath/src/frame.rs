@@ -120,8 +120,22 @@
 //! | 16     | 1+n     | `disk`             | disk id                                        |
 //! | 17+n   | 32 x count | `hashes`        | blake3 of each block in order; the body ends with them |
 //!
-//! Hello, ack, error and hash list frames carry `seq` 0 in the header; decoders refuse
-//! any other value. [`decode`] checks any frame and returns its typed contents.
+//! ## Cut request body (kind 7, protocol 2): master target -> process server
+//!
+//! | offset | size | field   | meaning                                               |
+//! |-------:|-----:|---------|-------------------------------------------------------|
+//! | 0      | 1+n  | `group` | cut this group now and ship up to the cut (failback `latest`) |
+//!
+//! ## Cut done body (kind 8, protocol 2): process server -> master target
+//!
+//! | offset | size | field      | meaning                                            |
+//! |-------:|-----:|------------|----------------------------------------------------|
+//! | 0      | 8    | `point_id` | the point cut for the request; 0: none could be cut |
+//! | 8      | 1    | `flags`    | bit 0: the point is consistent; other bits 0        |
+//! | 9      | 1+n  | `group`    | group id                                           |
+//!
+//! Hello, ack, error, hash list, cut request and cut done frames carry `seq` 0 in the
+//! header; decoders refuse any other value. [`decode`] checks any frame and returns its typed contents.
 
 use thiserror::Error;
 
@@ -129,11 +143,13 @@ mod control;
 mod data;
 
 pub use control::{
-    Ack, ErrorFrame, HASH_BYTES, HashListFrame, Hello, HelloDisk, HelloGroup,
-    MAX_ERROR_MESSAGE_BYTES, MAX_HASH_BLOCK_BYTES, MAX_HASHES, MAX_HELLO_DISKS, MAX_HELLO_GROUPS,
-    PROTOCOL_VERSION, Role, decode_ack, decode_ack_body, decode_error, decode_error_body,
-    decode_hash_list, decode_hash_list_body, decode_hello, decode_hello_body, encode_ack,
-    encode_error, encode_hash_list, encode_hello,
+    Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, ErrorFrame, HASH_BYTES, HashListFrame, Hello,
+    HelloDisk, HelloGroup, MAX_ERROR_MESSAGE_BYTES, MAX_HASH_BLOCK_BYTES, MAX_HASHES,
+    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role, decode_ack, decode_ack_body,
+    decode_cut_done, decode_cut_done_body, decode_cut_request, decode_cut_request_body,
+    decode_error, decode_error_body, decode_hash_list, decode_hash_list_body, decode_hello,
+    decode_hello_body, encode_ack, encode_cut_done, encode_cut_request, encode_error,
+    encode_hash_list, encode_hello,
 };
 pub use data::{
     DATA_FIXED_BYTES, DATA_HEAD_BYTES_MAX, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo,
@@ -171,6 +187,10 @@ pub enum FrameKind {
     Error = 5,
     /// Block hashes of a disk range (resync).
     HashList = 6,
+    /// The master target asks for a cut now (protocol 2).
+    CutRequest = 7,
+    /// The process server's answer to a cut request (protocol 2).
+    CutDone = 8,
 }
 
 impl FrameKind {
@@ -183,6 +203,8 @@ impl FrameKind {
             4 => Self::Ack,
             5 => Self::Error,
             6 => Self::HashList,
+            7 => Self::CutRequest,
+            8 => Self::CutDone,
             _ => return None,
         })
     }
@@ -526,6 +548,8 @@ pub enum Frame {
     Ack(Ack),
     Error(ErrorFrame),
     HashList(HashListFrame),
+    CutRequest(CutRequest),
+    CutDone(CutDone),
 }
 
 /// Verifies any frame (length and crc first) and decodes its body by kind. Data frames
@@ -551,6 +575,14 @@ pub fn decode(frame: &[u8], dec: &mut Decoder) -> Result<Frame, FrameError> {
         FrameKind::HashList => {
             control::check_control_seq(&h)?;
             Frame::HashList(decode_hash_list_body(body)?)
+        }
+        FrameKind::CutRequest => {
+            control::check_control_seq(&h)?;
+            Frame::CutRequest(decode_cut_request_body(body)?)
+        }
+        FrameKind::CutDone => {
+            control::check_control_seq(&h)?;
+            Frame::CutDone(decode_cut_done_body(body)?)
         }
     })
 }

@@ -86,6 +86,7 @@
 //! | roll (new segment) | commit of the old segment -> new file created -> header (`synced_seq` = `first_seq - 1`) written -> `sync_data` -> `sync_dir` |
 //! | drop_through(seq)  | state file replaced ([`storage::write_atomic`]) -> whole segments <= seq removed -> `sync_dir` |
 //! | open               | every segment verified (nothing changed yet) -> segments wholly <= base removed -> torn tail cut (`set_len`) -> `sync_data` of the last segment -> `sync_dir` |
+//! | [`remove_all`]     | (the caller's durable record that the journal is dropped) -> every segment (newest first), the state file and its temp removed -> `sync_dir` |
 //!
 //! **Why the header carries a mark.** A crash may keep any subset of the writes issued
 //! since the last sync, and of the pages of one write: the page cache writes a large
@@ -1334,6 +1335,41 @@ impl Journal {
             .rev()
             .find(|p| p.record.time_unix_ms <= time_unix_ms)
     }
+}
+
+/// Removes a group's whole journal from `dir` for good (failback commit): every
+/// segment, the state file and a leftover temp of it, then ONE `sync_dir`. The
+/// journal must be closed (dropped) first, and the caller must have recorded durably,
+/// before calling this, that the journal is no longer needed (the failback state
+/// `committed`): a crash inside may leave any subset of the files, which nobody may
+/// open as a journal any more; calling this again removes the rest. Other names in the
+/// directory are left alone, and so is the (then empty) directory. A missing directory
+/// is nothing to do. Returns the number of files removed.
+pub fn remove_all(fs: &dyn Storage, dir: &Path) -> Result<usize, JournalError> {
+    let names = match fs.list_dir(dir) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("list journal directory", dir)(e)),
+    };
+    let tmp = format!("{STATE_FILE}.tmp");
+    let mut removed = 0;
+    // Newest segment first: a journal cut short from its end is what a torn tail
+    // looks like, should anything ever read a half-removed one.
+    for name in names.iter().rev() {
+        let ours = parse_segment_name(name).is_some() || *name == STATE_FILE || *name == tmp;
+        if !ours {
+            continue;
+        }
+        let p = dir.join(name);
+        fs.remove_file(&p)
+            .map_err(io_err("remove journal file", &p))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        fs.sync_dir(dir)
+            .map_err(io_err("sync journal directory", dir))?;
+    }
+    Ok(removed)
 }
 
 /// Reads the frame at `offset` of a segment of `file_bytes` bytes into `buf` and

@@ -17,6 +17,7 @@
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`pointview`] | a recovery point as a readable disk: the replica with the journal laid over it |
 //! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
+//! | [`failback`] | a group's failback to a point: journal through it onto every replica, undo, progress, commit |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
 //! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
@@ -39,10 +40,14 @@
 //! | retention fold          | intent replaced ([`storage::write_atomic`]) -> frames applied to replicas -> replicas synced -> journal `drop_through` (state replaced, segments removed, directory synced) |
 //! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
+//! | failback batch          | frames read (crc) and decoded (blake3) -> per disk: apply with undo (row above) -> replica synced -> applied extents re-read and checked -> failback state (`applied_seq`) replaced |
+//! | change of point         | failback state `applying Q` + `REVERT` replaced -> every undo log replayed (replica synced) -> undo logs reset -> batches |
+//! | failback commit         | failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
 
 pub mod apply;
 pub mod bitmap;
 pub mod extent;
+pub mod failback;
 pub mod frame;
 pub mod hashing;
 pub mod journal;

@@ -12,13 +12,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datapath::apply::{self, UndoLog};
-use datapath::extent::{EpochMap, ExtentData};
-use datapath::frame::{self, DataFrameMeta, Decoder, Encoder, Frame, PointKind, PointRecord};
+use datapath::extent::EpochMap;
+use datapath::failback::{self, Choice, Disk, Failback};
+use datapath::frame::{self, DataFrameMeta, Decoder, Encoder, PointKind, PointRecord};
 use datapath::journal::{Journal, JournalConfig, RecoveryMode};
 use datapath::retention::{self, Pins, Policy, Replica};
 use datapath::spool::{Spool, SpoolConfig, SpoolEntry, SpoolRecordRef};
-use datapath::storage::{CrashMode, OpenMode, SimFs, Storage, StorageFile};
+use datapath::storage::{CrashMode, OpenMode, SimFs, Storage};
 
 const DISK_BYTES: u64 = 2 << 20;
 const DISK: &str = "d0";
@@ -132,25 +132,6 @@ fn ship(
         }
     }
     Ok(())
-}
-
-/// Applies the journal's frames from `from_seq` through `to_seq` to `target`.
-fn apply_range(
-    j: &Journal,
-    from_seq: u64,
-    to_seq: u64,
-    target: &dyn StorageFile,
-    mut undo: Option<&mut UndoLog>,
-) {
-    let mut dec = Decoder::new();
-    for item in j.read(from_seq, to_seq).expect("read range") {
-        let (_, bytes) = item.expect("frame reads back");
-        if let Frame::Data(df) = frame::decode(&bytes, &mut dec).expect("frame decodes") {
-            let exts: Vec<(u64, ExtentData<'_>)> = df.extents().collect();
-            apply::apply_extents(target, DISK_BYTES, &exts, undo.as_deref_mut()).expect("apply");
-        }
-    }
-    apply::sync_target(target).expect("sync target");
 }
 
 /// Runs one seed; returns whether the planned crash hit during shipping.
@@ -273,26 +254,36 @@ fn run(seed: u64) -> bool {
     );
     assert_eq!(read_file(fs.as_ref(), &replica), snapshots[fold as usize]);
 
-    // Failback to a point, back through the undo log, then to another point.
-    let target = fs.open(&replica, OpenMode::Existing).unwrap();
-    let undo_path = p("/mt/replica/d0.undo");
-    let mut undo = UndoLog::create(fs.clone(), &undo_path, DISK_BYTES).unwrap();
+    // Failback to a point, then changes of point (each reverts through the undo log),
+    // then commit, with the library's failback.
+    let fb = Failback::new(
+        fs.clone(),
+        &p("/mt/failback"),
+        GROUP,
+        vec![Disk {
+            id: DISK.into(),
+            replica: replica.clone(),
+            size_bytes: DISK_BYTES,
+        }],
+    )
+    .unwrap();
+    let mut point = 0;
     for _ in 0..3 {
-        let point = fold + 1 + rng.below(epochs - fold);
-        let seq = j.point_by_id(point).unwrap().seq;
-        apply_range(&j, j.base_seq() + 1, seq, target.as_ref(), Some(&mut undo));
+        point = fold + 1 + rng.below(epochs - fold);
+        let pt = failback::resolve(&j, Choice::Id(point)).unwrap();
+        fb.run(&j, &pt, &mut |_| {}).unwrap();
         assert!(
             read_file(fs.as_ref(), &replica) == snapshots[point as usize],
             "seed {seed}: failback to point {point} is not exact"
         );
-        undo.replay(target.as_ref()).unwrap();
-        undo.reset().unwrap();
-        assert!(
-            read_file(fs.as_ref(), &replica) == snapshots[fold as usize],
-            "seed {seed}: undo from point {point} is not exact"
-        );
     }
-    undo.discard().unwrap();
+    drop(j);
+    fb.commit(&p("/mt/journal")).unwrap();
+    assert!(
+        read_file(fs.as_ref(), &replica) == snapshots[point as usize],
+        "seed {seed}: commit changed the replica"
+    );
+    assert_eq!(fs.list_dir(&p("/mt/failback")).unwrap(), ["failback.state"]);
     crashed
 }
 

@@ -419,6 +419,12 @@ impl Config {
         self.group_dir(group).join("journal")
     }
 
+    /// The group's failback directory: state file and undo logs
+    /// ([`datapath::failback`]).
+    pub fn failback_dir(&self, group: &str) -> PathBuf {
+        self.group_dir(group).join("failback")
+    }
+
     /// Refuses a transport the server may not use: with `[tls]` any listen address is
     /// fine; plain TCP needs `plain_tcp_loopback = true` and a loopback address.
     pub fn check_transport(&self) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
-//! The control socket of a running master target: `master-target status` and
-//! `master-target points` ask it, because the running server holds every group's lock
+//! The control socket of a running master target: `master-target status`, `points`,
+//! `failback` and `commit` ask it, because the running server holds every group's lock
 //! and journal (see [`crate::store`]).
 //!
 //! A Unix domain socket at `data_dir/control.sock`, created by `serve` once it holds the
@@ -12,7 +12,18 @@
 //! |-----------------------------------|-----------------------------------------------------------|
 //! | `{"cmd":"status"}`                | `{"ok":true,"running":true,"metrics":..,"groups":[..],"disks":[..]}` ([`crate::query::Status`]) |
 //! | `{"cmd":"points","group":"g1"}`   | `{"ok":true,"points":[{"id","time","time_unix_ms","kind","consistent","seq"},..]}` |
+//! | `{"cmd":"failback","group":"g1","point":"SPEC"}` | progress lines `{"progress":{"done_bytes",..}}`, then `{"ok":true,"summary":{..}}` ([`crate::failback::Summary`]) |
+//! | `{"cmd":"commit","group":"g1"}`   | `{"ok":true,"commit":{..}}` ([`crate::failback::CommitSummary`]) |
 //! | anything else, a request over [`REQUEST_BYTES_MAX`], or none within [`REQUEST_TIMEOUT_MS`] | `{"ok":false,"error":"..."}` |
+//!
+//! **Long requests.** A failback runs as long as its apply takes, so `failback` and
+//! `commit` are answered when they are done: the server sends a progress line after
+//! every batch (at most one per [`PROGRESS_INTERVAL_MS`]) and then the answer, and the
+//! client ([`request_long`]) waits without a deadline: a server that dies closes the
+//! socket, which ends the wait with an error. The work does not depend on the client:
+//! a client that goes away does not stop a failback, and rerunning the command then
+//! finds it running (refused) or done (a no-op). Short requests keep their bounds
+//! ([`ANSWER_TIMEOUT_MS`]). The request line itself is bounded the same for all.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -26,8 +37,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use crate::config::Config;
+use crate::failback::{CommitSummary, PointSpec, ProgressOut, Summary};
 use crate::metrics::Metrics;
 use crate::query;
+use datapath::failback::Progress;
 
 /// Bound on one request line.
 pub const REQUEST_BYTES_MAX: u64 = 4096;
@@ -37,6 +50,8 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5000;
 pub const ANSWER_BYTES_MAX: u64 = 64 << 20;
 /// How long a client waits for the answer.
 pub const ANSWER_TIMEOUT_MS: u64 = 30_000;
+/// A long request sends at most one progress line per this many ms.
+pub const PROGRESS_INTERVAL_MS: u64 = 200;
 /// Name of the socket in the data directory.
 pub const SOCKET_NAME: &str = "control.sock";
 
@@ -51,6 +66,22 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Where `GET /metrics` is served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The groups' failback and commit, done by the server (see [`crate::server`]).
+    pub groups: Arc<dyn GroupOps>,
+}
+
+/// The long operations the running server does on a group for the control socket.
+/// Both run on the blocking pool and return when done.
+pub trait GroupOps: Send + Sync {
+    /// Stops replication of `group` and fails it back to `spec`.
+    fn failback(
+        &self,
+        group: &str,
+        spec: PointSpec,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> anyhow::Result<Summary>;
+    /// Commits `group`'s failback.
+    fn commit(&self, group: &str) -> anyhow::Result<CommitSummary>;
 }
 
 /// Binds the control socket (replacing a stale one left by a killed server).
@@ -95,6 +126,24 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Res
                 Ok(Ok(_)) if line.len() as u64 > REQUEST_BYTES_MAX => {
                     json!({"ok": false, "error": format!("request over {REQUEST_BYTES_MAX} bytes")})
                 }
+                Ok(Ok(_)) if is_long(&line) => {
+                    let c = control.clone();
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+                    let work = tokio::task::spawn_blocking(move || handle_long(&c, &line, &tx));
+                    // Progress lines until the work drops its sender; a client that
+                    // went away does not stop the work.
+                    let mut client_gone = false;
+                    while let Some(v) = rx.recv().await {
+                        if client_gone {
+                            continue;
+                        }
+                        let mut out = v.to_string();
+                        out.push('\n');
+                        client_gone = wr.write_all(out.as_bytes()).await.is_err();
+                    }
+                    work.await
+                        .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal: {e}")}))
+                }
                 Ok(Ok(_)) => {
                     let c = control.clone();
                     tokio::task::spawn_blocking(move || handle(&c, &line))
@@ -107,6 +156,58 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Res
             out.push('\n');
             let _ = wr.write_all(out.as_bytes()).await;
         });
+    }
+}
+
+/// Whether the request line asks for a long operation (failback, commit).
+fn is_long(line: &str) -> bool {
+    serde_json::from_str::<Value>(line.trim()).is_ok_and(|v| {
+        matches!(
+            v.get("cmd").and_then(Value::as_str),
+            Some("failback" | "commit")
+        )
+    })
+}
+
+/// Runs a failback or commit; progress goes to `tx` as lines for the client.
+fn handle_long(c: &Control, line: &str, tx: &tokio::sync::mpsc::UnboundedSender<Value>) -> Value {
+    let req: Value = match serde_json::from_str(line.trim()) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+    };
+    let Some(group) = req.get("group").and_then(Value::as_str) else {
+        return json!({"ok": false, "error": "the request needs \"group\""});
+    };
+    let fail = |e: anyhow::Error| json!({"ok": false, "error": format!("{e:#}")});
+    match req.get("cmd").and_then(Value::as_str) {
+        Some("failback") => {
+            let Some(point) = req.get("point").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "failback needs \"point\""});
+            };
+            let spec = match PointSpec::parse(point) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let mut last: Option<std::time::Instant> = None;
+            let mut progress = |p: &Progress| {
+                let due = last
+                    .is_none_or(|t| t.elapsed() >= Duration::from_millis(PROGRESS_INTERVAL_MS))
+                    || (p.total_bytes > 0 && p.done_bytes == p.total_bytes);
+                if due {
+                    last = Some(std::time::Instant::now());
+                    let _ = tx.send(json!({"progress": ProgressOut::from(p)}));
+                }
+            };
+            match c.groups.failback(group, spec, &mut progress) {
+                Ok(s) => json!({"ok": true, "summary": s}),
+                Err(e) => fail(e),
+            }
+        }
+        Some("commit") => match c.groups.commit(group) {
+            Ok(s) => json!({"ok": true, "commit": s}),
+            Err(e) => fail(e),
+        },
+        other => json!({"ok": false, "error": format!("not a long request: {other:?}")}),
     }
 }
 
@@ -142,6 +243,67 @@ fn handle(c: &Control, line: &str) -> Value {
         }
         Some(other) => json!({"ok": false, "error": format!("unknown cmd {other:?}")}),
         None => json!({"ok": false, "error": "request needs \"cmd\""}),
+    }
+}
+
+/// Sends a long request (failback, commit) and waits for its answer without a
+/// deadline, handing every progress line to `on_progress`; `None` when no server runs.
+/// The server closing the socket before its answer is an error.
+pub fn request_long(
+    socket: &Path,
+    req: &Value,
+    on_progress: &mut dyn FnMut(&Value),
+) -> anyhow::Result<Option<Value>> {
+    let Some(mut s) = connect(socket)? else {
+        return Ok(None);
+    };
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .with_context(|| format!("send a request to {}", socket.display()))?;
+    let mut rd = BufReader::new(s);
+    loop {
+        let mut answer = String::new();
+        let n = (&mut rd)
+            .take(ANSWER_BYTES_MAX)
+            .read_line(&mut answer)
+            .with_context(|| format!("read the answer from {}", socket.display()))?;
+        if n == 0 {
+            bail!(
+                "the master target ({}) closed the connection before it answered (did it \
+                 stop?); the operation may have been interrupted: run the command again",
+                socket.display()
+            );
+        }
+        let v: Value = serde_json::from_str(answer.trim()).with_context(|| {
+            format!(
+                "the answer from {} is not JSON: {:?}",
+                socket.display(),
+                answer.chars().take(200).collect::<String>()
+            )
+        })?;
+        if v.get("progress").is_some() {
+            on_progress(&v);
+            continue;
+        }
+        return Ok(Some(v));
+    }
+}
+
+/// Connects to the control socket; `None` when no server runs (no socket, or a stale
+/// one nobody listens on).
+fn connect(socket: &Path) -> anyhow::Result<Option<std::os::unix::net::UnixStream>> {
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => Ok(Some(s)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("connect to {}", socket.display())),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `master-target`: Journals replicated deltas durably, keeps replicas and recovery points, and fails back.
 //!
 //! The binary is thin: it parses the command line and the config, then calls into
-//! [`server`] (the receiver) or [`query`] (points and status), which wire `datapath`'s
-//! frame codec and journal to the network and the terminal.
+//! [`server`] (the receiver), [`query`] (points and status) or [`failback`] (failback
+//! and commit), which wire `datapath`'s frame codec, journal and failback to the
+//! network and the terminal.
 //!
 //! | module     | owns                                                          |
 //! |------------|---------------------------------------------------------------|
@@ -14,8 +15,10 @@
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
-//! | [`control`] | the control socket `status` and `points` ask a running server |
+//! | [`control`] | the control socket `status`, `points`, `failback` and `commit` ask a running server |
 //! | [`query`]  | `points` and `status`, live or from the files on disk         |
+//! | [`failback`] | `failback` and `commit`: point specs, summary, live or in-process |
+//! | [`timefmt`] | RFC 3339 times: formatting, and parsing with offsets          |
 
 use std::path::PathBuf;
 
@@ -25,6 +28,7 @@ mod certs;
 mod config;
 mod control;
 mod export;
+mod failback;
 mod metrics;
 mod query;
 mod reader;
@@ -73,6 +77,37 @@ enum Cmd {
     Status {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a group back to a recovery point: replication of the group stops, and the
+    /// journal through the point is applied to every replica of the group with an undo
+    /// log (so the point can still be changed), synced and re-read against its blake3.
+    /// Asks the running server, or works on the files when none runs. Run it again
+    /// after a crash or kill: the result is exact. Run it with another --point to change
+    /// the point (until `commit`).
+    Failback {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// latest (ask the process server to cut and drain first), latest-processed,
+        /// latest-app, a point id, or an RFC 3339 time (the newest consistent point at
+        /// or before it), e.g. 2026-11-27T10:00:00Z or 2026-11-27T11:00:00+01:00.
+        #[arg(long, value_name = "SPEC")]
+        point: String,
+        /// Print the summary as a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a group's failback final: its undo logs and journal are dropped; the group
+    /// is then "failed back, not protected" (replication refused until reprotect).
+    Commit {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// Print a JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -162,6 +197,17 @@ fn main() -> anyhow::Result<()> {
             point,
             listen,
         } => export::run_offline(&config::Config::load(&config)?, &group, &point, listen),
+        Cmd::Failback {
+            config,
+            group,
+            point,
+            json,
+        } => failback::failback_cmd(&config::Config::load(&config)?, &group, &point, json),
+        Cmd::Commit {
+            config,
+            group,
+            json,
+        } => failback::commit_cmd(&config::Config::load(&config)?, &group, json),
         Cmd::Certs {
             out,
             master_target_names,
@@ -174,11 +220,13 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Version => {
             println!(
-                "master-target {} (data path format versions: frame {}, protocol {}, journal {})",
+                "master-target {} (data path format versions: frame {}, protocol {}, journal {}, failback state {}, undo log {})",
                 env!("CARGO_PKG_VERSION"),
                 datapath::frame::VERSION,
                 datapath::frame::PROTOCOL_VERSION,
                 datapath::journal::VERSION,
+                datapath::failback::VERSION,
+                datapath::apply::VERSION,
             );
             Ok(())
         }

@@ -54,6 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use datapath::failback::Phase;
 use datapath::frame::PointKind;
 use datapath::journal::{Journal, PointEntry};
 use datapath::metrics::{
@@ -85,8 +86,14 @@ pub const HTTP_LINGER_BYTES_MAX: u64 = 64 << 10;
 /// process server holds the group now, `newest_consistent` whether the newest durable
 /// point is consistent (`None`: no point yet). The one place these names are decided.
 ///
+/// `failback` is the group's failback phase, if it has one (a failback running counts
+/// as applying); it decides alone, because such a group does not replicate.
+///
 /// | state          | when                                                            |
 /// |----------------|-----------------------------------------------------------------|
+/// | `failing-back` | a failback runs, or one was interrupted (rerun it)              |
+/// | `failed-back-uncommitted` | failed back to a point, not committed: the point can still be changed |
+/// | `failed-back`  | failed back and committed: not protected until reprotect        |
 /// | `initial-sync` | no consistent point yet, and a process server holds the group or its newest point is inconsistent |
 /// | `resyncing`    | the newest point is inconsistent (a resync has not ended)       |
 /// | `replicating`  | a process server holds the group, newest point consistent       |
@@ -95,7 +102,11 @@ pub fn state_name(
     peer: bool,
     newest_consistent: Option<bool>,
     any_consistent: bool,
+    failback: Option<Phase>,
 ) -> &'static str {
+    if let Some(p) = failback {
+        return crate::failback::phase_state_name(p);
+    }
     match (peer, newest_consistent) {
         (true, None) => "initial-sync",
         (_, Some(false)) if !any_consistent => "initial-sync",
@@ -106,7 +117,15 @@ pub fn state_name(
 }
 
 /// Every name [`state_name`] returns (for the one-hot `blockrep_group_state`).
-pub const STATE_NAMES: &[&str] = &["replicating", "initial-sync", "resyncing", "disconnected"];
+pub const STATE_NAMES: &[&str] = &[
+    "replicating",
+    "initial-sync",
+    "resyncing",
+    "disconnected",
+    "failing-back",
+    "failed-back-uncommitted",
+    "failed-back",
+];
 
 /// One durable recovery point, as published from the journal's index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +146,24 @@ impl From<&PointEntry> for PointSummary {
             kind: p.record.kind,
             consistent: p.record.consistent,
             seq: p.seq,
+        }
+    }
+}
+
+/// Where a group stands in a failback: its phase and the point it goes (or went) to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailbackMark {
+    pub phase: Phase,
+    pub point_id: u64,
+    pub point_time_unix_ms: u64,
+}
+
+impl From<&datapath::failback::FailbackState> for FailbackMark {
+    fn from(s: &datapath::failback::FailbackState) -> Self {
+        Self {
+            phase: s.phase,
+            point_id: s.point.id,
+            point_time_unix_ms: s.point.time_unix_ms,
         }
     }
 }
@@ -152,6 +189,8 @@ pub struct GroupMetrics {
     /// The journal's durable points, oldest first.
     points: Mutex<Vec<PointSummary>>,
     peer: Mutex<Option<Peer>>,
+    /// The failback phase and point; `None` while the group replicates.
+    failback: Mutex<Option<FailbackMark>>,
     receive_rate: Mutex<RateWindow>,
     journal_rate: Mutex<RateWindow>,
     retention: Mutex<RetentionTotals>,
@@ -183,6 +222,7 @@ pub struct GroupSnapshot {
     /// The newest point a failback can use.
     pub newest_consistent: Option<PointSummary>,
     pub peer: Option<Peer>,
+    pub failback: Option<FailbackMark>,
     pub receive_bytes_per_s: f64,
     pub journal_bytes_per_s: f64,
     pub journal_bytes_max: u64,
@@ -203,6 +243,7 @@ impl GroupSnapshot {
             self.peer.is_some(),
             self.newest_point.map(|p| p.consistent),
             self.newest_consistent.is_some(),
+            self.failback.map(|f| f.phase),
         )
     }
 }
@@ -225,6 +266,7 @@ impl GroupMetrics {
             base_seq: AtomicU64::new(0),
             points: Mutex::new(Vec::new()),
             peer: Mutex::new(None),
+            failback: Mutex::new(None),
             receive_rate: Mutex::new(RateWindow::new(RATE_WINDOW_SAMPLES)),
             journal_rate: Mutex::new(RateWindow::new(RATE_WINDOW_SAMPLES)),
             retention: Mutex::new(RetentionTotals::default()),
@@ -280,6 +322,18 @@ impl GroupMetrics {
         *lock(&self.peer) = peer;
     }
 
+    /// The group's failback phase changed (`None`: it replicates).
+    pub fn set_failback(&self, mark: Option<FailbackMark>) {
+        *lock(&self.failback) = mark;
+    }
+
+    /// The journal was dropped (a failback commit): no seqs, no points.
+    pub fn forget_journal(&self) {
+        self.durable_seq.store(0, Ordering::Relaxed);
+        self.base_seq.store(0, Ordering::Relaxed);
+        lock(&self.points).clear();
+    }
+
     /// The durable points, oldest first.
     pub fn points(&self) -> Vec<PointSummary> {
         lock(&self.points).clone()
@@ -306,6 +360,7 @@ impl GroupMetrics {
             newest_point,
             newest_consistent,
             peer: lock(&self.peer).clone(),
+            failback: *lock(&self.failback),
             receive_bytes_per_s: lock(&self.receive_rate).per_second(),
             journal_bytes_per_s: lock(&self.journal_rate).per_second(),
             journal_bytes_max: self.journal_bytes_max,
@@ -495,7 +550,7 @@ pub fn render(cfg: &Config, metrics: &Metrics) -> Result<String, String> {
     let mut f = e.family(
         "blockrep_group_state",
         MetricType::Gauge,
-        "1 for the state of the group's disks (replicating, initial-sync, resyncing, disconnected), 0 for the others.",
+        "1 for the state of the group's disks (replicating, initial-sync, resyncing, disconnected, failing-back, failed-back-uncommitted, failed-back), 0 for the others.",
     );
     for (id, s, _) in &groups {
         let now_state = s.state();
@@ -600,17 +655,36 @@ mod tests {
     /// Proves the state names follow the table in [`state_name`].
     #[test]
     fn state_names() {
-        assert_eq!(state_name(true, Some(true), true), "replicating");
-        assert_eq!(state_name(true, None, false), "initial-sync");
-        assert_eq!(state_name(true, Some(false), true), "resyncing");
-        assert_eq!(state_name(true, Some(false), false), "initial-sync");
-        assert_eq!(state_name(false, Some(false), true), "resyncing");
-        assert_eq!(state_name(false, Some(true), true), "disconnected");
-        assert_eq!(state_name(false, None, false), "disconnected");
+        assert_eq!(state_name(true, Some(true), true, None), "replicating");
+        assert_eq!(state_name(true, None, false, None), "initial-sync");
+        assert_eq!(state_name(true, Some(false), true, None), "resyncing");
+        assert_eq!(state_name(true, Some(false), false, None), "initial-sync");
+        assert_eq!(state_name(false, Some(false), true, None), "resyncing");
+        assert_eq!(state_name(false, Some(true), true, None), "disconnected");
+        assert_eq!(state_name(false, None, false, None), "disconnected");
+        assert_eq!(
+            state_name(false, None, false, Some(Phase::Committed)),
+            "failed-back"
+        );
+        assert_eq!(
+            state_name(true, Some(true), true, Some(Phase::Applied)),
+            "failed-back-uncommitted"
+        );
+        assert_eq!(
+            state_name(false, Some(true), true, Some(Phase::Applying)),
+            "failing-back"
+        );
         for p in [true, false] {
             for c in [None, Some(true), Some(false)] {
                 for any in [true, false] {
-                    assert!(STATE_NAMES.contains(&state_name(p, c, any)));
+                    for f in [
+                        None,
+                        Some(Phase::Applying),
+                        Some(Phase::Applied),
+                        Some(Phase::Committed),
+                    ] {
+                        assert!(STATE_NAMES.contains(&state_name(p, c, any, f)));
+                    }
                 }
             }
         }

@@ -9,6 +9,10 @@
 //! journal may cut a torn tail left by a crash, exactly as `serve` would on its next
 //! start; nothing acknowledged is ever cut.
 //!
+//! A group that failed back shows its failback (`failing-back`,
+//! `failed-back-uncommitted`, or `failed-back` once committed, see
+//! [`crate::metrics::state_name`]); a committed group has no journal and no points.
+//!
 //! `status --json` prints a [`Status`]; the fields only a running server knows
 //! (throughput, totals since start) are null when it is not running.
 
@@ -21,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, GroupConfig};
 use crate::control;
-use crate::metrics::{Metrics, PointSummary, RetentionTotals, state_name};
+use crate::failback::{load_state, phase_state_name};
+use crate::metrics::{FailbackMark, Metrics, PointSummary, RetentionTotals, state_name};
 use crate::store::{self, GroupLock};
 use crate::timefmt::{now_unix_ms, rfc3339_ms};
 
@@ -72,6 +77,19 @@ fn open_existing(cfg: &Config, group: &str) -> anyhow::Result<Option<Journal>> {
     Ok(Some(j))
 }
 
+/// Like [`open_existing`], but a committed group's journal is gone for good: what may
+/// be left of it (a commit a crash interrupted) is not opened.
+fn open_unless_committed(
+    cfg: &Config,
+    group: &str,
+    fb: Option<&FailbackMark>,
+) -> anyhow::Result<Option<Journal>> {
+    if fb.is_some_and(|m| m.phase == datapath::failback::Phase::Committed) {
+        return Ok(None);
+    }
+    open_existing(cfg, group)
+}
+
 fn check_group<'a>(cfg: &'a Config, group: &str) -> anyhow::Result<&'a GroupConfig> {
     cfg.group(group).with_context(|| {
         format!(
@@ -111,7 +129,8 @@ pub fn points(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
             .context("the running master target's point list")?,
         None => {
             let _lock = GroupLock::acquire(cfg, group)?;
-            let j = open_existing(cfg, group)?;
+            let fb = load_state(cfg, group)?.map(|s| FailbackMark::from(&s));
+            let j = open_unless_committed(cfg, group, fb.as_ref())?;
             j.iter()
                 .flat_map(|j| j.points())
                 .map(|p| PointOut::from(&PointSummary::from(p)))
@@ -190,6 +209,8 @@ pub struct GroupStatus {
     /// Bytes of frames the retention fold applied to the replicas since the server
     /// started (null when it is not running).
     pub folded_bytes: Option<u64>,
+    /// The group's failback, when it has one (null while it replicates).
+    pub failback: Option<FailbackOut>,
     /// Totals since the server started (null when it is not running).
     pub received_bytes: Option<u64>,
     pub received_frames: Option<u64>,
@@ -199,6 +220,25 @@ pub struct GroupStatus {
     pub receive_bytes_per_s: Option<f64>,
     /// Bytes journaled per second over the last 10 s (null when not running).
     pub journal_bytes_per_s: Option<f64>,
+}
+
+/// A group's failback in `status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FailbackOut {
+    /// `failing-back`, `failed-back-uncommitted` or `failed-back` (committed).
+    pub state: String,
+    pub point_id: u64,
+    pub point_time: String,
+}
+
+impl From<&FailbackMark> for FailbackOut {
+    fn from(m: &FailbackMark) -> Self {
+        Self {
+            state: phase_state_name(m.phase).to_string(),
+            point_id: m.point_id,
+            point_time: rfc3339_ms(m.point_time_unix_ms),
+        }
+    }
 }
 
 /// One disk in `status`.
@@ -314,6 +354,7 @@ pub fn live_status(
             ),
             retention_ms: g.retention_ms,
             folded_bytes: Some(s.retention.folded_bytes),
+            failback: s.failback.as_ref().map(FailbackOut::from),
             received_bytes: Some(s.received_bytes),
             received_frames: Some(s.received_frames),
             journaled_bytes: Some(s.journaled_bytes),
@@ -337,7 +378,8 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
     };
     for g in &cfg.groups {
         let _lock = GroupLock::acquire(cfg, &g.id)?;
-        let j = open_existing(cfg, &g.id)?;
+        let fb = load_state(cfg, &g.id)?.map(|s| FailbackMark::from(&s));
+        let j = open_unless_committed(cfg, &g.id, fb.as_ref())?;
         let newest_point = j
             .as_ref()
             .and_then(|j| j.latest_point())
@@ -351,6 +393,7 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
             false,
             newest_point.map(|p| p.consistent),
             newest_consistent.is_some(),
+            fb.map(|m| m.phase),
         );
         st.groups.push(GroupStatus {
             id: g.id.clone(),
@@ -366,6 +409,7 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
             journal_warning: journal_warning(journal_bytes, g.journal_bytes_max, None),
             retention_ms: g.retention_ms,
             folded_bytes: None,
+            failback: fb.as_ref().map(FailbackOut::from),
             received_bytes: None,
             received_frames: None,
             journaled_bytes: None,
@@ -443,6 +487,18 @@ fn status_text(st: &Status) -> String {
             g.journal_bytes_max,
             age(g.retention_ms)
         );
+        if let Some(f) = &g.failback {
+            let what = match f.state.as_str() {
+                "failed-back" => "committed: failed back, not protected",
+                "failed-back-uncommitted" => "not committed: the point can still be changed",
+                _ => "interrupted or running: rerun the failback",
+            };
+            let _ = write!(
+                out,
+                ", failback to point {} ({}; {what})",
+                f.point_id, f.point_time
+            );
+        }
         if let Some(r) = g.receive_bytes_per_s {
             let _ = write!(out, ", receiving {}", human_rate(r));
         }

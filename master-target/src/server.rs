@@ -31,6 +31,12 @@
 //!    fsync), and then sends one Ack per touched group with its new `durable_seq`
 //!    (groups whose frames were all duplicates are acked too).
 //!
+//! 5. Cut requests (protocol 2, see [`crate::failback`]): a failback to `latest` asks the
+//!    connection holding its group to send a `CutRequest`; it goes out between batches.
+//!    The process server answers with a `CutDone` naming the point it cut, which is
+//!    taken out of the frame stream (never journaled) and handed to the failback; the
+//!    point itself arrives as a Point frame like any other.
+//!
 //! A refusal is one Error frame ([`ErrorFrame`] code and a message naming the thing at
 //! fault), after which the server stops reading, half-closes, drains what the peer
 //! still sends for a short while ([`LINGER_MS`], [`LINGER_BYTES_MAX`]) so that the
@@ -52,6 +58,7 @@
 //! | group busy on a connection of another node; too many connections | `BUSY` |
 //! | (to the old connection) superseded by a newer one of the same node | `BUSY` |
 //! | journal I/O failure | `INTERNAL` |
+//! | group failing back, failed back or committed here (see [`crate::failback`]); also to the connection holding it when a failback begins | `NOT_PROTECTED` |
 //!
 //! # Concurrency and memory
 //!
@@ -89,18 +96,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use datapath::failback::{FailbackError, FailbackState, Phase, PointInfo, Progress};
 use datapath::frame::{
-    self, Ack, Decoder, ErrorFrame, FrameError, FrameKind, Hello, HelloDisk, HelloGroup,
-    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
+    self, Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, Decoder, ErrorFrame, FrameError,
+    FrameKind, Hello, HelloDisk, HelloGroup, MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION,
+    Role,
 };
 use datapath::journal::{Journal, JournalError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 
 use crate::config::{Config, GroupConfig};
-use crate::control;
-use crate::metrics::{self, GroupMetrics, Metrics, Peer};
+use crate::control::{self, GroupOps};
+use crate::failback::{self as fb, CommitSummary, PointSpec, Summary};
+use crate::metrics::{self, FailbackMark, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::retention::GroupRetention;
 use crate::store::{self, GroupLock};
@@ -138,8 +148,9 @@ struct GroupSlot {
 }
 
 struct SlotState {
-    /// `None` while a connection holds it, while the idle retention fold runs a step
-    /// (`folding`), or after a journal failure (reopened on the next claim).
+    /// `None` while a connection or a failback holds it, while the idle retention fold
+    /// runs a step (`folding`), after a journal failure (reopened on the next claim), or
+    /// once the group's failback is committed (the journal is gone).
     journal: Option<Journal>,
     /// The idle retention fold has the journal for one bounded step; a claim waits.
     folding: bool,
@@ -147,6 +158,23 @@ struct SlotState {
     claim_waiting: bool,
     /// The connection that holds the group.
     holder: Option<Holder>,
+    /// Whether the group replicates or fails back; every state but `Replicating`
+    /// refuses hellos naming the group.
+    failback: SlotFailback,
+}
+
+/// A group's failback as the server sees it.
+#[derive(Clone, Copy, Debug)]
+enum SlotFailback {
+    /// No failback: the group replicates.
+    Replicating,
+    /// A failback or commit of the group runs now.
+    Running,
+    /// The failback state on disk: interrupted (applying), failed back, or committed.
+    Stopped(FailbackState),
+    /// The failback state file could not be read after a failback or commit: nothing
+    /// is known, so replication stays refused; the next command reports why.
+    Unreadable,
 }
 
 /// Who holds a group, and how to ask it to let go.
@@ -154,8 +182,25 @@ struct Holder {
     peer: SocketAddr,
     /// The node id from its hello.
     node: String,
-    /// Notified when a newer connection of the same node takes the group over.
+    /// Notified when a newer connection of the same node takes the group over, or a
+    /// failback stops replication of the group.
     cancel: Arc<Notify>,
+    /// Where a failback to `latest` asks the connection to send a cut request; `None`
+    /// when the peer speaks no protocol with one (older than [`CUT_PROTOCOL_VERSION`]).
+    cut: Option<mpsc::UnboundedSender<CutAsk>>,
+}
+
+/// A failback's request for a cut of `group` now, and where the answer goes.
+struct CutAsk {
+    group: String,
+    reply: std::sync::mpsc::Sender<CutDone>,
+}
+
+/// What woke a connection between batches.
+enum Wake {
+    Frame(Result<Option<Vec<u8>>, ReadError>),
+    Cancel,
+    Cut(CutAsk),
 }
 
 /// What every connection shares.
@@ -197,31 +242,47 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         for d in &g.disks {
             store::prepare_replica(&g.id, d)?;
         }
-        let (mut journal, rec) = store::open_journal(&cfg, &g.id)?;
-        tracing::info!(
-            group = %g.id,
-            durable_seq = journal.durable_seq(),
-            frames = rec.frames,
-            points = rec.points,
-            truncated_bytes = rec.truncated_bytes,
-            "journal opened"
-        );
         let gm = metrics
             .group(&g.id)
             .with_context(|| format!("group {:?}: no metrics", g.id))?
             .clone();
         let retention = Arc::new(GroupRetention::new(g, gm.clone()));
-        retention.finish_interrupted(&mut journal)?;
-        gm.publish(&journal);
+        let state = fb::load_state(&cfg, &g.id)?;
+        log_failback_state(&g.id, state.as_ref());
+        // A committed group's journal is gone (or half removed by an interrupted
+        // commit, which a rerun of `commit` finishes): it is not opened.
+        let journal = if state.is_some_and(|s| s.phase == Phase::Committed) {
+            None
+        } else {
+            let (mut journal, rec) = store::open_journal(&cfg, &g.id)?;
+            tracing::info!(
+                group = %g.id,
+                durable_seq = journal.durable_seq(),
+                frames = rec.frames,
+                points = rec.points,
+                truncated_bytes = rec.truncated_bytes,
+                "journal opened"
+            );
+            // A fold never runs while a group fails back (the failback takes the
+            // journal, and the idle fold skips such a group), so an interrupted fold
+            // can only be one of a replicating group.
+            if state.is_none() {
+                retention.finish_interrupted(&mut journal)?;
+            }
+            gm.publish(&journal);
+            Some(journal)
+        };
+        gm.set_failback(state.as_ref().map(FailbackMark::from));
         groups.insert(
             g.id.clone(),
             Arc::new(GroupSlot {
                 cfg: g.clone(),
                 state: Mutex::new(SlotState {
-                    journal: Some(journal),
+                    journal,
                     folding: false,
                     claim_waiting: false,
                     holder: None,
+                    failback: state.map_or(SlotFailback::Replicating, SlotFailback::Stopped),
                 }),
                 metrics: gm,
                 retention,
@@ -251,6 +312,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("install SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install SIGINT handler")?;
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        groups,
+        _locks: locks,
+        metrics: metrics.clone(),
+    });
     let mut background = tokio::task::JoinSet::new();
     background.spawn(metrics.clone().sample_forever());
     {
@@ -258,6 +325,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
             metrics_addr,
+            groups: shared.clone(),
         });
         background.spawn(async move {
             if let Err(e) = control::serve(control_listener, control).await {
@@ -282,15 +350,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         writeln!(out, "listening on {local}").context("write to stdout")?;
         out.flush().context("flush stdout")?;
     }
-    for slot in groups.values() {
+    for slot in shared.groups.values() {
         background.spawn(retention_forever(slot.clone()));
     }
-    let shared = Arc::new(Shared {
-        cfg,
-        groups,
-        _locks: locks,
-        metrics,
-    });
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, peer) = tokio::select! {
@@ -466,7 +528,8 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         );
     }
     let cancel = Arc::new(Notify::new());
-    let mut st = match check_hello(shared, &hello, peer, cancel.clone()).await {
+    let (cut_tx, mut cut_rx) = mpsc::unbounded_channel::<CutAsk>();
+    let mut st = match check_hello(shared, &hello, peer, cancel.clone(), cut_tx).await {
         Ok(st) => st,
         Err(end) => return end,
     };
@@ -523,11 +586,27 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         return End::Closed;
     }
 
-    // 3. Batches of frames until the peer closes or a frame is refused.
+    // 3. Batches of frames until the peer closes or a frame is refused. Cut requests of
+    // a failback go out between batches; their answers are taken out of the stream.
+    let mut pending_cuts: HashMap<String, std::sync::mpsc::Sender<CutDone>> = HashMap::new();
     loop {
-        let next = tokio::select! {
-            r = rd.next(stream) => r,
-            _ = cancel.notified() => {
+        let wake = tokio::select! {
+            r = rd.next(stream) => Wake::Frame(r),
+            _ = cancel.notified() => Wake::Cancel,
+            Some(ask) = cut_rx.recv() => Wake::Cut(ask),
+        };
+        let next = match wake {
+            Wake::Frame(r) => r,
+            Wake::Cancel => {
+                // A failback stops replication of its group; otherwise a newer
+                // connection of the same node took over.
+                let failing_back = st.groups.iter().find_map(|g| {
+                    let s = g.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                    not_protected(&g.id, s.failback)
+                });
+                if let Some(why) = failing_back {
+                    return refuse(ErrorFrame::NOT_PROTECTED, why);
+                }
                 return refuse(
                     ErrorFrame::BUSY,
                     format!(
@@ -537,17 +616,45 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
                     ),
                 );
             }
+            Wake::Cut(ask) => {
+                let mut out = Vec::new();
+                let req = CutRequest {
+                    group: ask.group.clone(),
+                };
+                if let Err(e) = frame::encode_cut_request(&req, &mut out) {
+                    return refuse(ErrorFrame::INTERNAL, format!("encode a cut request: {e}"));
+                }
+                if let Err(e) = write_all(stream, &out).await {
+                    tracing::debug!(%peer, "write a cut request: {e}");
+                    return End::Closed;
+                }
+                tracing::info!(%peer, group = %ask.group, "asked the process server for a cut (failback to latest)");
+                pending_cuts.insert(ask.group, ask.reply);
+                continue;
+            }
         };
         let first = match next {
             Ok(Some(f)) => f,
             Ok(None) => return End::Closed,
             Err(e) => return read_refusal(e),
         };
+        if is_cut_done(&first) {
+            if let Err(end) = take_cut_done(&first, &mut pending_cuts) {
+                return end;
+            }
+            continue;
+        }
         let mut bytes = first.len();
         let mut batch = vec![first];
         let mut after: Option<End> = None;
         while batch.len() < BATCH_FRAMES_MAX && bytes < BATCH_BYTES_MAX {
             match rd.try_step(stream) {
+                Ok(Step::Frame(f)) if is_cut_done(&f) => {
+                    if let Err(end) = take_cut_done(&f, &mut pending_cuts) {
+                        after = Some(end);
+                        break;
+                    }
+                }
                 Ok(Step::Frame(f)) => {
                     bytes += f.len();
                     batch.push(f);
@@ -613,6 +720,27 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Whether a frame off the stream is a cut answer (its header kind; the frame is
+/// checked by [`take_cut_done`]).
+fn is_cut_done(f: &[u8]) -> bool {
+    f.get(6) == Some(&(FrameKind::CutDone as u8))
+}
+
+/// Hands a cut answer to the failback waiting for it (one that gave up is gone: the
+/// answer is dropped); a bad one is refused.
+fn take_cut_done(
+    f: &[u8],
+    pending: &mut HashMap<String, std::sync::mpsc::Sender<CutDone>>,
+) -> Result<(), End> {
+    let d = frame::decode_cut_done(f)
+        .map_err(|e| refuse(ErrorFrame::BAD_FRAME, format!("cut answer: {e}")))?;
+    tracing::info!(group = %d.group, point = d.point_id, consistent = d.consistent, "the process server cut a point on request");
+    if let Some(tx) = pending.remove(&d.group) {
+        let _ = tx.send(d);
+    }
+    Ok(())
+}
+
 /// Writes `buf` and flushes it: TLS keeps records it could not send yet in its own
 /// buffer until the next write or flush, and the peer waits for these bytes.
 async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> std::io::Result<()> {
@@ -636,6 +764,7 @@ async fn check_hello(
     hello: &Hello,
     peer: SocketAddr,
     cancel: Arc<Notify>,
+    cut: mpsc::UnboundedSender<CutAsk>,
 ) -> Result<ConnState, End> {
     if hello.role != Role::ProcessServer {
         return Err(refuse(
@@ -653,7 +782,7 @@ async fn check_hello(
         node: shared.cfg.node.clone(),
         groups: Vec::new(),
     };
-    if ours.negotiate(hello).is_none() {
+    let Some(protocol) = ours.negotiate(hello) else {
         return Err(refuse(
             ErrorFrame::UNSUPPORTED_VERSION,
             format!(
@@ -666,7 +795,8 @@ async fn check_hello(
                 ours.version_max
             ),
         ));
-    }
+    };
+    let cut = (protocol >= CUT_PROTOCOL_VERSION).then_some(cut);
     let mut wanted = Vec::with_capacity(hello.groups.len());
     for g in &hello.groups {
         let Some(slot) = shared.groups.get(&g.id) else {
@@ -705,7 +835,7 @@ async fn check_hello(
     }
     let shared = shared.clone();
     let node = hello.node.clone();
-    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel))
+    tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel, cut))
         .await
         .unwrap_or_else(|e| Err(refuse(ErrorFrame::INTERNAL, format!("claim groups: {e}"))))
 }
@@ -725,6 +855,7 @@ fn claim(
     peer: SocketAddr,
     node: &str,
     cancel: Arc<Notify>,
+    cut: Option<mpsc::UnboundedSender<CutAsk>>,
 ) -> Result<ConnState, End> {
     let mut st = ConnState {
         groups: Vec::with_capacity(wanted.len()),
@@ -734,6 +865,9 @@ fn claim(
         let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
         let journal = loop {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = not_protected(&slot.cfg.id, s.failback) {
+                return Err(refuse(ErrorFrame::NOT_PROTECTED, why));
+            }
             match &s.holder {
                 // The idle retention fold has the journal for one bounded step.
                 None if s.folding => s.claim_waiting = true,
@@ -743,6 +877,7 @@ fn claim(
                         peer,
                         node: node.to_string(),
                         cancel: cancel.clone(),
+                        cut: cut.clone(),
                     });
                     slot.metrics.set_peer(Some(Peer {
                         node: node.to_string(),
@@ -1085,7 +1220,13 @@ fn fold_idle(slot: &GroupSlot) {
     loop {
         let journal = {
             let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.holder.is_some() || s.folding || s.claim_waiting {
+            // A failing-back or failed-back group is never folded: its replicas are
+            // not at the journal's base any more.
+            if s.holder.is_some()
+                || s.folding
+                || s.claim_waiting
+                || !matches!(s.failback, SlotFailback::Replicating)
+            {
                 return;
             }
             let Some(j) = s.journal.take() else {
@@ -1105,6 +1246,343 @@ fn fold_idle(slot: &GroupSlot) {
         drop(back);
         if !more {
             return;
+        }
+    }
+}
+
+/// Why a hello naming `group` is refused while it fails back; `None` while it
+/// replicates.
+fn not_protected(group: &str, f: SlotFailback) -> Option<String> {
+    match f {
+        SlotFailback::Replicating => None,
+        SlotFailback::Running => Some(format!(
+            "group {group:?} is failing back at the master target: replication of it stops, \
+             and it is not protected until it is reprotected"
+        )),
+        SlotFailback::Unreadable => Some(format!(
+            "group {group:?}: the master target cannot read its failback state (see its \
+             log): it is not protected; replication is refused"
+        )),
+        SlotFailback::Stopped(s) => Some(match s.phase {
+            Phase::Applying => format!(
+                "group {group:?} is failing back at the master target (to point {}, \
+                 interrupted): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+            Phase::Applied => format!(
+                "group {group:?} is failed back at the master target (point {}, not \
+                 committed): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+            Phase::Committed => format!(
+                "group {group:?} was failed back at the master target (point {}, \
+                 committed): it is not protected; replication is refused until it is \
+                 reprotected",
+                s.point.id
+            ),
+        }),
+    }
+}
+
+/// Says at start what a group's failback state means: the server finishes nothing by
+/// itself.
+fn log_failback_state(group: &str, s: Option<&FailbackState>) {
+    let Some(s) = s else { return };
+    match s.phase {
+        Phase::Applying => tracing::warn!(
+            group,
+            point = s.point.id,
+            applied_seq = s.applied_seq,
+            "a failback was interrupted: the group is not replicated; run `master-target \
+             failback --group {group} --point {}` again (or name another point) to finish it",
+            s.point.id
+        ),
+        Phase::Applied => tracing::info!(
+            group,
+            point = s.point.id,
+            "failed back, not committed: the group is not replicated; run `master-target \
+             commit --group {group}` or change the point with `failback --point OTHER`"
+        ),
+        Phase::Committed => tracing::info!(
+            group,
+            point = s.point.id,
+            "failed back and committed: not protected, replication refused until reprotect \
+             (a `commit` rerun removes what an interrupted commit left)"
+        ),
+    }
+}
+
+/// Puts a group's failback state back from the files when a failback or commit ends
+/// (however it ends): what is on disk decides whether the group replicates again.
+struct Settle<'a> {
+    cfg: &'a Config,
+    slot: &'a GroupSlot,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        let loaded = fb::load_state(self.cfg, &self.slot.cfg.id);
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.failback = match &loaded {
+            Ok(None) => SlotFailback::Replicating,
+            Ok(Some(st)) => SlotFailback::Stopped(*st),
+            Err(e) => {
+                tracing::error!(group = %self.slot.cfg.id, "{e:#}");
+                SlotFailback::Unreadable
+            }
+        };
+        self.slot
+            .metrics
+            .set_failback(loaded.ok().flatten().as_ref().map(FailbackMark::from));
+    }
+}
+
+impl Shared {
+    fn slot(&self, group: &str) -> anyhow::Result<&Arc<GroupSlot>> {
+        self.groups.get(group).with_context(|| {
+            format!(
+                "group {group:?} is not configured on this master target (config file {})",
+                self.cfg.file.display()
+            )
+        })
+    }
+
+    /// Marks the group's failback as running; refuses a second one and a committed
+    /// group. Returns what it was.
+    fn begin(&self, slot: &GroupSlot, what: &str) -> anyhow::Result<SlotFailback> {
+        let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let SlotFailback::Running = s.failback {
+            anyhow::bail!(
+                "{what} of group {:?} refused: a failback or commit of it is running; wait \
+                 for it to end",
+                slot.cfg.id
+            );
+        }
+        Ok(std::mem::replace(&mut s.failback, SlotFailback::Running))
+    }
+
+    /// Stops replication of the group: the connection that holds it is told to let go
+    /// (it does between batches, so every frame it appended is committed), and the
+    /// journal is taken out of the slot (reopened if an earlier failure dropped it).
+    fn take_journal(&self, slot: &GroupSlot) -> anyhow::Result<Journal> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
+        loop {
+            {
+                let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+                match &s.holder {
+                    // The idle fold has the journal for one step: it stops after it.
+                    None if s.folding => s.claim_waiting = true,
+                    None => {
+                        s.claim_waiting = false;
+                        if let Some(j) = s.journal.take() {
+                            return Ok(j);
+                        }
+                        drop(s);
+                        let (j, _) = store::open_journal(&self.cfg, &slot.cfg.id)?;
+                        slot.metrics.publish(&j);
+                        return Ok(j);
+                    }
+                    Some(h) if std::time::Instant::now() < deadline => h.cancel.notify_one(),
+                    Some(h) => anyhow::bail!(
+                        "group {:?}: the connection of {} (node {:?}) did not let go of it \
+                         within {TAKEOVER_WAIT_MS} ms",
+                        slot.cfg.id,
+                        h.peer,
+                        h.node
+                    ),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl GroupOps for Shared {
+    fn failback(
+        &self,
+        group: &str,
+        spec: PointSpec,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> anyhow::Result<Summary> {
+        let slot = self.slot(group)?;
+        let before = self.begin(slot, "failback")?;
+        let _settle = Settle {
+            cfg: &self.cfg,
+            slot,
+        };
+        if let SlotFailback::Stopped(s) = before
+            && s.phase == Phase::Committed
+        {
+            return Err(FailbackError::Committed {
+                group: group.to_string(),
+                point: s.point.id,
+            }
+            .into());
+        }
+        // Checked on the published point list before replication stops, so that a
+        // point that does not exist costs the process server nothing.
+        if spec != PointSpec::Latest {
+            let infos: Vec<PointInfo> = slot
+                .metrics
+                .points()
+                .iter()
+                .map(|p| PointInfo {
+                    id: p.id,
+                    time_unix_ms: p.time_unix_ms,
+                    kind: p.kind,
+                    consistent: p.consistent,
+                })
+                .collect();
+            if let Err(e) = datapath::failback::choose(group, &infos, spec.choice()) {
+                return Err(fb::explain(e, spec));
+            }
+        }
+        let (resolved, note) = match spec {
+            PointSpec::Latest => self.cut_for_latest(slot),
+            _ => (None, None),
+        };
+        slot.metrics.set_failback(Some(FailbackMark {
+            phase: Phase::Applying,
+            point_id: resolved.unwrap_or(0),
+            point_time_unix_ms: 0,
+        }));
+        let journal = self.take_journal(slot)?;
+        tracing::info!(group, point = %spec, "failback: replication of the group stopped");
+        let r = fb::apply(
+            &self.cfg, &slot.cfg, &journal, spec, resolved, note, progress,
+        );
+        {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.journal = Some(journal);
+        }
+        match &r {
+            Ok(sum) => tracing::info!(
+                group,
+                point = sum.point_id,
+                bytes_applied = sum.bytes_applied,
+                seconds = sum.seconds,
+                already = sum.already,
+                "failed back, not committed"
+            ),
+            Err(e) => tracing::error!(group, "failback: {e:#}"),
+        }
+        r
+    }
+
+    fn commit(&self, group: &str) -> anyhow::Result<CommitSummary> {
+        let slot = self.slot(group)?;
+        self.begin(slot, "commit")?;
+        let _settle = Settle {
+            cfg: &self.cfg,
+            slot,
+        };
+        // Refusals (nothing to commit, an unfinished failback) before the journal is
+        // touched.
+        match fb::load_state(&self.cfg, group)? {
+            None => {
+                return Err(FailbackError::NotFailedBack {
+                    group: group.to_string(),
+                }
+                .into());
+            }
+            Some(s) if s.phase == Phase::Applying => {
+                return Err(FailbackError::Unfinished {
+                    group: group.to_string(),
+                    point: s.point.id,
+                }
+                .into());
+            }
+            Some(_) => {}
+        }
+        {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.holder.is_some() {
+                anyhow::bail!("group {group:?} is held by a connection: cannot commit");
+            }
+            // Closed before its files are removed.
+            s.journal = None;
+        }
+        let r = fb::commit_files(&self.cfg, &slot.cfg);
+        if r.is_ok() {
+            slot.metrics.forget_journal();
+            tracing::info!(group, "failback committed: undo logs and journal dropped");
+        }
+        r
+    }
+}
+
+impl Shared {
+    /// `latest`: asks the process server holding the group to cut now and waits until
+    /// that point is durable. Returns the point, or `None` and the note saying the
+    /// latest processed point is used.
+    fn cut_for_latest(&self, slot: &GroupSlot) -> (Option<u64>, Option<String>) {
+        let group = &slot.cfg.id;
+        let fallback = |why: String| (None, Some(format!("{} ({why})", fb::NOT_REACHABLE_NOTE)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = {
+            let s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            match &s.holder {
+                None => Err("no process server is connected for the group".to_string()),
+                Some(h) => match &h.cut {
+                    None => Err(format!(
+                        "process server {:?} speaks no protocol with cut requests",
+                        h.node
+                    )),
+                    Some(c) => c
+                        .send(CutAsk {
+                            group: group.clone(),
+                            reply: tx,
+                        })
+                        .map_err(|_| "its connection is closing".to_string()),
+                },
+            }
+        };
+        if let Err(why) = asked {
+            return fallback(why);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(fb::LATEST_WAIT_MS);
+        let done = match rx.recv_timeout(Duration::from_millis(fb::LATEST_WAIT_MS)) {
+            Ok(d) => d,
+            Err(_) => {
+                return fallback(format!(
+                    "no answer to the cut request within {} ms",
+                    fb::LATEST_WAIT_MS
+                ));
+            }
+        };
+        if done.point_id == 0 {
+            return fallback(
+                "the process server could not cut a point: the group tracks by bitmap only \
+                 until a resync"
+                    .into(),
+            );
+        }
+        if !done.consistent {
+            return fallback(format!(
+                "the process server's cut, point {}, is inconsistent: a resync runs",
+                done.point_id
+            ));
+        }
+        // Everything the process server held before the cut ships ahead of its point.
+        loop {
+            if slot.metrics.points().iter().any(|p| p.id == done.point_id) {
+                tracing::info!(
+                    group,
+                    point = done.point_id,
+                    "the process server's cut is durable: failing back to it"
+                );
+                return (Some(done.point_id), None);
+            }
+            if std::time::Instant::now() >= deadline {
+                return fallback(format!(
+                    "the process server cut point {} but it was not durable here within {} ms",
+                    done.point_id,
+                    fb::LATEST_WAIT_MS
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! | path                          | what                                                   |
 //! |-------------------------------|--------------------------------------------------------|
-//! | `data_dir/<group>/lock`       | empty; `serve`, `points` and `status` hold an exclusive `flock` on it while they use the group |
+//! | `data_dir/<group>/lock`       | empty; `serve`, `points`, `status`, `failback` and `commit` hold an exclusive `flock` on it while they use the group |
 //! | `data_dir/<group>/journal/`   | the group's [`datapath::journal`], and the retention fold's intent (`retention.intent`, [`datapath::retention`]) |
+//! | `data_dir/<group>/failback/`  | the group's failback state and undo logs ([`datapath::failback`]); absent while it replicates |
 //! | each disk's `replica`         | the replica image, `size` bytes (sparse when created)  |
 //!
 //! **Why a lock.** [`Journal::open`] may cut a torn tail and remove folded segments; two

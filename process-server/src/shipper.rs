@@ -15,6 +15,13 @@
 //! for one) ends the connection; the shipper reconnects with exponential
 //! backoff from [`BACKOFF_MIN_MS`] doubling to [`BACKOFF_MAX_MS`] and resumes.
 //!
+//! Both sides speak protocol 1 or 2 (the hello carries 1..=[`PROTOCOL_VERSION`]). On a
+//! connection that negotiated 2, the master target may send a `CutRequest` for a group
+//! (a failback to `latest`): the ack reader cuts the group at once (crash-consistent,
+//! like the timer's cuts) and the sender answers with a `CutDone` naming the point (0
+//! when none could be cut, e.g. in bitmap-only mode), between two frames. The point
+//! itself ships like every point, after everything spooled before it.
+//!
 //! # Frames of an epoch
 //!
 //! A producer per group (a blocking thread) reads the group's DURABLE spool records
@@ -57,8 +64,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use datapath::extent::{EpochMap, ExtentData};
 use datapath::frame::{
-    self, Ack, DataFrameMeta, Decoder, Encoder, ErrorFrame, Frame, FrameHeader, Hello, HelloDisk,
-    HelloGroup, PROTOCOL_VERSION, PointKind, PointRecord, Role,
+    self, Ack, CUT_PROTOCOL_VERSION, CutDone, DataFrameMeta, Decoder, Encoder, ErrorFrame, Frame,
+    FrameHeader, Hello, HelloDisk, HelloGroup, PROTOCOL_VERSION, PointKind, PointRecord, Role,
 };
 use datapath::spool::SpoolEntry;
 use datapath::storage::{RealFs, Storage};
@@ -220,8 +227,9 @@ impl Shipper {
         }
         let (mut stream, transport) =
             crate::tls::connect(self.target.address, self.tls.as_ref()).await?;
+        // Version 1 too: a master target that knows no cut request still takes us.
         let hello = Hello {
-            version_min: PROTOCOL_VERSION,
+            version_min: 1,
             version_max: PROTOCOL_VERSION,
             role: Role::ProcessServer,
             node: self.target.node.clone(),
@@ -252,13 +260,21 @@ impl Shipper {
             .with_context(|| {
                 format!("no hello from the master target in {:?}", self.ack_timeout)
             })?;
-        match hello_reply? {
-            Frame::Hello(h) if h.role == Role::MasterTarget => {}
+        let protocol = match hello_reply? {
+            Frame::Hello(h) if h.role == Role::MasterTarget => {
+                hello.negotiate(&h).with_context(|| {
+                    format!(
+                        "no common protocol version: the master target speaks {}..={}, this \
+                         process server {}..={}",
+                        h.version_min, h.version_max, hello.version_min, hello.version_max
+                    )
+                })?
+            }
             Frame::Hello(_) => bail!("the peer's hello is not a master target's"),
             other => bail!("expected a hello, got {}", frame_name(&other)),
-        }
+        };
         *connected = true;
-        info!(target = %self.target.address, transport, "connected");
+        info!(target = %self.target.address, transport, protocol, "connected");
         let mut producing = Vec::new();
         for _ in &active {
             let first_ack = tokio::time::timeout(self.ack_timeout, read_frame(&mut rd, &mut dec))
@@ -304,8 +320,22 @@ impl Shipper {
         // that found nothing in flight.
         let waiting_since = Mutex::new(tokio::time::Instant::now());
 
+        // Answers to the master target's cut requests, sent between frames.
+        let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let sender = async {
-            while let Some(out) = rx.recv().await {
+            loop {
+                let out = tokio::select! {
+                    biased;
+                    Some(answer) = answer_rx.recv() => {
+                        wr.write_all(&answer).await.context("send a cut answer")?;
+                        wr.flush().await.context("send a cut answer")?;
+                        continue;
+                    }
+                    out = rx.recv() => match out {
+                        Some(out) => out,
+                        None => break,
+                    },
+                };
                 let n = out.bytes.len() as u32;
                 window
                     .acquire_many(n)
@@ -335,6 +365,15 @@ impl Shipper {
             loop {
                 let ack = match read_frame(&mut rd, &mut dec).await? {
                     Frame::Ack(a) => a,
+                    Frame::CutRequest(c) if protocol >= CUT_PROTOCOL_VERSION => {
+                        let answer = self.cut_now(&c.group, &active).await;
+                        let mut out = Vec::new();
+                        frame::encode_cut_done(&answer, &mut out).context("encode a cut answer")?;
+                        answer_tx
+                            .send(out)
+                            .map_err(|_| anyhow::anyhow!("the sender stopped"))?;
+                        continue;
+                    }
                     other => bail!("expected an ack, got {}", frame_name(&other)),
                 };
                 *lock(&waiting_since)? = tokio::time::Instant::now();
@@ -367,6 +406,62 @@ impl Shipper {
             r = reader => r,
             r = producers_done => r,
             r = watchdog => r,
+        }
+    }
+
+    /// A master target's cut request (failback `latest`): a crash-consistent cut of
+    /// the group now, whose point then ships like every point. The answer names it, or
+    /// 0 when none could be cut (not a group of this session, bitmap-only, an error).
+    async fn cut_now(&self, group: &str, active: &[usize]) -> CutDone {
+        let none = CutDone {
+            group: group.to_string(),
+            point_id: 0,
+            consistent: false,
+        };
+        let Some(&gi) = active.iter().find(|&&i| self.groups[i].id == group) else {
+            warn!(
+                group,
+                "the master target asked for a cut of a group this connection does not ship"
+            );
+            return none;
+        };
+        let tracker = self.groups[gi].tracker.clone();
+        let cut = tokio::task::spawn_blocking(move || {
+            let mut t = tracker
+                .lock()
+                .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
+            t.cut(now_unix_ms(), false).context("cut")
+        })
+        .await;
+        match cut {
+            Ok(Ok(Some(p))) => {
+                info!(
+                    group,
+                    point = p.point_id,
+                    consistent = p.consistent,
+                    "cut at the master target's request (failback to latest)"
+                );
+                CutDone {
+                    group: group.to_string(),
+                    point_id: p.point_id,
+                    consistent: p.consistent,
+                }
+            }
+            Ok(Ok(None)) => {
+                warn!(
+                    group,
+                    "the master target asked for a cut, but the group tracks by bitmap only (no point until a resync)"
+                );
+                none
+            }
+            Ok(Err(e)) => {
+                warn!(group, "cut at the master target's request: {e:#}");
+                none
+            }
+            Err(e) => {
+                warn!(group, "cut at the master target's request: {e}");
+                none
+            }
         }
     }
 
@@ -458,6 +553,8 @@ fn frame_name(f: &Frame) -> String {
         Frame::Hello(_) => "a hello".into(),
         Frame::Ack(_) => "an ack".into(),
         Frame::HashList(_) => "a hash list".into(),
+        Frame::CutRequest(_) => "a cut request".into(),
+        Frame::CutDone(_) => "a cut answer".into(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Control frames: hello (kind 3), ack (kind 4), error (kind 5) and hash list (kind 6).
+//! Control frames: hello (kind 3), ack (kind 4), error (kind 5), hash list (kind 6), cut
+//! request (kind 7) and cut done (kind 8).
 //!
 //! The byte layouts are in the doc of [`crate::frame`]. Each type has a `check` that both
 //! its encoder (before writing) and its decoder (after parsing) run, so that what one
@@ -9,8 +10,13 @@ use super::data::check_id;
 use super::{FrameError, FrameHeader, FrameKind, Reader, begin, put_id, seal, verify_kind};
 use crate::extent::SECTOR_BYTES;
 
-/// The protocol version this build speaks (the frame format has its own [`super::VERSION`]).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks (the frame format has its own
+/// [`super::VERSION`]). Version 2 adds [`CutRequest`] and [`CutDone`]: a master target
+/// sends a cut request only on a connection that negotiated 2 or later, so both sides
+/// still speak version 1 with a peer that knows nothing newer.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first protocol version with [`CutRequest`] and [`CutDone`].
+pub const CUT_PROTOCOL_VERSION: u16 = 2;
 /// Hard bound on the groups of one hello.
 pub const MAX_HELLO_GROUPS: u16 = 256;
 /// Hard bound on the disks of one group in a hello.
@@ -142,6 +148,24 @@ pub struct Ack {
     pub durable_seq: u64,
 }
 
+/// The master target asks the process server to cut `group` now and ship everything up
+/// to the cut (failback to `latest`). Sent only when protocol 2 or later was negotiated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CutRequest {
+    pub group: String,
+}
+
+/// The process server's answer to a [`CutRequest`]: the point it cut, which follows
+/// on the connection like every point; `point_id` 0 when it could not cut one (the group
+/// tracks by bitmap only, or the cut failed).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CutDone {
+    pub group: String,
+    pub point_id: u64,
+    /// False for a cut during a resync (a failback cannot use it).
+    pub consistent: bool,
+}
+
 /// A refusal: a code callers branch on, and a message for people.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ErrorFrame {
@@ -175,6 +199,10 @@ impl ErrorFrame {
     /// The peer is busy (a group held by another connection, too many connections,
     /// superseded by a newer connection): retry later.
     pub const BUSY: u16 = 11;
+    /// The group is failing back, failed back or committed at the master target: it is
+    /// not protected, and replication of it is refused until it is reprotected
+    /// (retrying does not help).
+    pub const NOT_PROTECTED: u16 = 12;
 
     /// An error frame whose message is cut (at a character boundary) to the bound.
     pub fn new(code: u16, message: &str) -> Self {
@@ -202,6 +230,7 @@ impl ErrorFrame {
             Self::FULL => "full",
             Self::INTERNAL => "internal",
             Self::BUSY => "busy",
+            Self::NOT_PROTECTED => "not protected",
             _ => "unknown",
         }
     }
@@ -508,6 +537,71 @@ pub fn decode_hash_list_body(body: &[u8]) -> Result<HashListFrame, FrameError> {
         block_size_bytes,
         first_block,
         hashes,
+    })
+}
+
+/// Encodes a cut request frame into `out` (cleared first).
+pub fn encode_cut_request(c: &CutRequest, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    check_id("group", &c.group)?;
+    begin(out);
+    put_id(out, &c.group);
+    seal(out, FrameKind::CutRequest, 0);
+    Ok(())
+}
+
+/// Decodes and verifies a cut request frame.
+pub fn decode_cut_request(frame: &[u8]) -> Result<CutRequest, FrameError> {
+    let (h, body) = verify_kind(frame, FrameKind::CutRequest)?;
+    check_control_seq(&h)?;
+    decode_cut_request_body(body)
+}
+
+/// Decodes the body of a cut request frame whose crc was checked.
+pub fn decode_cut_request_body(body: &[u8]) -> Result<CutRequest, FrameError> {
+    let mut r = Reader::new(body);
+    let group = r.id("group")?;
+    r.finish("cut request body")?;
+    Ok(CutRequest { group })
+}
+
+/// Encodes a cut done frame into `out` (cleared first).
+pub fn encode_cut_done(c: &CutDone, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    check_id("group", &c.group)?;
+    begin(out);
+    out.extend_from_slice(&c.point_id.to_le_bytes());
+    out.push(u8::from(c.consistent));
+    put_id(out, &c.group);
+    seal(out, FrameKind::CutDone, 0);
+    Ok(())
+}
+
+/// Decodes and verifies a cut done frame.
+pub fn decode_cut_done(frame: &[u8]) -> Result<CutDone, FrameError> {
+    let (h, body) = verify_kind(frame, FrameKind::CutDone)?;
+    check_control_seq(&h)?;
+    decode_cut_done_body(body)
+}
+
+/// Decodes the body of a cut done frame whose crc was checked.
+pub fn decode_cut_done_body(body: &[u8]) -> Result<CutDone, FrameError> {
+    let mut r = Reader::new(body);
+    let point_id = r.u64("point_id")?;
+    let consistent = match r.u8("flags")? {
+        0 => false,
+        1 => true,
+        f => {
+            return Err(FrameError::Invalid {
+                field: "flags",
+                why: format!("{f:#04x}: only bit 0 (consistent) is defined"),
+            });
+        }
+    };
+    let group = r.id("group")?;
+    r.finish("cut done body")?;
+    Ok(CutDone {
+        group,
+        point_id,
+        consistent,
     })
 }
 

@@ -150,6 +150,57 @@ fn control_golden_and_round_trip() {
     assert_eq!(decode_hash_list(&out).unwrap(), full);
 }
 
+/// Proves cut request and cut done frames round-trip with pinned bytes (computed
+/// independently with Python struct + zlib.crc32), dispatch through [`decode`], and
+/// refuse every truncation, every bit flip, a non-zero seq and unknown flags.
+#[test]
+fn cut_frames() {
+    let req = CutRequest { group: "g1".into() };
+    let done = CutDone {
+        group: "g1".into(),
+        point_id: 42,
+        consistent: true,
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    encode_cut_request(&req, &mut a).unwrap();
+    encode_cut_done(&done, &mut b).unwrap();
+    assert_eq!(
+        hex(&a),
+        "425246520100070003000000000000000000000000000000000000008f3c7657026731"
+    );
+    assert_eq!(
+        hex(&b),
+        "42524652010008000c0000000000000000000000000000000000000004d760682a0000000000000001026731"
+    );
+    assert_eq!(decode_cut_request(&a).unwrap(), req);
+    assert_eq!(decode_cut_done(&b).unwrap(), done);
+    let mut dec = Decoder::new();
+    assert_eq!(
+        decode(&a, &mut dec).unwrap(),
+        Frame::CutRequest(req.clone())
+    );
+    assert_eq!(decode(&b, &mut dec).unwrap(), Frame::CutDone(done.clone()));
+    for f in [&a, &b] {
+        for n in 0..f.len() {
+            assert!(decode(&f[..n], &mut dec).is_err(), "cut to {n}");
+        }
+        for i in 0..f.len() * 8 {
+            let mut c = f.clone();
+            c[i / 8] ^= 1 << (i % 8);
+            assert!(decode(&c, &mut dec).is_err(), "bit {i}");
+        }
+    }
+    // Fields a crc cannot catch: resealed with a seq, or with an unknown flag.
+    let mut c = b.clone();
+    seal(&mut c, FrameKind::CutDone, 5);
+    assert_eq!(field(decode_cut_done(&c).unwrap_err()), "seq");
+    let mut c = b.clone();
+    c[HEADER_BYTES + 8] = 3;
+    seal(&mut c, FrameKind::CutDone, 0);
+    assert_eq!(field(decode_cut_done(&c).unwrap_err()), "flags");
+    assert!(encode_cut_request(&CutRequest { group: "G!".into() }, &mut a).is_err());
+}
+
 /// Proves [`decode`] returns each kind, data and point included, as its own decoder does.
 #[test]
 fn decode_dispatches_every_kind() {
@@ -394,6 +445,14 @@ fn control_encoders_refuse_invalid() {
         ErrorFrame::code_name(ErrorFrame::UNKNOWN_DISK),
         "unknown disk"
     );
+    assert_eq!(
+        ErrorFrame::code_name(ErrorFrame::NOT_PROTECTED),
+        "not protected"
+    );
+    assert_eq!(ErrorFrame::code_name(13), "unknown");
+    let np = ErrorFrame::new(ErrorFrame::NOT_PROTECTED, "group g1 failed back");
+    encode_error(&np, &mut out).unwrap();
+    assert_eq!(decode_error(&out).unwrap(), np);
     let too_many = HashListFrame {
         hashes: vec![[0; 32]; MAX_HASHES as usize + 1],
         ..hash_list()

@@ -1,0 +1,1295 @@
+//! Failback: applying a group's journal through one recovery point to every replica of
+//! the group, with an undo log per disk so that the point can be changed until commit,
+//! and with progress recorded durably so that a rerun after a crash finishes exactly.
+//!
+//! The master target keeps each replica at the group's *base* (the journal's
+//! [`Journal::base_seq`]) and every frame after it in the journal. Failing back to point
+//! P applies the frames `(base, P]` to the replicas; every disk of the group goes to the
+//! same point. The binaries choose the point ([`resolve`]), stop replication of the
+//! group, and call [`Failback::run`]; [`Failback::commit`] makes it final.
+//!
+//! # State machine
+//!
+//! The state lives in `dir` (the master target's `data_dir/<group>/failback/`), in one
+//! small file replaced with [`storage::write_atomic`]. No file means *none*: the group
+//! replicates and the replicas are at the base.
+//!
+//! ```text
+//!   none --run(P)--> applying P --(last batch)--> applied P --commit--> committed P
+//!                      ^   |                        |
+//!                      |   +--crash: run(P) resumes after `applied_seq`
+//!                      +------ run(Q): revert (replay undo), then apply Q
+//! ```
+//!
+//! | phase       | replicas hold                                                     | a rerun of `run(P)` | `run(Q)`, Q != P | `commit` |
+//! |-------------|-------------------------------------------------------------------|---------------------|------------------|----------|
+//! | none        | the base                                                          | starts              | starts           | refused ([`FailbackError::NotFailedBack`]) |
+//! | applying P  | base + frames through `applied_seq`, maybe parts of later frames through P (or, with `revert`, anything the undo logs can take back) | resumes (or reverts first) | reverts, applies Q | refused ([`FailbackError::Unfinished`]) |
+//! | applied P   | exactly the disks at P (synced, re-read and checked)              | nothing to do ([`Outcome::already`]) | reverts, applies Q | drops undo logs and journal |
+//! | committed P | exactly the disks at P; no undo log, no journal                   | refused ([`FailbackError::Committed`]) | refused | finishes a removal a crash interrupted |
+//!
+//! **Why resuming is exact.** Frames through `applied_seq` were applied and the
+//! replicas synced before `applied_seq` was recorded. A crash after that can only have
+//! written bytes of later frames (through P); applying the frames after `applied_seq`
+//! again, in order, overwrites every such byte with what the frames say, so the result
+//! is base + frames through P whatever the crash left. The undo logs stay exact too:
+//! the old contents a resumed batch records may be parts of the new data, but replay
+//! goes newest record first, so the contents from before the first overwrite win.
+//!
+//! **Why a change of point records `revert` first.** Once an undo log replay starts, the
+//! replicas are neither at the base nor at the old point; `applied_seq` no longer
+//! describes them. The state is therefore rewritten (new point, `applied_seq` = base,
+//! `revert` set) *before* the first replay; a rerun that finds `revert` replays the undo
+//! logs again (a replay only reads the log, and the undo logs hold the old contents of
+//! every overwrite since the base, so it always ends at the base). The first progress
+//! record after the apply resumed clears `revert`.
+//!
+//! # Files in `dir`
+//!
+//! | name                 | what                                                        |
+//! |----------------------|-------------------------------------------------------------|
+//! | `failback.state`     | the state below, replaced with [`storage::write_atomic`]    |
+//! | `failback.state.tmp` | a leftover of an interrupted replace; ignored               |
+//! | `undo-<disk>.log`    | the [`crate::apply`] undo log of one disk (`BRUL`): one per disk, because an undo log belongs to one target |
+//!
+//! ## State file `failback.state`, version 1 (all integers little-endian)
+//!
+//! | offset | size | field           | meaning                                                   |
+//! |-------:|-----:|-----------------|-----------------------------------------------------------|
+//! | 0      | 8    | `magic`         | `b"BRFBSTAT"` ([`STATE_MAGIC`]); never modify             |
+//! | 8      | 2    | `version`       | [`VERSION`]; readers refuse versions they do not know     |
+//! | 10     | 1    | `phase`         | 1 applying, 2 applied, 3 committed ([`Phase`])            |
+//! | 11     | 1    | `flags`         | bit 0 `REVERT`: replay the undo logs before applying; other bits 0 |
+//! | 12     | 1    | `point_kind`    | 0 crash-consistent, 1 app-consistent                      |
+//! | 13     | 1    | `group_len`     | length of the group id, 1..=64                            |
+//! | 14     | 2    | `disk_count`    | disks of the group (one undo log each), >= 1              |
+//! | 16     | 8    | `point_id`      | the point failed back to                                  |
+//! | 24     | 8    | `point_seq`     | seq of its point frame in the journal                     |
+//! | 32     | 8    | `point_time_unix_ms` | its time                                             |
+//! | 40     | 8    | `base_seq`      | the journal's base when the failback started              |
+//! | 48     | 8    | `applied_seq`   | frames `(base_seq, applied_seq]` are applied and synced; `base_seq <= applied_seq <= point_seq` |
+//! | 56     | 8    | `applied_bytes` | replica bytes written for this point so far (statistics)  |
+//! | 64     | 64   | `group`         | the group id, zero-padded (padding must be 0)             |
+//! | 128    | 28   | `reserved`      | must be 0                                                 |
+//! | 156    | 4    | `crc32`         | crc32 (IEEE) of bytes 0..156                              |
+//!
+//! # Order of durable steps
+//!
+//! | operation            | order                                                                 |
+//! |----------------------|-----------------------------------------------------------------------|
+//! | start (from none)    | `dir` created, its parent synced -> leftover undo logs of an interrupted start removed, `dir` synced -> one undo log per disk created (header synced, `dir` synced) -> state `applying P`, `applied_seq` = base |
+//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: old contents appended to its undo log and synced, then the replica written ([`apply::apply_extents`]), then the replica synced, then its applied extents re-read and checked -> (every disk done) state `applying P`, `applied_seq` = the batch's last seq |
+//! | end                  | (last batch) -> state `applied P`                                     |
+//! | change of point to Q | state `applying Q`, `applied_seq` = base, `REVERT` -> every undo log replayed (newest record first; the replica synced) -> every undo log reset (truncated, synced) -> batches as above (the first clears `REVERT`) |
+//! | commit               | state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
+//!
+//! A batch is at most [`BATCH_PLAIN_BYTES_MAX`] of decoded data (plus one frame) or
+//! [`BATCH_FRAMES_MAX`] frames: memory stays bounded by it, and each batch costs one
+//! sync per undo log and replica it touches plus one state replace.
+//!
+//! The replicas are opened through [`Storage`] like everything durable here; the
+//! binary passes [`crate::storage::RealFs`], the tests [`crate::storage::SimFs`].
+//!
+//! # Checks
+//!
+//! Every frame is read back with its crc checked ([`Journal::read`]) and decoded with
+//! every extent's blake3 checked ([`Decoder::decode_data`]) before any byte of it is
+//! written. After a batch is synced, every applied extent is read back from its replica:
+//! where no later extent of the same batch overwrote it, its blake3 must match the
+//! frame's; where a later one overwrote part of it, the rest must equal the frame's
+//! bytes (zero extents: zeros). A frame naming a disk that is not in the group, or an
+//! extent past a replica's end, is refused before its batch writes anything.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::apply::{self, ApplyError, UndoLog};
+use crate::extent::ExtentData;
+use crate::frame::{DataFrame, Decoder, FrameError, FrameKind, PointKind};
+use crate::journal::{self, Journal, JournalError, PointEntry};
+use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
+use crate::storage::{self, OpenMode, Storage, StorageFile};
+
+/// Format version of the state file.
+pub const VERSION: u16 = 1;
+/// State file magic. Never modify: it names the format of every failback state file.
+pub const STATE_MAGIC: [u8; 8] = *b"BRFBSTAT";
+/// Size of the state file.
+pub const STATE_BYTES: usize = 160;
+/// Name of the state file in the failback directory.
+pub const STATE_FILE: &str = "failback.state";
+/// A batch takes no further frame once it holds this many decoded bytes.
+pub const BATCH_PLAIN_BYTES_MAX: u64 = 32 << 20;
+/// A batch takes at most this many frames.
+pub const BATCH_FRAMES_MAX: usize = 256;
+/// Bytes read per step when applied extents are checked.
+pub const VERIFY_CHUNK_BYTES: usize = 1 << 20;
+
+const FLAG_REVERT: u8 = 1;
+const OFF_VERSION: usize = 8;
+const OFF_PHASE: usize = 10;
+const OFF_FLAGS: usize = 11;
+const OFF_KIND: usize = 12;
+const OFF_GROUP_LEN: usize = 13;
+const OFF_DISKS: usize = 14;
+const OFF_POINT_ID: usize = 16;
+const OFF_POINT_SEQ: usize = 24;
+const OFF_POINT_TIME: usize = 32;
+const OFF_BASE_SEQ: usize = 40;
+const OFF_APPLIED_SEQ: usize = 48;
+const OFF_APPLIED_BYTES: usize = 56;
+const OFF_GROUP: usize = 64;
+const GROUP_FIELD_BYTES: usize = 64;
+const OFF_RESERVED: usize = OFF_GROUP + GROUP_FIELD_BYTES;
+const OFF_CRC: usize = STATE_BYTES - 4;
+
+const _: () = assert!(OFF_RESERVED == 128 && OFF_CRC == 156);
+
+/// The name of a disk's undo log in the failback directory.
+pub fn undo_file_name(disk: &str) -> String {
+    format!("undo-{disk}.log")
+}
+
+/// Where a group stands in its failback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The point is being applied (or a crash interrupted that).
+    Applying,
+    /// Failed back to the point, not committed: the point can still be changed.
+    Applied,
+    /// Failed back and committed: undo logs and journal dropped; not protected.
+    Committed,
+}
+
+impl Phase {
+    fn to_u8(self) -> u8 {
+        match self {
+            Phase::Applying => 1,
+            Phase::Applied => 2,
+            Phase::Committed => 3,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Phase::Applying,
+            2 => Phase::Applied,
+            3 => Phase::Committed,
+            _ => return None,
+        })
+    }
+
+    /// A word for people and JSON: `applying`, `failed-back`, `committed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Applying => "applying",
+            Phase::Applied => "failed-back",
+            Phase::Committed => "committed",
+        }
+    }
+}
+
+/// The point a failback goes to, as recorded in the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointRef {
+    pub id: u64,
+    /// Seq of its point frame.
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    pub kind: PointKind,
+}
+
+impl From<&PointEntry> for PointRef {
+    fn from(p: &PointEntry) -> Self {
+        Self {
+            id: p.record.point_id,
+            seq: p.seq,
+            time_unix_ms: p.record.time_unix_ms,
+            kind: p.record.kind,
+        }
+    }
+}
+
+/// The decoded state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailbackState {
+    pub phase: Phase,
+    /// Replay the undo logs before applying (a change of point began).
+    pub revert: bool,
+    pub point: PointRef,
+    /// The journal's base when the failback started.
+    pub base_seq: u64,
+    /// Frames `(base_seq, applied_seq]` are applied and synced.
+    pub applied_seq: u64,
+    /// Replica bytes written for this point so far.
+    pub applied_bytes: u64,
+    /// Disks (and undo logs) of the group.
+    pub disks: u16,
+}
+
+/// Which point to fail back to. `latest` (ask the process server to cut first) is the
+/// binary's business: it ends in [`Choice::Id`] or [`Choice::LatestProcessed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The newest consistent point in the journal.
+    LatestProcessed,
+    /// The newest consistent app-consistent point.
+    LatestApp,
+    /// The point with this id (it must be consistent).
+    Id(u64),
+    /// The newest consistent point whose time is at or before this (ms since 1970).
+    AtOrBefore(u64),
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Choice::LatestProcessed => write!(f, "the latest processed point"),
+            Choice::LatestApp => write!(f, "the latest app-consistent point"),
+            Choice::Id(id) => write!(f, "point {id}"),
+            Choice::AtOrBefore(t) => write!(f, "the newest point at or before unix ms {t}"),
+        }
+    }
+}
+
+/// Why a failback or commit was refused or failed. Each case names the group, point,
+/// disk or file at fault.
+#[derive(Debug, Error)]
+pub enum FailbackError {
+    #[error("failback I/O: {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: invalid {field}: {why}", file.display())]
+    BadState {
+        file: PathBuf,
+        field: &'static str,
+        why: String,
+    },
+    #[error("{}: unsupported version {version} (this build reads version {VERSION})", file.display())]
+    UnsupportedVersion { file: PathBuf, version: u16 },
+    #[error(
+        "group {group:?}: no consistent recovery point for {choice} (the journal holds {points} points, {consistent} consistent)"
+    )]
+    NoPoint {
+        group: String,
+        choice: Choice,
+        points: usize,
+        consistent: usize,
+    },
+    #[error("group {group:?}: no point {id} in the journal ({range})")]
+    UnknownPoint {
+        group: String,
+        id: u64,
+        range: String,
+    },
+    #[error(
+        "group {group:?}: point {id} is inconsistent (cut during a resync) and cannot be failed back to"
+    )]
+    Inconsistent { group: String, id: u64 },
+    #[error(
+        "group {group:?} was failed back to point {point} and committed: it is not protected and has no journal to fail back from (reprotect it first)"
+    )]
+    Committed { group: String, point: u64 },
+    #[error("group {group:?} has not failed back: there is nothing to commit")]
+    NotFailedBack { group: String },
+    #[error(
+        "group {group:?}: the failback to point {point} did not finish (a crash or an error interrupted it): run the failback again before committing"
+    )]
+    Unfinished { group: String, point: u64 },
+    #[error(
+        "group {group:?}: the failback started at journal base seq {state_base}, the journal's base is now {journal_base}"
+    )]
+    BaseMoved {
+        group: String,
+        state_base: u64,
+        journal_base: u64,
+    },
+    #[error("group {group:?}: {why}")]
+    Disks { group: String, why: String },
+    #[error(
+        "group {group:?}: frame seq {seq} names disk {disk:?}, which is not a disk of the group"
+    )]
+    UnknownDisk {
+        group: String,
+        seq: u64,
+        disk: String,
+    },
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("journal frame seq {seq}: {source}")]
+    Frame {
+        seq: u64,
+        #[source]
+        source: FrameError,
+    },
+    #[error("disk {disk:?}: {what}: {source}")]
+    Apply {
+        disk: String,
+        what: &'static str,
+        #[source]
+        source: ApplyError,
+    },
+    #[error("disk {disk:?}: replica {} at byte {offset} ({len} bytes) does not hold what frame seq {seq} wrote there: {why}", path.display())]
+    Verify {
+        disk: String,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        seq: u64,
+        why: &'static str,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FailbackError {
+    let path = path.to_path_buf();
+    move |source| FailbackError::Io { what, path, source }
+}
+
+/// Encodes the state file of `group`. The caller guarantees `group` is a valid id.
+pub fn encode_state(group: &str, s: &FailbackState) -> [u8; STATE_BYTES] {
+    assert!(crate::valid_id(group), "invalid group id {group:?}");
+    let mut b = [0u8; STATE_BYTES];
+    b[..8].copy_from_slice(&STATE_MAGIC);
+    b[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
+    b[OFF_PHASE] = s.phase.to_u8();
+    b[OFF_FLAGS] = if s.revert { FLAG_REVERT } else { 0 };
+    b[OFF_KIND] = match s.point.kind {
+        PointKind::Crash => 0,
+        PointKind::App => 1,
+    };
+    b[OFF_GROUP_LEN] = group.len() as u8;
+    b[OFF_DISKS..OFF_DISKS + 2].copy_from_slice(&s.disks.to_le_bytes());
+    for (off, v) in [
+        (OFF_POINT_ID, s.point.id),
+        (OFF_POINT_SEQ, s.point.seq),
+        (OFF_POINT_TIME, s.point.time_unix_ms),
+        (OFF_BASE_SEQ, s.base_seq),
+        (OFF_APPLIED_SEQ, s.applied_seq),
+        (OFF_APPLIED_BYTES, s.applied_bytes),
+    ] {
+        b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    b[OFF_GROUP..OFF_GROUP + group.len()].copy_from_slice(group.as_bytes());
+    let crc = crc32fast::hash(&b[..OFF_CRC]);
+    b[OFF_CRC..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes the state file of `group`; the error names the field that is wrong.
+pub fn decode_state(b: &[u8], group: &str, file: &Path) -> Result<FailbackState, FailbackError> {
+    let bad = |field: &'static str, why: String| FailbackError::BadState {
+        file: file.to_path_buf(),
+        field,
+        why,
+    };
+    if b.len() != STATE_BYTES {
+        return Err(bad(
+            "length",
+            format!("{} bytes, the state file is {STATE_BYTES}", b.len()),
+        ));
+    }
+    if b[..8] != STATE_MAGIC {
+        return Err(bad(
+            "magic",
+            format!("{:02x?}, expected {:02x?}", &b[..8], STATE_MAGIC),
+        ));
+    }
+    // The version before the crc: a later version may place its crc elsewhere.
+    let version = le_u16(b, OFF_VERSION);
+    if version != VERSION {
+        return Err(FailbackError::UnsupportedVersion {
+            file: file.to_path_buf(),
+            version,
+        });
+    }
+    let crc = le_u32(b, OFF_CRC);
+    let want = crc32fast::hash(&b[..OFF_CRC]);
+    if crc != want {
+        return Err(bad(
+            "crc32",
+            format!("{crc:#010x}, the bytes give {want:#010x}"),
+        ));
+    }
+    let phase = Phase::from_u8(b[OFF_PHASE])
+        .ok_or_else(|| bad("phase", format!("{} is not 1, 2 or 3", b[OFF_PHASE])))?;
+    if b[OFF_FLAGS] & !FLAG_REVERT != 0 {
+        return Err(bad(
+            "flags",
+            format!("{:#04x}: unknown bits set", b[OFF_FLAGS]),
+        ));
+    }
+    let revert = b[OFF_FLAGS] & FLAG_REVERT != 0;
+    if revert && phase != Phase::Applying {
+        return Err(bad("flags", "REVERT is only valid while applying".into()));
+    }
+    let kind = match b[OFF_KIND] {
+        0 => PointKind::Crash,
+        1 => PointKind::App,
+        k => return Err(bad("point_kind", format!("{k} is not 0 or 1"))),
+    };
+    let glen = usize::from(b[OFF_GROUP_LEN]);
+    if !(1..=GROUP_FIELD_BYTES).contains(&glen) {
+        return Err(bad("group_len", format!("{glen} is not in 1..=64")));
+    }
+    let gbytes = &b[OFF_GROUP..OFF_GROUP + glen];
+    if b[OFF_GROUP + glen..OFF_RESERVED].iter().any(|&x| x != 0) {
+        return Err(bad("group", "padding is not zero".into()));
+    }
+    if gbytes != group.as_bytes() {
+        return Err(bad(
+            "group",
+            format!(
+                "{:?}, this is group {group:?}'s directory",
+                String::from_utf8_lossy(gbytes)
+            ),
+        ));
+    }
+    if b[OFF_RESERVED..OFF_CRC].iter().any(|&x| x != 0) {
+        return Err(bad("reserved", "not zero".into()));
+    }
+    let disks = le_u16(b, OFF_DISKS);
+    if disks == 0 {
+        return Err(bad("disk_count", "0: a group has at least one disk".into()));
+    }
+    let s = FailbackState {
+        phase,
+        revert,
+        point: PointRef {
+            id: le_u64(b, OFF_POINT_ID),
+            seq: le_u64(b, OFF_POINT_SEQ),
+            time_unix_ms: le_u64(b, OFF_POINT_TIME),
+            kind,
+        },
+        base_seq: le_u64(b, OFF_BASE_SEQ),
+        applied_seq: le_u64(b, OFF_APPLIED_SEQ),
+        applied_bytes: le_u64(b, OFF_APPLIED_BYTES),
+        disks,
+    };
+    if s.point.seq <= s.base_seq {
+        return Err(bad(
+            "point_seq",
+            format!("{} is not above base_seq {}", s.point.seq, s.base_seq),
+        ));
+    }
+    if !(s.base_seq..=s.point.seq).contains(&s.applied_seq) {
+        return Err(bad(
+            "applied_seq",
+            format!(
+                "{} is not in base_seq..=point_seq ({}..={})",
+                s.applied_seq, s.base_seq, s.point.seq
+            ),
+        ));
+    }
+    if phase != Phase::Applying && s.applied_seq != s.point.seq {
+        return Err(bad(
+            "applied_seq",
+            format!(
+                "{} while {}: every frame through point_seq {} is applied then",
+                s.applied_seq,
+                phase.name(),
+                s.point.seq
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+/// Reads the failback state of `group` from `dir`; `None` when there is none (the group
+/// replicates).
+pub fn load_state(
+    fs: &dyn Storage,
+    dir: &Path,
+    group: &str,
+) -> Result<Option<FailbackState>, FailbackError> {
+    let path = dir.join(STATE_FILE);
+    let Some(b) = storage::read_whole(fs, &path).map_err(io_err("read failback state", &path))?
+    else {
+        return Ok(None);
+    };
+    decode_state(&b, group, &path).map(Some)
+}
+
+/// What [`choose`] needs to know of a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointInfo {
+    pub id: u64,
+    pub time_unix_ms: u64,
+    pub kind: PointKind,
+    pub consistent: bool,
+}
+
+impl From<&PointEntry> for PointInfo {
+    fn from(p: &PointEntry) -> Self {
+        Self {
+            id: p.record.point_id,
+            time_unix_ms: p.record.time_unix_ms,
+            kind: p.record.kind,
+            consistent: p.record.consistent,
+        }
+    }
+}
+
+/// The index in `points` (a group's points, oldest first, ids rising) of the point
+/// [`Choice`] names: only consistent points qualify. A caller that knows only a copy of
+/// the point list (the server, before it stops replication) checks a choice with it.
+pub fn choose(group: &str, points: &[PointInfo], choice: Choice) -> Result<usize, FailbackError> {
+    let consistent = points.iter().filter(|p| p.consistent).count();
+    let newest = |f: &dyn Fn(&PointInfo) -> bool| points.iter().rposition(|p| p.consistent && f(p));
+    let found = match choice {
+        Choice::LatestProcessed => newest(&|_| true),
+        Choice::LatestApp => newest(&|p| p.kind == PointKind::App),
+        // Times are not trusted to rise (clocks step): the newest by seq that is not
+        // later than asked.
+        Choice::AtOrBefore(t) => newest(&|p| p.time_unix_ms <= t),
+        Choice::Id(id) => {
+            let Some(i) = points.iter().position(|p| p.id == id) else {
+                let range = match (points.first(), points.last()) {
+                    (Some(a), Some(b)) => format!("it holds points {}..={}", a.id, b.id),
+                    _ => "it holds no point".to_string(),
+                };
+                return Err(FailbackError::UnknownPoint {
+                    group: group.to_string(),
+                    id,
+                    range,
+                });
+            };
+            if !points[i].consistent {
+                return Err(FailbackError::Inconsistent {
+                    group: group.to_string(),
+                    id,
+                });
+            }
+            Some(i)
+        }
+    };
+    found.ok_or_else(|| FailbackError::NoPoint {
+        group: group.to_string(),
+        choice,
+        points: points.len(),
+        consistent,
+    })
+}
+
+/// The point [`Choice`] names in `j` ([`choose`] over its point index).
+pub fn resolve(j: &Journal, choice: Choice) -> Result<PointEntry, FailbackError> {
+    let infos: Vec<PointInfo> = j.points().iter().map(PointInfo::from).collect();
+    let i = choose(j.group(), &infos, choice)?;
+    Ok(j.points()[i].clone())
+}
+
+/// One disk of the group: its id (as frames name it), its replica, its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub id: String,
+    pub replica: PathBuf,
+    pub size_bytes: u64,
+}
+
+/// What [`Failback::run`] is doing, for a progress bar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Undo log records replayed (a change of point, before applying).
+    pub reverted_bytes: u64,
+    /// Journal bytes (frames as stored) applied so far in this run.
+    pub done_bytes: u64,
+    /// Journal bytes this run applies in all.
+    pub total_bytes: u64,
+    /// Frames applied so far in this run, and in all.
+    pub done_frames: u64,
+    pub total_frames: u64,
+}
+
+/// What applying wrote in one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Journal frames read (data and point frames).
+    pub frames: u64,
+    /// Extents written.
+    pub extents: u64,
+    /// Bytes of data written.
+    pub data_bytes: u64,
+    /// Bytes of zeros written.
+    pub zero_bytes: u64,
+    /// Replica bytes re-read and checked after the sync.
+    pub verified_bytes: u64,
+    /// Journal bytes (frames as stored) read.
+    pub journal_bytes: u64,
+}
+
+impl Applied {
+    /// Replica bytes written (data and zeros).
+    pub fn bytes(&self) -> u64 {
+        self.data_bytes + self.zero_bytes
+    }
+}
+
+/// What [`Failback::run`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub point: PointRef,
+    /// The group was already failed back to this point: nothing was done.
+    pub already: bool,
+    /// The point the replicas were at (or being taken to) before this run, when this
+    /// run changed the point.
+    pub changed_from: Option<u64>,
+    /// A crash interrupted an earlier run to this point: this one went on after this
+    /// seq instead of starting over.
+    pub resumed_after_seq: Option<u64>,
+    /// Replica bytes written back from the undo logs (a change of point, or a rerun
+    /// that had to revert).
+    pub reverted_bytes: u64,
+    pub applied: Applied,
+    /// Disks of the group.
+    pub disks: usize,
+}
+
+/// What [`Failback::commit`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub point: PointRef,
+    /// The group was committed already (this call only finished removing leftovers).
+    pub already: bool,
+    /// Journal files removed.
+    pub journal_files_removed: usize,
+}
+
+/// The failback of one group. See the module doc for the state machine and the order
+/// of durable steps.
+pub struct Failback {
+    fs: Arc<dyn Storage>,
+    dir: PathBuf,
+    group: String,
+    disks: Vec<Disk>,
+    /// [`BATCH_PLAIN_BYTES_MAX`] and [`BATCH_FRAMES_MAX`]; smaller in tests.
+    batch_plain_bytes_max: u64,
+    batch_frames_max: usize,
+}
+
+/// A disk and its open replica.
+type Replica = (Disk, Box<dyn StorageFile>);
+
+/// An open replica and its undo log.
+struct Target {
+    disk: Disk,
+    file: Box<dyn StorageFile>,
+    undo: UndoLog,
+}
+
+impl Failback {
+    /// The failback of `group`, whose state and undo logs live in `dir`, over `disks`.
+    pub fn new(
+        fs: Arc<dyn Storage>,
+        dir: &Path,
+        group: &str,
+        disks: Vec<Disk>,
+    ) -> Result<Self, FailbackError> {
+        let refuse = |why: String| FailbackError::Disks {
+            group: group.to_string(),
+            why,
+        };
+        if !crate::valid_id(group) {
+            return Err(refuse(format!("{group:?} is not a valid group id")));
+        }
+        if disks.is_empty() || disks.len() > usize::from(u16::MAX) {
+            return Err(refuse(format!(
+                "{} disks: a group has 1..=65535",
+                disks.len()
+            )));
+        }
+        for (i, d) in disks.iter().enumerate() {
+            if !crate::valid_id(&d.id) {
+                return Err(refuse(format!("{:?} is not a valid disk id", d.id)));
+            }
+            if disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(refuse(format!("disk {:?} is named twice", d.id)));
+            }
+        }
+        Ok(Self {
+            fs,
+            dir: dir.to_path_buf(),
+            group: group.to_string(),
+            disks,
+            batch_plain_bytes_max: BATCH_PLAIN_BYTES_MAX,
+            batch_frames_max: BATCH_FRAMES_MAX,
+        })
+    }
+
+    /// Smaller batches than [`BATCH_PLAIN_BYTES_MAX`] and [`BATCH_FRAMES_MAX`] (at
+    /// least one frame each): more progress records, for tests of a resumed run.
+    pub fn with_batch_limits(mut self, plain_bytes_max: u64, frames_max: usize) -> Self {
+        self.batch_plain_bytes_max = plain_bytes_max.clamp(1, BATCH_PLAIN_BYTES_MAX);
+        self.batch_frames_max = frames_max.clamp(1, BATCH_FRAMES_MAX);
+        self
+    }
+
+    /// The group's failback state; `None`: it replicates (no failback).
+    pub fn state(&self) -> Result<Option<FailbackState>, FailbackError> {
+        load_state(self.fs.as_ref(), &self.dir, &self.group)
+    }
+
+    fn store(&self, s: &FailbackState) -> Result<(), FailbackError> {
+        let b = encode_state(&self.group, s);
+        storage::write_atomic(self.fs.as_ref(), &self.dir, STATE_FILE, &b)
+            .map_err(io_err("replace failback state", &self.dir.join(STATE_FILE)))
+    }
+
+    fn undo_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(undo_file_name(disk))
+    }
+
+    /// Opens every replica and checks its size.
+    fn open_replicas(&self) -> Result<Vec<Replica>, FailbackError> {
+        let mut out = Vec::with_capacity(self.disks.len());
+        for d in &self.disks {
+            let f = self
+                .fs
+                .open(&d.replica, OpenMode::Existing)
+                .map_err(io_err("open replica", &d.replica))?;
+            let len = f.len().map_err(io_err("size of replica", &d.replica))?;
+            if len != d.size_bytes {
+                return Err(FailbackError::Disks {
+                    group: self.group.clone(),
+                    why: format!(
+                        "replica {} of disk {:?} is {len} bytes, the disk is {} bytes",
+                        d.replica.display(),
+                        d.id,
+                        d.size_bytes
+                    ),
+                });
+            }
+            out.push((d.clone(), f));
+        }
+        Ok(out)
+    }
+
+    /// Applies the journal through `point` to every replica (see the module doc): from
+    /// the base, or on from where an interrupted run to the same point stopped, or
+    /// after reverting the point the replicas are at. `point` must be a consistent
+    /// point of `journal` (see [`resolve`]). `progress` is called after every batch.
+    pub fn run(
+        &self,
+        journal: &Journal,
+        point: &PointEntry,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Outcome, FailbackError> {
+        let state = self.state()?;
+        if let Some(s) = &state
+            && s.phase == Phase::Committed
+        {
+            return Err(FailbackError::Committed {
+                group: self.group.clone(),
+                point: s.point.id,
+            });
+        }
+        if journal.group() != self.group {
+            return Err(FailbackError::Disks {
+                group: self.group.clone(),
+                why: format!("the journal belongs to group {:?}", journal.group()),
+            });
+        }
+        if !point.record.consistent {
+            return Err(FailbackError::Inconsistent {
+                group: self.group.clone(),
+                id: point.record.point_id,
+            });
+        }
+        if journal.point_by_id(point.record.point_id).map(|p| p.seq) != Some(point.seq)
+            || point.seq > journal.durable_seq()
+        {
+            return Err(FailbackError::UnknownPoint {
+                group: self.group.clone(),
+                id: point.record.point_id,
+                range: "not a durable point of this journal".into(),
+            });
+        }
+        let target = PointRef::from(point);
+        let base = journal.base_seq();
+        if let Some(s) = &state {
+            if s.base_seq != base {
+                return Err(FailbackError::BaseMoved {
+                    group: self.group.clone(),
+                    state_base: s.base_seq,
+                    journal_base: base,
+                });
+            }
+            if usize::from(s.disks) != self.disks.len() {
+                return Err(FailbackError::Disks {
+                    group: self.group.clone(),
+                    why: format!(
+                        "the failback state names {} disks, the group has {}: the \
+                         configuration changed during a failback",
+                        s.disks,
+                        self.disks.len()
+                    ),
+                });
+            }
+        }
+        let replicas = self.open_replicas()?;
+        let disks = self.disks.len() as u16;
+        let mut out = Outcome {
+            point: target,
+            already: false,
+            changed_from: None,
+            resumed_after_seq: None,
+            reverted_bytes: 0,
+            applied: Applied::default(),
+            disks: self.disks.len(),
+        };
+        let (mut targets, from_seq, mut applied_bytes) = match state {
+            None => (self.start(replicas)?, base, 0),
+            Some(s) => {
+                let mut targets = self.open_undo(replicas)?;
+                if s.point.id == target.id && !s.revert {
+                    if s.phase == Phase::Applied {
+                        out.already = true;
+                        return Ok(out);
+                    }
+                    if s.applied_seq > base {
+                        out.resumed_after_seq = Some(s.applied_seq);
+                    }
+                    (targets, s.applied_seq, s.applied_bytes)
+                } else {
+                    if s.point.id != target.id {
+                        out.changed_from = Some(s.point.id);
+                    }
+                    // Recorded before the first replay: from here the replicas are
+                    // anywhere between the base and the old point.
+                    self.store(&FailbackState {
+                        phase: Phase::Applying,
+                        revert: true,
+                        point: target,
+                        base_seq: base,
+                        applied_seq: base,
+                        applied_bytes: 0,
+                        disks,
+                    })?;
+                    out.reverted_bytes = self.revert(&mut targets, progress)?;
+                    (targets, base, 0)
+                }
+            }
+        };
+        self.apply(
+            journal,
+            target,
+            &mut targets,
+            from_seq,
+            &mut applied_bytes,
+            &mut out,
+            progress,
+        )?;
+        self.store(&FailbackState {
+            phase: Phase::Applied,
+            revert: false,
+            point: target,
+            base_seq: base,
+            applied_seq: target.seq,
+            applied_bytes,
+            disks,
+        })?;
+        Ok(out)
+    }
+
+    /// From none: the directory, fresh undo logs, and the state `applying` at the base.
+    fn start(&self, replicas: Vec<Replica>) -> Result<Vec<Target>, FailbackError> {
+        self.fs
+            .create_dir_all(&self.dir)
+            .map_err(io_err("create failback directory", &self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            self.fs
+                .sync_dir(parent)
+                .map_err(io_err("sync directory", parent))?;
+        }
+        // Undo logs without a state are leftovers of a start a crash interrupted before
+        // its state was written: no replica byte was overwritten yet.
+        let names = self
+            .fs
+            .list_dir(&self.dir)
+            .map_err(io_err("list failback directory", &self.dir))?;
+        let mut removed = false;
+        for n in names
+            .iter()
+            .filter(|n| n.starts_with("undo-") && n.ends_with(".log"))
+        {
+            let p = self.dir.join(n);
+            self.fs
+                .remove_file(&p)
+                .map_err(io_err("remove leftover undo log", &p))?;
+            removed = true;
+        }
+        if removed {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(io_err("sync failback directory", &self.dir))?;
+        }
+        let mut targets = Vec::with_capacity(replicas.len());
+        for (disk, file) in replicas {
+            let path = self.undo_path(&disk.id);
+            let undo =
+                UndoLog::create(self.fs.clone(), &path, disk.size_bytes).map_err(|source| {
+                    FailbackError::Apply {
+                        disk: disk.id.clone(),
+                        what: "create undo log",
+                        source,
+                    }
+                })?;
+            targets.push(Target { disk, file, undo });
+        }
+        Ok(targets)
+    }
+
+    /// Opens every disk's undo log (its torn tail cut, see [`UndoLog::open`]).
+    fn open_undo(&self, replicas: Vec<Replica>) -> Result<Vec<Target>, FailbackError> {
+        let mut targets = Vec::with_capacity(replicas.len());
+        for (disk, file) in replicas {
+            let path = self.undo_path(&disk.id);
+            let (undo, _) =
+                UndoLog::open(self.fs.clone(), &path).map_err(|source| FailbackError::Apply {
+                    disk: disk.id.clone(),
+                    what: "open undo log",
+                    source,
+                })?;
+            if undo.target_bytes() != disk.size_bytes {
+                return Err(FailbackError::Disks {
+                    group: self.group.clone(),
+                    why: format!(
+                        "undo log {} is for {} bytes, disk {:?} is {} bytes",
+                        path.display(),
+                        undo.target_bytes(),
+                        disk.id,
+                        disk.size_bytes
+                    ),
+                });
+            }
+            targets.push(Target { disk, file, undo });
+        }
+        Ok(targets)
+    }
+
+    /// Replays every undo log (the replicas go back to the base) and resets it.
+    fn revert(
+        &self,
+        targets: &mut [Target],
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<u64, FailbackError> {
+        let mut bytes = 0;
+        for t in targets.iter() {
+            let st = t
+                .undo
+                .replay(t.file.as_ref())
+                .map_err(|source| FailbackError::Apply {
+                    disk: t.disk.id.clone(),
+                    what: "replay undo log",
+                    source,
+                })?;
+            bytes += st.target_bytes;
+            progress(&Progress {
+                reverted_bytes: bytes,
+                ..Progress::default()
+            });
+        }
+        // Only once every replica is back at the base (each replay synced its replica).
+        for t in targets.iter_mut() {
+            t.undo.reset().map_err(|source| FailbackError::Apply {
+                disk: t.disk.id.clone(),
+                what: "reset undo log",
+                source,
+            })?;
+        }
+        Ok(bytes)
+    }
+
+    /// Applies frames `(from_seq, target.seq]` in batches (see the module doc).
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        journal: &Journal,
+        target: PointRef,
+        targets: &mut [Target],
+        from_seq: u64,
+        applied_bytes: &mut u64,
+        out: &mut Outcome,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), FailbackError> {
+        let mut prog = Progress {
+            reverted_bytes: out.reverted_bytes,
+            ..Progress::default()
+        };
+        for seq in from_seq + 1..=target.seq {
+            let e = journal.entry(seq).ok_or(JournalError::OutOfRange {
+                from: seq,
+                to: seq,
+                first: journal.base_seq() + 1,
+                last: journal.write_seq(),
+            })?;
+            prog.total_bytes += u64::from(e.len);
+            prog.total_frames += 1;
+        }
+        progress(&prog);
+        let mut dec = Decoder::new();
+        let mut batch: Vec<DataFrame> = Vec::new();
+        let mut batch_plain = 0u64;
+        let mut batch_frames = 0usize;
+        let mut frames = journal.read(from_seq + 1, target.seq)?.peekable();
+        while let Some(item) = frames.next() {
+            let (h, bytes) = item?;
+            prog.done_bytes += bytes.len() as u64;
+            prog.done_frames += 1;
+            out.applied.frames += 1;
+            out.applied.journal_bytes += bytes.len() as u64;
+            batch_frames += 1;
+            if h.kind == FrameKind::Data {
+                let df = dec
+                    .decode_data(&bytes)
+                    .map_err(|source| FailbackError::Frame { seq: h.seq, source })?;
+                drop(bytes);
+                if !targets.iter().any(|t| t.disk.id == df.meta.disk) {
+                    return Err(FailbackError::UnknownDisk {
+                        group: self.group.clone(),
+                        seq: h.seq,
+                        disk: df.meta.disk.clone(),
+                    });
+                }
+                batch_plain += df.plain_bytes();
+                batch.push(df);
+            }
+            let last = frames.peek().is_none();
+            if last
+                || batch_plain >= self.batch_plain_bytes_max
+                || batch_frames >= self.batch_frames_max
+            {
+                self.apply_batch(targets, &batch, &mut out.applied, applied_bytes)?;
+                // Progress only after the replicas are synced and checked.
+                self.store(&FailbackState {
+                    phase: Phase::Applying,
+                    revert: false,
+                    point: target,
+                    base_seq: journal.base_seq(),
+                    applied_seq: h.seq,
+                    applied_bytes: *applied_bytes,
+                    disks: targets.len() as u16,
+                })?;
+                for df in batch.drain(..) {
+                    dec.recycle(df);
+                }
+                batch_plain = 0;
+                batch_frames = 0;
+                progress(&prog);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one batch: per disk one [`apply::apply_extents`] call with its undo log,
+    /// then every touched replica synced, then every extent checked.
+    fn apply_batch(
+        &self,
+        targets: &mut [Target],
+        batch: &[DataFrame],
+        applied: &mut Applied,
+        applied_bytes: &mut u64,
+    ) -> Result<(), FailbackError> {
+        for t in targets.iter_mut() {
+            let exts: Vec<(u64, ExtentData<'_>)> = batch
+                .iter()
+                .filter(|df| df.meta.disk == t.disk.id)
+                .flat_map(|df| df.extents())
+                .collect();
+            if exts.is_empty() {
+                continue;
+            }
+            let st =
+                apply::apply_extents(t.file.as_ref(), t.disk.size_bytes, &exts, Some(&mut t.undo))
+                    .map_err(|source| FailbackError::Apply {
+                        disk: t.disk.id.clone(),
+                        what: "apply",
+                        source,
+                    })?;
+            apply::sync_target(t.file.as_ref()).map_err(|source| FailbackError::Apply {
+                disk: t.disk.id.clone(),
+                what: "sync replica",
+                source,
+            })?;
+            applied.extents += st.extents;
+            applied.data_bytes += st.data_bytes;
+            applied.zero_bytes += st.zero_bytes;
+            *applied_bytes += st.data_bytes + st.zero_bytes;
+            applied.verified_bytes += verify(t, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the failback final (see the module doc): the state `committed` first, then
+    /// the undo logs and the journal in `journal_dir` are removed. The caller has closed
+    /// the journal. A second call finishes a removal a crash interrupted.
+    pub fn commit(&self, journal_dir: &Path) -> Result<Committed, FailbackError> {
+        let Some(s) = self.state()? else {
+            return Err(FailbackError::NotFailedBack {
+                group: self.group.clone(),
+            });
+        };
+        let already = match s.phase {
+            Phase::Applying => {
+                return Err(FailbackError::Unfinished {
+                    group: self.group.clone(),
+                    point: s.point.id,
+                });
+            }
+            Phase::Applied => {
+                self.store(&FailbackState {
+                    phase: Phase::Committed,
+                    ..s
+                })?;
+                false
+            }
+            Phase::Committed => true,
+        };
+        let names = self
+            .fs
+            .list_dir(&self.dir)
+            .map_err(io_err("list failback directory", &self.dir))?;
+        let mut removed = false;
+        for n in names
+            .iter()
+            .filter(|n| n.starts_with("undo-") && n.ends_with(".log"))
+        {
+            let p = self.dir.join(n);
+            self.fs
+                .remove_file(&p)
+                .map_err(io_err("remove undo log", &p))?;
+            removed = true;
+        }
+        if removed {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(io_err("sync failback directory", &self.dir))?;
+        }
+        let journal_files_removed = journal::remove_all(self.fs.as_ref(), journal_dir)?;
+        Ok(Committed {
+            point: s.point,
+            already,
+            journal_files_removed,
+        })
+    }
+}
+
+/// Ranges already claimed by later extents of a batch, merged: start -> end.
+#[derive(Default)]
+struct Covered(BTreeMap<u64, u64>);
+
+impl Covered {
+    /// The parts of `[start, end)` no range covers, in order.
+    fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let mut at = start;
+        // The range that may start before `start` and reach into it, then the rest.
+        let first = self.0.range(..=start).next_back().map(|(&s, &e)| (s, e));
+        let rest = self.0.range(start + 1..end).map(|(&s, &e)| (s, e));
+        for (s, e) in first.into_iter().chain(rest) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                out.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
+    fn insert(&mut self, start: u64, end: u64) {
+        let (mut s, mut e) = (start, end);
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &re)| re >= start)
+            .map(|(&rs, &re)| (rs, re))
+            .collect();
+        for (rs, re) in touching {
+            self.0.remove(&rs);
+            s = s.min(rs);
+            e = e.max(re);
+        }
+        self.0.insert(s, e);
+    }
+}
+
+/// Re-reads every extent the batch applied to `t`'s replica (see the module doc's
+/// checks); returns the bytes read.
+fn verify(t: &Target, batch: &[DataFrame]) -> Result<u64, FailbackError> {
+    let mut covered = Covered::default();
+    let mut read = 0u64;
+    let mut buf = Vec::new();
+    let fail = |seq: u64, offset: u64, len: u64, why: &'static str| FailbackError::Verify {
+        disk: t.disk.id.clone(),
+        path: t.disk.replica.clone(),
+        offset,
+        len,
+        seq,
+        why,
+    };
+    let io_fail = |e: io::Error| FailbackError::Io {
+        what: "re-read replica",
+        path: t.disk.replica.clone(),
+        source: e,
+    };
+    for df in batch.iter().rev().filter(|df| df.meta.disk == t.disk.id) {
+        let exts: Vec<_> = df.entries().iter().zip(df.extents()).collect();
+        for (entry, (offset, data)) in exts.into_iter().rev() {
+            let end = offset + data.len();
+            let parts = covered.uncovered(offset, end);
+            let whole = parts.len() == 1 && parts[0] == (offset, end);
+            if whole && let ExtentData::Bytes(b) = data {
+                buf.resize(b.len(), 0);
+                t.file.read_exact_at(&mut buf, offset).map_err(io_fail)?;
+                read += b.len() as u64;
+                if *blake3::hash(&buf).as_bytes() != entry.hash {
+                    return Err(fail(df.seq, offset, data.len(), "blake3 mismatch"));
+                }
+            } else {
+                for (s, e) in parts {
+                    let mut at = s;
+                    while at < e {
+                        let n = (e - at).min(VERIFY_CHUNK_BYTES as u64) as usize;
+                        buf.resize(n, 0);
+                        t.file.read_exact_at(&mut buf, at).map_err(io_fail)?;
+                        read += n as u64;
+                        let ok = match data {
+                            ExtentData::Bytes(b) => {
+                                let from = (at - offset) as usize;
+                                buf[..] == b[from..from + n]
+                            }
+                            ExtentData::Zero(_) => buf.iter().all(|&x| x == 0),
+                        };
+                        if !ok {
+                            return Err(fail(df.seq, at, n as u64, "bytes differ"));
+                        }
+                        at += n as u64;
+                    }
+                }
+            }
+            covered.insert(offset, end);
+        }
+    }
+    Ok(read)
+}
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,8 @@ mod common;
 use std::process::Command;
 
 /// Proves the demo runs end to end (servers, initial sync, workload through NBD,
-/// points, offline journal check) and reports that the replica matches the disks.
+/// points, offline journal check, failback to the newest app point, commit) and reports
+/// that the replica matches the disks, and the failed-back replicas the disks at that point.
 #[test]
 fn demo_runs_and_verifies() {
     // The servers are another package's binaries: build them like the other tests do,
@@ -27,14 +28,18 @@ fn demo_runs_and_verifies() {
         "initial sync done",
         "app-consistent",
         "replica matches the disks at point",
+        "replicas match the disks at point",
+        "failed back, not protected",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }
-    let verify = stdout
-        .lines()
-        .find(|l| l.contains("replica matches the disks at point"))
-        .unwrap_or_default();
-    assert!(verify.ends_with(": yes"), "{verify}");
+    for check in ["replica matches the disks", "replicas match the disks"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(check))
+            .unwrap_or_default();
+        assert!(line.ends_with(": yes"), "{line}");
+    }
 }
 
 /// Proves a bad option is refused with a message and a non-zero exit, before any

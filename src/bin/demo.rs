@@ -406,6 +406,66 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         "the replica at point {} differs from the disks (see above)",
         verify.point
     );
+    failback(bin_dir, dir, &configs, &wl)
+}
+
+/// Fails the replicas back to the newest app-consistent point, checks them against the
+/// disks as they were at that point, and commits.
+fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Result<()> {
+    let Some(app) = wl.tags.iter().rev().find(|t| t.consistent) else {
+        println!("\nfailback skipped: no consistent app-consistent point was tagged");
+        return Ok(());
+    };
+    let out = run_ok(
+        Command::new(bin_dir.join("master-target"))
+            .args([
+                "failback",
+                "--group",
+                GROUP,
+                "--point",
+                "latest-app",
+                "--json",
+            ])
+            .arg("--config")
+            .arg(&configs.mt),
+        "master-target failback --point latest-app",
+    )?;
+    let sum: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("failback answered {out:?}"))?;
+    let point = sum["point_id"].as_u64().unwrap_or(0);
+    ensure!(
+        point == app.id,
+        "failback chose point {point}, the newest app-consistent point tagged is {}",
+        app.id
+    );
+    let mut matches = true;
+    for (d, want) in DISKS.iter().zip(&app.disk_roots) {
+        matches &= hash(&dir.join(format!("mt-data/replica-{d}.img")))? == *want;
+    }
+    println!(
+        "\nfailback   to app-consistent point {point} (latest-app): {} applied in {:.2} s \
+         ({:.0} MB/s), data-loss window {} (to {})",
+        size(sum["bytes_applied"].as_u64().unwrap_or(0)),
+        sum["seconds"].as_f64().unwrap_or(0.0),
+        sum["apply_mb_per_s"].as_f64().unwrap_or(0.0),
+        secs(sum["data_loss_window_ms"].as_u64().unwrap_or(0)),
+        sum["data_loss_window_basis"].as_str().unwrap_or("?")
+    );
+    println!(
+        "           replicas match the disks at point {point}: {}",
+        if matches { "yes" } else { "NO" }
+    );
+    ensure!(
+        matches,
+        "the failed-back replicas differ from the disks at point {point}"
+    );
+    run_ok(
+        Command::new(bin_dir.join("master-target"))
+            .args(["commit", "--group", GROUP, "--config"])
+            .arg(&configs.mt),
+        "master-target commit",
+    )?;
+    println!("commit     undo logs and journal dropped: failed back, not protected");
     Ok(())
 }
 
@@ -910,6 +970,9 @@ fn wait_initial_sync(
 struct Tagged {
     id: u64,
     consistent: bool,
+    /// blake3 roots of the disks right after the tag (the writes wait for it): the
+    /// disks as they are at that point.
+    disk_roots: Vec<[u8; 32]>,
 }
 
 /// What the workload did.
@@ -1032,7 +1095,12 @@ fn workload(
         if now >= next_tag {
             // The writes stop while the app-consistent point is taken, as an
             // application quiesced by the freeze hook would.
-            wl.tags.push(tag_app_consistent(&ps.status_cmd, configs)?);
+            let mut tagged = tag_app_consistent(&ps.status_cmd, configs)?;
+            let dir = configs.ps.parent().unwrap_or(Path::new("."));
+            for d in DISKS {
+                tagged.disk_roots.push(hash(&dir.join(format!("{d}.img")))?);
+            }
+            wl.tags.push(tagged);
             next_tag = Instant::now() + TAG_EVERY;
         }
         if args.rate_mib > 0 {
@@ -1105,6 +1173,7 @@ fn tag_app_consistent(ps_bin: &Path, configs: &Configs) -> Result<Tagged> {
     Ok(Tagged {
         id,
         consistent: p["consistent"] == true,
+        disk_roots: Vec::new(),
     })
 }
 

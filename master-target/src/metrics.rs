@@ -27,8 +27,8 @@
 //! # `GET /metrics`
 //!
 //! Served when the config names `metrics = "ADDR"`, plain HTTP, read-only, one request
-//! per connection (see [`datapath::metrics`]); at most [`HTTP_CONNECTIONS_MAX`] scrapes
-//! at once, each with [`HTTP_READ_TIMEOUT_MS`] to send its request head.
+//! per connection (see [`datapath::metrics`]), served by the process server's loop
+//! ([`process_server::metrics::serve_http`], with its bounds).
 //!
 //! | metric                                        | type    | labels        |
 //! |-----------------------------------------------|---------|---------------|
@@ -57,13 +57,8 @@ use std::time::{Duration, Instant};
 use datapath::failback::Phase;
 use datapath::frame::PointKind;
 use datapath::journal::{Journal, PointEntry};
-use datapath::metrics::{
-    Exposition, MetricType, REQUEST_HEAD_BYTES_MAX, RateWindow, Route, SampleValue, answer, route,
-};
+use datapath::metrics::{Exposition, MetricType, RateWindow, SampleValue};
 use datapath::retention::FoldReport;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::store;
@@ -73,15 +68,6 @@ use crate::timefmt::now_unix_ms;
 pub const SAMPLE_INTERVAL_MS: u64 = 1000;
 /// Samples a rate spans: 10 s at one a second.
 pub const RATE_WINDOW_SAMPLES: usize = 11;
-/// Scrapes served at once; more are closed at once.
-pub const HTTP_CONNECTIONS_MAX: usize = 16;
-/// A scrape must send its whole request head within this time.
-pub const HTTP_READ_TIMEOUT_MS: u64 = 5000;
-/// After answering, what the client still sends is drained for at most this long ...
-pub const HTTP_LINGER_MS: u64 = 1000;
-/// ... and at most this many bytes, so that the answer is not lost to a reset.
-pub const HTTP_LINGER_BYTES_MAX: u64 = 64 << 10;
-
 /// The state of a group's disks as `status` and `/metrics` name it: `peer` whether a
 /// process server holds the group now, `newest_consistent` whether the newest durable
 /// point is consistent (`None`: no point yet). The one place these names are decided.
@@ -567,83 +553,8 @@ pub fn render(cfg: &Config, metrics: &Metrics) -> Result<String, String> {
     Ok(e.finish())
 }
 
-/// Produces the exposition for one scrape (run on the blocking pool).
-pub type Render = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
-
-/// Serves `GET /metrics` on `listener` for ever.
-pub async fn serve_http(listener: TcpListener, render: Render) {
-    let permits = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors and the like: wait instead of spinning.
-                tracing::warn!("metrics: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics: {HTTP_CONNECTIONS_MAX} scrapes in progress, closing");
-            continue;
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = scrape(stream, render).await {
-                tracing::debug!(%peer, "metrics: {e}");
-            }
-        });
-    }
-}
-
-/// Answers one request: reads its head (bounded in bytes and time), answers, closes.
-async fn scrape(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
-    let mut buf = vec![0u8; REQUEST_HEAD_BYTES_MAX];
-    let mut len = 0;
-    let read = async {
-        loop {
-            // `route` decides before the buffer is full, so the slice is never empty.
-            let n = stream.read(&mut buf[len..]).await?;
-            len += n;
-            if let Some(r) = route(&buf[..len], n == 0) {
-                return std::io::Result::Ok(r);
-            }
-        }
-    };
-    let r = match tokio::time::timeout(Duration::from_millis(HTTP_READ_TIMEOUT_MS), read).await {
-        Ok(r) => r?,
-        Err(_) => Route::Bad(format!(
-            "no whole request head within {HTTP_READ_TIMEOUT_MS} ms"
-        )),
-    };
-    let out = match &r {
-        Route::Metrics { .. } => {
-            let body = tokio::task::spawn_blocking(move || render())
-                .await
-                .unwrap_or_else(|e| Err(format!("render the metrics: {e}")));
-            answer(&r, || body)
-        }
-        _ => answer(&r, || Err("not a metrics request".into())),
-    };
-    stream.write_all(&out).await?;
-    stream.shutdown().await?;
-    // Drain what the client still sends (a refused oversized head, say) for a bounded
-    // while: closing with unread bytes would reset the connection and could lose the
-    // answer on its way.
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut total = 0u64;
-        while total < HTTP_LINGER_BYTES_MAX {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n as u64,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_millis(HTTP_LINGER_MS), drain).await;
-    Ok(())
-}
+/// The `GET /metrics` endpoint is write capture's: one HTTP loop for both binaries.
+pub use process_server::metrics::{Render, serve_http};
 
 #[cfg(test)]
 mod tests {
@@ -733,56 +644,6 @@ mod tests {
         assert!(!text.contains("blockrep_rpo_seconds{"), "no point, no RPO");
         drop(_c);
         assert_eq!(m.connections(), 0);
-    }
-
-    async fn exchange(addr: SocketAddr, req: &[u8]) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        // The server may answer (and stop reading) before everything was sent.
-        let _ = s.write_all(req).await;
-        let _ = s.shutdown().await;
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    /// Proves the endpoint refuses garbage, truncated and oversized heads with 400, a
-    /// failing render with 500, and keeps serving after each.
-    #[test]
-    fn http_endpoint_refuses_garbage_and_keeps_serving() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let calls = Arc::new(AtomicU64::new(0));
-            let c = calls.clone();
-            let render: Render = Arc::new(move || match c.fetch_add(1, Ordering::Relaxed) {
-                0 => Err("journal directory unreadable".into()),
-                _ => Ok("x 1\n".into()),
-            });
-            tokio::spawn(serve_http(listener, render));
-            let ok = b"GET /metrics HTTP/1.1\r\n\r\n".as_slice();
-            let a = exchange(addr, ok).await;
-            assert!(
-                a.starts_with("HTTP/1.1 500 ") && a.contains("unreadable"),
-                "{a}"
-            );
-            let mut oversized = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
-            oversized.resize(2 * REQUEST_HEAD_BYTES_MAX, b'a');
-            for (req, code) in [
-                (&b"\x00\xff garbage\n\n"[..], "400"),
-                (b"GET /metrics HTTP/1.1\r\n", "400"),
-                (&oversized, "400"),
-                (b"GET /x HTTP/1.1\r\n\r\n", "404"),
-            ] {
-                let a = exchange(addr, req).await;
-                assert!(a.starts_with(&format!("HTTP/1.1 {code} ")), "{code}: {a:?}");
-                let a = exchange(addr, ok).await;
-                assert!(
-                    a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with("\r\n\r\nx 1\n"),
-                    "{a}"
-                );
-            }
-        });
     }
 
     fn point(id: u64, consistent: bool) -> PointRecord {

@@ -2,11 +2,12 @@
 //! writes go through the [`Capture`] hook and on to the backing file or device.
 //!
 //! One task per connection reads requests; each request runs on the blocking pool
-//! (positional I/O with `FileExt`, so the runtime never waits on a disk), and one
-//! writer task per connection sends replies as requests finish, in any order (the
-//! cookie matches them). Bounds per connection: [`REQUESTS_IN_FLIGHT_MAX`] requests
-//! and [`IN_FLIGHT_BYTES_MAX`] bytes of payload; the handshake must finish within
-//! [`HANDSHAKE_TIMEOUT`]; at most [`CONNECTIONS_MAX`] connections at once.
+//! (positional I/O through the export's [`BlockStore`], so the runtime never waits on a
+//! disk), and one writer task per connection sends replies as requests finish, in any
+//! order (the cookie matches them). Bounds per connection: [`REQUESTS_IN_FLIGHT_MAX`]
+//! requests and [`IN_FLIGHT_BYTES_MAX`] bytes of payload, and
+//! [`SERVER_IN_FLIGHT_BYTES_MAX`] for all connections together; the handshake must
+//! finish within [`HANDSHAKE_TIMEOUT`]; at most [`CONNECTIONS_MAX`] connections at once.
 //!
 //! Many connections may share an export (`CAN_MULTI_CONN`): they write one shared file
 //! with no cache of ours, so a FLUSH (`fdatasync`) on any connection makes every write
@@ -46,7 +47,13 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// Read buffer of a connection's request stream.
 const SOCKET_BUFFER_BYTES: usize = 256 << 10;
 
+/// Payload bytes held at once by all connections together: with this, memory stays
+/// bounded however many clients connect (each connection also keeps to its own
+/// [`IN_FLIGHT_BYTES_MAX`], so one client cannot take the whole budget).
+pub const SERVER_IN_FLIGHT_BYTES_MAX: u32 = 256 << 20;
+
 const _: () = assert!(IN_FLIGHT_BYTES_MAX >= nbd::REQUEST_BYTES_MAX);
+const _: () = assert!(SERVER_IN_FLIGHT_BYTES_MAX >= IN_FLIGHT_BYTES_MAX);
 
 static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0u8; ZERO_CHUNK_BYTES];
 
@@ -148,6 +155,7 @@ pub async fn serve(
     capture: Arc<dyn Capture>,
 ) -> io::Result<()> {
     let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let budget = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_BYTES_MAX as usize));
     loop {
         let permit = connections
             .clone()
@@ -165,9 +173,10 @@ pub async fn serve(
         };
         let exports = exports.clone();
         let capture = capture.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match handle_connection(stream, peer, exports, capture).await {
+            match handle_connection(stream, peer, exports, capture, budget).await {
                 Ok(()) => debug!(%peer, "connection closed"),
                 Err(e) => warn!(%peer, error = %e, "connection dropped"),
             }
@@ -211,6 +220,7 @@ async fn handle_connection(
     peer: SocketAddr,
     exports: Arc<Exports>,
     capture: Arc<dyn Capture>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), ConnError> {
     stream.set_nodelay(true)?;
     debug!(%peer, "connected");
@@ -229,7 +239,7 @@ async fn handle_connection(
         return Ok(());
     };
     info!(%peer, disk = %export.id, size_bytes = export.size_bytes, "transmission started");
-    transmission(stream, peer, export, capture).await
+    transmission(stream, peer, export, capture, budget).await
 }
 
 /// Option haggling; `Ok(None)` when the client aborted.
@@ -363,7 +373,11 @@ async fn handshake(
 struct Reply {
     header: [u8; nbd::SIMPLE_REPLY_BYTES],
     data: Option<Vec<u8>>,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    _permits: (
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+    ),
 }
 
 async fn transmission(
@@ -371,6 +385,7 @@ async fn transmission(
     peer: SocketAddr,
     export: Arc<Export>,
     capture: Arc<dyn Capture>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), ConnError> {
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd);
@@ -416,13 +431,16 @@ async fn transmission(
             _ => 0,
         }
         .max(1);
-        let (Ok(slot), Ok(held)) = (
+        // Always in this order (slot, connection bytes, server bytes), so waiting for the
+        // server's budget only ever waits for requests that are already running.
+        let (Ok(slot), Ok(held), Ok(shared)) = (
             slots.clone().acquire_owned().await,
             bytes.clone().acquire_many_owned(cost).await,
+            budget.clone().acquire_many_owned(cost).await,
         ) else {
             break Err(ConnError::Protocol("semaphore closed".into()));
         };
-        let permits = (slot, held);
+        let permits = (slot, held, shared);
         let payload = if req.command == Command::Write {
             // Bounded by Request::parse (REQUEST_BYTES_MAX) and held in `permits`.
             let mut p = vec![0u8; req.len as usize];

@@ -83,9 +83,20 @@
 //! instead of reopening the journal. At start, a fold a crash interrupted is finished
 //! before the server listens.
 //!
+//! # Test failover exports
+//!
+//! An export of a group ([`crate::export`], asked over the control socket) never takes
+//! the journal: it registers in the group's slot (`exports`), pins its point in the
+//! group's retention pins, takes the frame entries through the point from the copy
+//! [`GroupMetrics`] keeps of the journal's index, and reads the journal's segment files
+//! and the replicas itself. Under the slot's lock, a failback or commit is refused while
+//! the slot lists an export, and an export is refused while the group fails back or
+//! failed back. When the server stops it tells every export to end and waits for them
+//! ([`EXPORT_END_WAIT_MS`]).
+//!
 //! # Status and metrics
 //!
-//! Each group's counters, durable seq, point list and holder are published to its
+//! Each group's counters, durable seq, point list, frame entries and holder are published to its
 //! [`GroupMetrics`] (see [`crate::metrics`]), which the control socket
 //! ([`crate::control`], `data_dir/control.sock`) and the optional `GET /metrics`
 //! endpoint read: neither touches a journal a connection holds.

@@ -22,6 +22,16 @@
 //! the replica first. Retention folds only frames older than a pinned point and drops a
 //! segment only after its frames are in the replica, so a segment that is gone when a
 //! frame is needed means its data is in the replica: the view then reads the replica.
+//! The same holds while the index is built from a copy of the journal's entries that a
+//! fold overtook: frames of a missing segment are skipped ([`PointIndex::build`]).
+//!
+//! Why the replica is right for such a range: let the replica be at `Q` (folded
+//! through `Q`, `Q` before the pinned point `P`, or mid-fold towards such a `Q`). A
+//! range whose newest write up to `P` is a frame at or before `Q` holds that frame's
+//! bytes in the replica once its segment is gone (segments go only after the fold's
+//! sync), and a fold towards `Q` writes only ranges of frames up to `Q`, which the
+//! index sends to the journal while their segments exist. A range no frame through `P`
+//! wrote is never written by a fold that stops before `P`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -205,12 +215,22 @@ pub struct IndexStats {
     pub extents: u64,
     /// Map entries kept (extent pieces still visible at the point).
     pub pieces: u64,
+    /// Data frames skipped because their segment was gone: retention folded them into
+    /// the replicas after the entries were copied.
+    pub folded_frames: u64,
 }
 
 impl PointIndex {
     /// Indexes the data frames among `frames` (the journal's entries from its base
     /// through the point's frame, in seq order; other kinds are skipped) of the journal
     /// in `journal_dir`.
+    ///
+    /// The entries may be a copy taken a moment earlier, while retention folds under
+    /// it (the running master target builds from such a copy): a frame whose segment
+    /// is gone was folded into the replicas, so it is skipped and its ranges come from
+    /// the replica, as in [`PointView::read`]. Segments go oldest first, so the skipped
+    /// frames are always a prefix. The caller keeps the point pinned (see
+    /// [`crate::retention::Pins`]), so the fold never goes past it.
     pub fn build(
         fs: &dyn Storage,
         journal_dir: &Path,
@@ -221,18 +241,33 @@ impl PointIndex {
         let mut locs = HashMap::new();
         let mut stats = IndexStats::default();
         let mut open: Option<(u64, Box<dyn StorageFile>)> = None;
+        // The last segment found missing (folded): its other frames are skipped too.
+        let mut gone: Option<u64> = None;
         let mut buf = Vec::new();
         for fe in frames.iter().filter(|f| f.kind == FrameKind::Data) {
             let path = journal_dir.join(segment_name(fe.segment));
+            if gone == Some(fe.segment) {
+                stats.folded_frames += 1;
+                continue;
+            }
             if open.as_ref().is_none_or(|(s, _)| *s != fe.segment) {
-                let f =
-                    fs.open(&path, OpenMode::ReadOnly)
-                        .map_err(|source| PointViewError::Io {
+                match fs.open(&path, OpenMode::ReadOnly) {
+                    Ok(f) => open = Some((fe.segment, f)),
+                    // Folded into the replicas since the entries were copied: the
+                    // replica holds these frames' bytes (see the module doc).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        gone = Some(fe.segment);
+                        stats.folded_frames += 1;
+                        continue;
+                    }
+                    Err(source) => {
+                        return Err(PointViewError::Io {
                             what: "open journal segment",
                             path: path.clone(),
                             source,
-                        })?;
-                open = Some((fe.segment, f));
+                        });
+                    }
+                }
             }
             let Some((_, file)) = open.as_ref() else {
                 continue;

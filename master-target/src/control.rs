@@ -1,6 +1,6 @@
 //! The control socket of a running master target: `master-target status`, `points`,
-//! `failback` and `commit` ask it, because the running server holds every group's lock
-//! and journal (see [`crate::store`]).
+//! `failback`, `commit` and `export` ask it, because the running server holds every
+//! group's lock and journal (see [`crate::store`]).
 //!
 //! A Unix domain socket at `data_dir/control.sock`, created by `serve` once it holds the
 //! group locks (mode of the data directory: only who may read the journals may ask). A
@@ -14,6 +14,7 @@
 //! | `{"cmd":"points","group":"g1"}`   | `{"ok":true,"points":[{"id","time","time_unix_ms","kind","consistent","seq"},..]}` |
 //! | `{"cmd":"failback","group":"g1","point":"SPEC"}` | progress lines `{"progress":{"done_bytes",..}}`, then `{"ok":true,"summary":{..}}` ([`crate::failback::Summary`]) |
 //! | `{"cmd":"commit","group":"g1"}`   | `{"ok":true,"commit":{..}}` ([`crate::failback::CommitSummary`]) |
+//! | `{"cmd":"export","group":"g1","point":"SPEC","listen":"ADDR"}` | `{"ok":true,"listening":"ADDR","point":{..},"ready_ms":N,"overlay":"DIR"}` once it serves; the export lives until the client closes its end (or the server stops), then `{"ok":true,"ended":"WHY"}` ([`crate::export`]) |
 //! | anything else, a request over [`REQUEST_BYTES_MAX`], or none within [`REQUEST_TIMEOUT_MS`] | `{"ok":false,"error":"..."}` |
 //!
 //! **Long requests.** A failback runs as long as its apply takes, so `failback` and
@@ -24,6 +25,10 @@
 //! a client that goes away does not stop a failback, and rerunning the command then
 //! finds it running (refused) or done (a no-op). Short requests keep their bounds
 //! ([`ANSWER_TIMEOUT_MS`]). The request line itself is bounded the same for all.
+//!
+//! **Exports** live as long as their control connection: after the ready line the
+//! server reads (and ignores) what the client sends until it closes its end, which ends
+//! the export; the last line says why it ended.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -37,6 +42,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use crate::config::Config;
+use crate::export::LiveExport;
 use crate::failback::{CommitSummary, PointSpec, ProgressOut, Summary};
 use crate::metrics::Metrics;
 use crate::query;
@@ -82,6 +88,11 @@ pub trait GroupOps: Send + Sync {
     ) -> anyhow::Result<Summary>;
     /// Commits `group`'s failback.
     fn commit(&self, group: &str) -> anyhow::Result<CommitSummary>;
+    /// Opens a test failover export of `group` at `spec` (registered, pinned, built;
+    /// not yet serving): see [`crate::export`]. Blocking.
+    fn export_open(&self, group: &str, spec: PointSpec) -> anyhow::Result<LiveExport>;
+    /// Becomes true when the server stops: running exports end.
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool>;
 }
 
 /// Binds the control socket (replacing a stale one left by a killed server).
@@ -126,6 +137,9 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Res
                 Ok(Ok(_)) if line.len() as u64 > REQUEST_BYTES_MAX => {
                     json!({"ok": false, "error": format!("request over {REQUEST_BYTES_MAX} bytes")})
                 }
+                Ok(Ok(_)) if cmd_of(&line).as_deref() == Some("export") => {
+                    crate::export::session(control.groups.clone(), &line, &mut rd, &mut wr).await
+                }
                 Ok(Ok(_)) if is_long(&line) => {
                     let c = control.clone();
                     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
@@ -152,21 +166,28 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>) -> anyhow::Res
                 }
                 Ok(Err(e)) => json!({"ok": false, "error": format!("read request: {e}")}),
             };
-            let mut out = answer.to_string();
-            out.push('\n');
-            let _ = wr.write_all(out.as_bytes()).await;
+            // Null: the request wrote its answers itself (an export).
+            if !answer.is_null() {
+                let mut out = answer.to_string();
+                out.push('\n');
+                let _ = wr.write_all(out.as_bytes()).await;
+            }
         });
     }
 }
 
+/// The `cmd` of a request line, if it is JSON with one.
+fn cmd_of(line: &str) -> Option<String> {
+    serde_json::from_str::<Value>(line.trim())
+        .ok()?
+        .get("cmd")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// Whether the request line asks for a long operation (failback, commit).
 fn is_long(line: &str) -> bool {
-    serde_json::from_str::<Value>(line.trim()).is_ok_and(|v| {
-        matches!(
-            v.get("cmd").and_then(Value::as_str),
-            Some("failback" | "commit")
-        )
-    })
+    matches!(cmd_of(line).as_deref(), Some("failback" | "commit"))
 }
 
 /// Runs a failback or commit; progress goes to `tx` as lines for the client.

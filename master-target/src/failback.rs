@@ -17,7 +17,8 @@
 //! runs, the command takes the group's lock ([`crate::store::GroupLock`]) and does the
 //! same in-process. Both call [`apply`] (and [`commit_files`]). A second failback or
 //! commit of a group while one runs is refused: the server knows, and offline the lock
-//! is held.
+//! is held. So is a failback or commit while a test failover export of the group runs
+//! (the failback would rewrite the replicas the export reads; see [`crate::export`]).
 //!
 //! **`latest`** asks the process server that holds the group (if one does and speaks
 //! protocol 2) to cut now (a `CutRequest` frame; see `server`), waits up to

@@ -15,9 +15,10 @@
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
-//! | [`control`] | the control socket `status`, `points`, `failback` and `commit` ask a running server |
+//! | [`control`] | the control socket `status`, `points`, `failback`, `commit` and `export` ask a running server |
 //! | [`query`]  | `points` and `status`, live or from the files on disk         |
 //! | [`failback`] | `failback` and `commit`: point specs, summary, live or in-process |
+//! | [`export`] | `export` (test failover): a point served over NBD, live or in-process |
 //! | [`timefmt`] | RFC 3339 times: formatting, and parsing with offsets          |
 
 use std::path::PathBuf;
@@ -141,15 +142,19 @@ enum Cmd {
         nodes: Vec<String>,
     },
     /// Test failover: serve every disk of a group as it was at a point over NBD
-    /// (export name = disk id), without touching the replicas. Writes go to a throwaway
-    /// overlay, removed when the export ends (SIGINT or SIGTERM). Prints `listening on
-    /// ADDR` once ready. Needs the server stopped for now.
+    /// (export name = disk id), without touching the replicas and without stopping
+    /// replication (the running server serves it; with none running, this process
+    /// does). Writes go to a throwaway overlay, removed when the export ends (SIGINT or
+    /// SIGTERM). Prints `listening on ADDR` once ready. While it runs, a failback of the
+    /// group is refused and retention keeps the point.
     Export {
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
         group: String,
-        /// A point id, latest, latest-processed or latest-app.
+        /// latest or latest-processed (the newest consistent point; no cut is asked),
+        /// latest-app, a point id, or an RFC 3339 time (the newest consistent point at
+        /// or before it).
         #[arg(long, value_name = "SPEC")]
         point: String,
         /// Where to serve NBD (port 0: any free port).
@@ -196,7 +201,7 @@ fn main() -> anyhow::Result<()> {
             group,
             point,
             listen,
-        } => export::run_offline(&config::Config::load(&config)?, &group, &point, listen),
+        } => export::export_cmd(&config::Config::load(&config)?, &group, &point, listen),
         Cmd::Failback {
             config,
             group,

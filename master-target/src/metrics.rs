@@ -10,15 +10,26 @@
 //! |----------------------------------|--------------------------------------------------------|
 //! | received bytes and frames        | `server`: each frame of the group that passed verification (resends skipped as duplicates included) |
 //! | journaled bytes and frames       | `server`: the frames a batch appended, once its commit (fsync) succeeded |
-//! | durable seq, base seq, points    | [`GroupMetrics::publish`] after every commit, and when a journal is opened |
+//! | durable seq, base seq, points, frame entries | [`GroupMetrics::publish`] after every commit, after a fold step, and when a journal is opened |
 //! | peer                             | `server`: set when a connection claims the group, cleared when it lets go (under the slot's lock) |
 //! | connected process servers        | `server`: connections past their hello                 |
 //! | folded bytes, points dropped for space | `retention`: after each fold step ([`GroupMetrics::folded`]) |
+//! | running exports                  | `server`: when a test failover export starts, gets its address, and ends (under the slot's lock) |
 //!
 //! The point list is the journal's durable point index, copied incrementally (new points
 //! appended, the whole list replaced only when the journal's front moved): the journal
 //! itself belongs to the connection that holds the group, so `status` and `points` read
 //! this copy. The journal's size on disk is measured when asked.
+//!
+//! **Frame entries.** The same way, the journal's durable frame index (seq, segment,
+//! offset, length, kind of every frame after the base) is copied: new entries appended
+//! after each commit, entries at or below the base dropped from the front. A test
+//! failover export ([`crate::export`]) takes the entries through its point from this
+//! copy ([`GroupMetrics::frames_through`]) instead of taking the journal from the
+//! connection that holds it: frames are immutable once durable, so a copy of their
+//! locations is all its index needs, and replication never waits for an export. The
+//! cost is a second copy of the index in memory, as large as the journal's own: 32 bytes
+//! per frame, 2.6 MiB for a day of one frame a second.
 //!
 //! A sampler task ([`Metrics::sample_forever`]) reads the totals every
 //! [`SAMPLE_INTERVAL_MS`] into a [`RateWindow`] of [`RATE_WINDOW_SAMPLES`]: every
@@ -49,6 +60,7 @@
 //! | `blockrep_group_state` (1 for the current state) | gauge | group, state |
 //! | `blockrep_connected_process_servers`          | gauge   |               |
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +68,7 @@ use std::time::{Duration, Instant};
 
 use datapath::failback::Phase;
 use datapath::frame::PointKind;
-use datapath::journal::{Journal, PointEntry};
+use datapath::journal::{FrameEntry, Journal, PointEntry};
 use datapath::metrics::{Exposition, MetricType, RateWindow, SampleValue};
 use datapath::retention::FoldReport;
 
@@ -154,6 +166,16 @@ impl From<&datapath::failback::FailbackState> for FailbackMark {
     }
 }
 
+/// A running test failover export of a group (see [`crate::export`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportMark {
+    pub point_id: u64,
+    pub point_time_unix_ms: u64,
+    /// Where it serves NBD; `None` while it starts.
+    pub listen: Option<SocketAddr>,
+    pub since_unix_ms: u64,
+}
+
 /// The process server that holds a group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -174,6 +196,11 @@ pub struct GroupMetrics {
     base_seq: AtomicU64,
     /// The journal's durable points, oldest first.
     points: Mutex<Vec<PointSummary>>,
+    /// The journal's durable frame entries after its base, in seq order (see the module
+    /// doc).
+    frames: Mutex<VecDeque<FrameEntry>>,
+    /// Running test failover exports, oldest first.
+    exports: Mutex<Vec<ExportMark>>,
     peer: Mutex<Option<Peer>>,
     /// The failback phase and point; `None` while the group replicates.
     failback: Mutex<Option<FailbackMark>>,
@@ -209,6 +236,8 @@ pub struct GroupSnapshot {
     pub newest_consistent: Option<PointSummary>,
     pub peer: Option<Peer>,
     pub failback: Option<FailbackMark>,
+    /// Running test failover exports.
+    pub exports: Vec<ExportMark>,
     pub receive_bytes_per_s: f64,
     pub journal_bytes_per_s: f64,
     pub journal_bytes_max: u64,
@@ -251,6 +280,8 @@ impl GroupMetrics {
             durable_seq: AtomicU64::new(0),
             base_seq: AtomicU64::new(0),
             points: Mutex::new(Vec::new()),
+            frames: Mutex::new(VecDeque::new()),
+            exports: Mutex::new(Vec::new()),
             peer: Mutex::new(None),
             failback: Mutex::new(None),
             receive_rate: Mutex::new(RateWindow::new(RATE_WINDOW_SAMPLES)),
@@ -282,12 +313,14 @@ impl GroupMetrics {
         self.journaled_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Copies what is durable in `journal` (seqs and its new points). Called by the
-    /// holder of the journal after each commit and open.
+    /// Copies what is durable in `journal` (seqs, its new frame entries and points).
+    /// Called by the holder of the journal after each commit, fold step and open.
     pub fn publish(&self, journal: &Journal) {
         let durable = journal.durable_seq();
         self.durable_seq.store(durable, Ordering::Relaxed);
         self.base_seq.store(journal.base_seq(), Ordering::Relaxed);
+        // Frames before points: whoever sees a point finds its frames.
+        self.publish_frames(journal);
         let all = journal.points();
         let src = &all[..all.partition_point(|p| p.seq <= durable)];
         let mut dst = lock(&self.points);
@@ -301,6 +334,48 @@ impl GroupMetrics {
         }
         let from = dst.len();
         dst.extend(src[from..].iter().map(PointSummary::from));
+    }
+
+    /// Appends the journal's new durable frame entries to the copy and drops those the
+    /// base passed.
+    fn publish_frames(&self, journal: &Journal) {
+        let (base, durable) = (journal.base_seq(), journal.durable_seq());
+        let mut dst = lock(&self.frames);
+        while dst.front().is_some_and(|e| e.seq <= base) {
+            dst.pop_front();
+        }
+        // The copy is the journal's entries base + 1 ..= (its last); anything else (a
+        // journal reopened with a different history, which durable frames never are)
+        // is copied afresh.
+        let matches = |e: &FrameEntry| journal.entry(e.seq) == Some(e);
+        let whole = dst.front().is_none_or(|e| e.seq == base + 1 && matches(e))
+            && dst.back().is_none_or(|e| e.seq <= durable && matches(e));
+        if !whole {
+            dst.clear();
+        }
+        let from = dst.back().map_or(base + 1, |e| e.seq + 1);
+        for seq in from..=durable {
+            match journal.entry(seq) {
+                Some(e) => dst.push_back(*e),
+                None => break,
+            }
+        }
+    }
+
+    /// The durable frame entries from the published base through `seq`, in seq order
+    /// (a copy: see the module doc). Entries the fold passed since are still in it when
+    /// the copy was not republished yet: a reader skips those whose segment is gone.
+    pub fn frames_through(&self, seq: u64) -> Vec<FrameEntry> {
+        lock(&self.frames)
+            .iter()
+            .take_while(|e| e.seq <= seq)
+            .copied()
+            .collect()
+    }
+
+    /// The running exports changed.
+    pub fn set_exports(&self, exports: Vec<ExportMark>) {
+        *lock(&self.exports) = exports;
     }
 
     /// A connection claimed the group (`Some`) or let go of it (`None`).
@@ -317,6 +392,7 @@ impl GroupMetrics {
     pub fn forget_journal(&self) {
         self.durable_seq.store(0, Ordering::Relaxed);
         self.base_seq.store(0, Ordering::Relaxed);
+        lock(&self.frames).clear();
         lock(&self.points).clear();
     }
 
@@ -347,6 +423,7 @@ impl GroupMetrics {
             newest_consistent,
             peer: lock(&self.peer).clone(),
             failback: *lock(&self.failback),
+            exports: lock(&self.exports).clone(),
             receive_bytes_per_s: lock(&self.receive_rate).per_second(),
             journal_bytes_per_s: lock(&self.journal_rate).per_second(),
             journal_bytes_max: self.journal_bytes_max,
@@ -657,8 +734,8 @@ mod tests {
         }
     }
 
-    /// Proves publish copies only durable points, appends new ones to the copy, and
-    /// takes the list afresh when the journal dropped points from its front.
+    /// Proves publish copies only durable points and frame entries, appends new ones to
+    /// the copy, and follows the journal when it dropped points from its front.
     #[test]
     fn publish_follows_the_journal() {
         let dir = tempfile::tempdir().unwrap();
@@ -690,10 +767,15 @@ mod tests {
             address: "127.0.0.1:1".parse().unwrap(),
         }));
         assert!(g.snapshot().peer.is_some());
+        let seqs = |v: Vec<FrameEntry>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(g.frames_through(u64::MAX)), vec![1, 2, 3]);
+        assert_eq!(seqs(g.frames_through(2)), vec![1, 2]);
+        assert_eq!(g.frames_through(1)[0], *j.entry(1).unwrap());
         j.drop_through(1).unwrap();
         g.publish(&j);
         let ids: Vec<u64> = g.points().iter().map(|p| p.id).collect();
         assert_eq!(ids, vec![2, 3]);
+        assert_eq!(seqs(g.frames_through(u64::MAX)), vec![2, 3]);
         assert_eq!(g.snapshot().base_seq, 1);
         g.received(10);
         g.journaled(1, 10);

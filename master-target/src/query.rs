@@ -14,7 +14,9 @@
 //! [`crate::metrics::state_name`]); a committed group has no journal and no points.
 //!
 //! `status --json` prints a [`Status`]; the fields only a running server knows
-//! (throughput, totals since start) are null when it is not running.
+//! (throughput, totals since start) are null when it is not running. Each group lists
+//! the test failover exports the running server serves (`exports`: point and address;
+//! empty when it is not running).
 
 use std::net::SocketAddr;
 
@@ -26,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, GroupConfig};
 use crate::control;
 use crate::failback::{load_state, phase_state_name};
-use crate::metrics::{FailbackMark, Metrics, PointSummary, RetentionTotals, state_name};
+use crate::metrics::{
+    ExportMark, FailbackMark, Metrics, PointSummary, RetentionTotals, state_name,
+};
 use crate::store::{self, GroupLock};
 use crate::timefmt::{now_unix_ms, rfc3339_ms};
 
@@ -211,6 +215,9 @@ pub struct GroupStatus {
     pub folded_bytes: Option<u64>,
     /// The group's failback, when it has one (null while it replicates).
     pub failback: Option<FailbackOut>,
+    /// Test failover exports the running server serves now (`master-target export`).
+    #[serde(default)]
+    pub exports: Vec<ExportOut>,
     /// Totals since the server started (null when it is not running).
     pub received_bytes: Option<u64>,
     pub received_frames: Option<u64>,
@@ -237,6 +244,27 @@ impl From<&FailbackMark> for FailbackOut {
             state: phase_state_name(m.phase).to_string(),
             point_id: m.point_id,
             point_time: rfc3339_ms(m.point_time_unix_ms),
+        }
+    }
+}
+
+/// A running export in `status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExportOut {
+    pub point_id: u64,
+    pub point_time: String,
+    /// Where it serves NBD (null while it starts).
+    pub listen: Option<String>,
+    pub since: String,
+}
+
+impl From<&ExportMark> for ExportOut {
+    fn from(m: &ExportMark) -> Self {
+        Self {
+            point_id: m.point_id,
+            point_time: rfc3339_ms(m.point_time_unix_ms),
+            listen: m.listen.map(|a| a.to_string()),
+            since: rfc3339_ms(m.since_unix_ms),
         }
     }
 }
@@ -355,6 +383,7 @@ pub fn live_status(
             retention_ms: g.retention_ms,
             folded_bytes: Some(s.retention.folded_bytes),
             failback: s.failback.as_ref().map(FailbackOut::from),
+            exports: s.exports.iter().map(ExportOut::from).collect(),
             received_bytes: Some(s.received_bytes),
             received_frames: Some(s.received_frames),
             journaled_bytes: Some(s.journaled_bytes),
@@ -410,6 +439,7 @@ fn offline_status(cfg: &Config) -> anyhow::Result<Status> {
             retention_ms: g.retention_ms,
             folded_bytes: None,
             failback: fb.as_ref().map(FailbackOut::from),
+            exports: Vec::new(),
             received_bytes: None,
             received_frames: None,
             journaled_bytes: None,
@@ -501,6 +531,14 @@ fn status_text(st: &Status) -> String {
         }
         if let Some(r) = g.receive_bytes_per_s {
             let _ = write!(out, ", receiving {}", human_rate(r));
+        }
+        for e in &g.exports {
+            let _ = write!(
+                out,
+                ", exporting point {} on {}",
+                e.point_id,
+                e.listen.as_deref().unwrap_or("(starting)")
+            );
         }
         out.push('\n');
         if let Some(w) = &g.journal_warning {

@@ -83,15 +83,27 @@
 //! instead of reopening the journal. At start, a fold a crash interrupted is finished
 //! before the server listens.
 //!
+//! # Test failover exports
+//!
+//! An export of a group ([`crate::export`], asked over the control socket) never takes
+//! the journal: it registers in the group's slot (`exports`), pins its point in the
+//! group's retention pins, takes the frame entries through the point from the copy
+//! [`GroupMetrics`] keeps of the journal's index, and reads the journal's segment files
+//! and the replicas itself. Under the slot's lock, a failback or commit is refused while
+//! the slot lists an export, and an export is refused while the group fails back or
+//! failed back. When the server stops it tells every export to end and waits for them
+//! ([`EXPORT_END_WAIT_MS`]).
+//!
 //! # Status and metrics
 //!
-//! Each group's counters, durable seq, point list and holder are published to its
+//! Each group's counters, durable seq, point list, frame entries and holder are published to its
 //! [`GroupMetrics`] (see [`crate::metrics`]), which the control socket
 //! ([`crate::control`], `data_dir/control.sock`) and the optional `GET /metrics`
 //! endpoint read: neither touches a journal a connection holds.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,14 +115,16 @@ use datapath::frame::{
     Role,
 };
 use datapath::journal::{Journal, JournalError};
+use datapath::retention::PinGuard;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc};
 
 use crate::config::{Config, GroupConfig};
 use crate::control::{self, GroupOps};
+use crate::export::{self, ExportHold, LiveExport};
 use crate::failback::{self as fb, CommitSummary, PointSpec, Summary};
-use crate::metrics::{self, FailbackMark, GroupMetrics, Metrics, Peer};
+use crate::metrics::{self, ExportMark, FailbackMark, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::retention::GroupRetention;
 use crate::store::{self, GroupLock};
@@ -136,6 +150,8 @@ pub const TAKEOVER_WAIT_MS: u64 = 10_000;
 pub const LINGER_MS: u64 = 2_000;
 /// ... and at most this many bytes, then the socket is closed.
 pub const LINGER_BYTES_MAX: u64 = 64 << 20;
+/// A stopping server waits at most this long for its exports to end.
+pub const EXPORT_END_WAIT_MS: u64 = 5_000;
 
 /// One configured group and its journal, which a connection borrows for its lifetime.
 struct GroupSlot {
@@ -161,6 +177,17 @@ struct SlotState {
     /// Whether the group replicates or fails back; every state but `Replicating`
     /// refuses hellos naming the group.
     failback: SlotFailback,
+    /// Test failover exports of the group that run now (from their start: a failback
+    /// is refused from the moment one registers).
+    exports: Vec<SlotExport>,
+}
+
+/// One running export of a group, as its slot lists it.
+#[derive(Clone, Copy, Debug)]
+struct SlotExport {
+    /// Numbers exports in this process (also in its overlay directory's name).
+    id: u64,
+    mark: ExportMark,
 }
 
 /// A group's failback as the server sees it.
@@ -210,6 +237,10 @@ struct Shared {
     /// Held for the server's lifetime: no other process opens these journals.
     _locks: Vec<GroupLock>,
     metrics: Arc<Metrics>,
+    /// Exports started so far (numbers them).
+    exports_started: AtomicU64,
+    /// Becomes true when the server stops: running exports end.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a connection ended.
@@ -247,6 +278,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("group {:?}: no metrics", g.id))?
             .clone();
         let retention = Arc::new(GroupRetention::new(g, gm.clone()));
+        // Overlays of exports a killed server left: nothing else uses them (the lock
+        // is ours).
+        export::remove_stale_overlays(&cfg, &g.id);
         let state = fb::load_state(&cfg, &g.id)?;
         log_failback_state(&g.id, state.as_ref());
         // A committed group's journal is gone (or half removed by an interrupted
@@ -283,6 +317,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     claim_waiting: false,
                     holder: None,
                     failback: state.map_or(SlotFailback::Replicating, SlotFailback::Stopped),
+                    exports: Vec::new(),
                 }),
                 metrics: gm,
                 retention,
@@ -317,6 +352,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         groups,
         _locks: locks,
         metrics: metrics.clone(),
+        exports_started: AtomicU64::new(0),
+        stopping: tokio::sync::watch::Sender::new(false),
     });
     let mut background = tokio::task::JoinSet::new();
     background.spawn(metrics.clone().sample_forever());
@@ -384,10 +421,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
+    end_exports(&shared).await;
     background.abort_all();
     let _ = std::fs::remove_file(&control_path);
     tracing::info!("shutting down: every acknowledged frame is already durable");
     Ok(())
+}
+
+/// Tells every running export to end and waits (up to [`EXPORT_END_WAIT_MS`]) until
+/// they did: their NBD listeners and connections closed, overlays removed, points
+/// unpinned, their commands told. Each export session holds a receiver of `stopping`
+/// until its last line is sent.
+async fn end_exports(shared: &Shared) {
+    shared.stopping.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(EXPORT_END_WAIT_MS);
+    loop {
+        let running = shared.stopping.receiver_count();
+        if running == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                running,
+                "exports did not end within {EXPORT_END_WAIT_MS} ms; stopping anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Serves a connection, or refuses it as busy when there was no permit for it.
@@ -1360,6 +1421,24 @@ impl Shared {
                 slot.cfg.id
             );
         }
+        // The failback rewrites the replicas that an export's view reads.
+        if !s.exports.is_empty() {
+            let list: Vec<String> = s
+                .exports
+                .iter()
+                .map(|e| match (e.mark.point_id, e.mark.listen) {
+                    (_, Some(a)) => format!("point {} on {a}", e.mark.point_id),
+                    (0, None) => "one starting".to_string(),
+                    (p, None) => format!("point {p}, starting"),
+                })
+                .collect();
+            anyhow::bail!(
+                "{what} of group {:?} refused: a test failover export of it runs ({}); end \
+                 the export first (the failback would rewrite the replicas it reads)",
+                slot.cfg.id,
+                list.join(", ")
+            );
+        }
         Ok(std::mem::replace(&mut s.failback, SlotFailback::Running))
     }
 
@@ -1510,6 +1589,136 @@ impl GroupOps for Shared {
             tracing::info!(group, "failback committed: undo logs and journal dropped");
         }
         r
+    }
+
+    fn export_open(&self, group: &str, spec: PointSpec) -> anyhow::Result<LiveExport> {
+        let slot = self.slot(group)?;
+        let id = self.exports_started.fetch_add(1, Ordering::Relaxed) + 1;
+        // Registered before anything else, under the slot's lock: a failback is refused
+        // from here on, and one that runs refuses the export.
+        {
+            let mut s = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = not_exportable(group, s.failback) {
+                anyhow::bail!(why);
+            }
+            s.exports.push(SlotExport {
+                id,
+                mark: ExportMark {
+                    point_id: 0,
+                    point_time_unix_ms: 0,
+                    listen: None,
+                    since_unix_ms: crate::timefmt::now_unix_ms(),
+                },
+            });
+            publish_exports(slot, &s);
+        }
+        let mut hold = ExportHoldOf {
+            slot: slot.clone(),
+            id,
+            _pin: None,
+        };
+        // The point, from the published list (the journal stays with its holder).
+        let point = export::choose(group, &slot.metrics.points(), spec)?;
+        // Pinned, then checked again: a fold that took the point before the pin is
+        // refused by the pin or gone from the list.
+        let pin =
+            slot.retention.pins.pin(point.id).map_err(|e| {
+                anyhow::anyhow!("export of group {group:?} at point {}: {e}", point.id)
+            })?;
+        if !slot.metrics.points().iter().any(|p| p.id == point.id) {
+            anyhow::bail!(
+                "export of group {group:?}: point {} was folded into the replicas by retention \
+                 just now (see `master-target points`)",
+                point.id
+            );
+        }
+        hold._pin = Some(pin);
+        hold.update(|m| {
+            m.point_id = point.id;
+            m.point_time_unix_ms = point.time_unix_ms;
+        });
+        let frames = slot.metrics.frames_through(point.seq);
+        if frames.last().map(|e| e.seq) != Some(point.seq) {
+            anyhow::bail!(
+                "export of group {group:?} at point {}: the published frame index ends at seq \
+                 {:?}, before the point's seq {}",
+                point.id,
+                frames.last().map(|e| e.seq),
+                point.seq
+            );
+        }
+        let exports = export::build(&self.cfg, &slot.cfg, &frames)
+            .with_context(|| format!("export of group {group:?} at point {}", point.id))?;
+        Ok(LiveExport {
+            exports,
+            point,
+            hold: Box::new(hold),
+        })
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+}
+
+/// Why an export of `group` is refused in failback state `f`; `None` while it
+/// replicates.
+fn not_exportable(group: &str, f: SlotFailback) -> Option<String> {
+    let what = match f {
+        SlotFailback::Replicating => return None,
+        SlotFailback::Running => "a failback or commit of it runs".to_string(),
+        SlotFailback::Unreadable => "its failback state cannot be read (see the log)".to_string(),
+        SlotFailback::Stopped(s) => match s.phase {
+            Phase::Applying => format!("it is failing back to point {} (interrupted)", s.point.id),
+            Phase::Applied => format!("it is failed back to point {} (not committed)", s.point.id),
+            Phase::Committed => format!("it was failed back to point {} and committed", s.point.id),
+        },
+    };
+    Some(format!(
+        "export of group {group:?} refused: {what}, so its replicas no longer hold the \
+         journal's base and no point can be served from them"
+    ))
+}
+
+/// Mirrors a slot's running exports to its metrics (`status`). Called under the slot's
+/// lock.
+fn publish_exports(slot: &GroupSlot, s: &SlotState) {
+    slot.metrics
+        .set_exports(s.exports.iter().map(|e| e.mark).collect());
+}
+
+/// An export's place in its slot: its registration and its pin, both dropped with it.
+struct ExportHoldOf {
+    slot: Arc<GroupSlot>,
+    id: u64,
+    _pin: Option<PinGuard>,
+}
+
+impl ExportHoldOf {
+    fn update(&self, f: impl FnOnce(&mut ExportMark)) {
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = s.exports.iter_mut().find(|e| e.id == self.id) {
+            f(&mut e.mark);
+        }
+        publish_exports(&self.slot, &s);
+    }
+}
+
+impl ExportHold for ExportHoldOf {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn listening(&self, addr: SocketAddr) {
+        self.update(|m| m.listen = Some(addr));
+    }
+}
+
+impl Drop for ExportHoldOf {
+    fn drop(&mut self) {
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.exports.retain(|e| e.id != self.id);
+        publish_exports(&self.slot, &s);
     }
 }
 

@@ -148,11 +148,35 @@ impl Exports {
     }
 }
 
-/// Serves NBD on `listener` until the task is dropped.
+/// Serves NBD on `listener` until the task is dropped. Connections already open are
+/// tasks of their own and go on until their clients leave (the process ends them).
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
     capture: Arc<dyn Capture>,
+) -> io::Result<()> {
+    accept_loop(listener, exports, capture, None).await
+}
+
+/// Like [`serve`], but every connection belongs to the returned future: dropping it
+/// closes the listener and aborts every connection too. For an export that ends while
+/// the process goes on (the master target's test failover, whose overlay and pinned
+/// point go away with it).
+pub async fn serve_owned(
+    listener: TcpListener,
+    exports: Arc<Exports>,
+    capture: Arc<dyn Capture>,
+) -> io::Result<()> {
+    let mut owned = tokio::task::JoinSet::new();
+    accept_loop(listener, exports, capture, Some(&mut owned)).await
+}
+
+/// Accepts connections and spawns a task for each: detached, or into `owned`.
+async fn accept_loop(
+    listener: TcpListener,
+    exports: Arc<Exports>,
+    capture: Arc<dyn Capture>,
+    mut owned: Option<&mut tokio::task::JoinSet<()>>,
 ) -> io::Result<()> {
     let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let budget = Arc::new(Semaphore::new(SERVER_IN_FLIGHT_BYTES_MAX as usize));
@@ -174,13 +198,24 @@ pub async fn serve(
         let exports = exports.clone();
         let capture = capture.clone();
         let budget = budget.clone();
-        tokio::spawn(async move {
+        let conn = async move {
             let _permit = permit;
             match handle_connection(stream, peer, exports, capture, budget).await {
                 Ok(()) => debug!(%peer, "connection closed"),
                 Err(e) => warn!(%peer, error = %e, "connection dropped"),
             }
-        });
+        };
+        match owned.as_deref_mut() {
+            Some(set) => {
+                // Reap the connections that ended, so the set stays as small as the
+                // connections that are open.
+                while set.try_join_next().is_some() {}
+                set.spawn(conn);
+            }
+            None => {
+                tokio::spawn(conn);
+            }
+        }
     }
 }
 

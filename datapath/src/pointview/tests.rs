@@ -158,17 +158,10 @@ fn every_point_reads_exact() {
     }
 }
 
-/// Proves a view built before retention folded the frames it indexes (applied to the
-/// replica, then their segments dropped) still reads its point exactly: the folded
-/// ranges come from the replica. Also: a RangeMap keeps the newest source of each byte.
-#[test]
-fn view_survives_a_fold_under_it() {
-    let fs = SimFs::new();
-    let (mut j, states) = journal(&fs, 9);
-    let (last, want) = states.last().unwrap().clone();
-    let mut v = view(&fs, &j, last);
-    // Fold through point 6: apply its frames to the replicas, sync, drop them.
-    let through = j.point_by_id(6).unwrap().seq;
+/// Folds the journal through point `point_id` as retention does: its frames applied to
+/// the replicas, synced, then dropped (whole segments removed).
+fn fold_through(fs: &SimFs, j: &mut Journal, point_id: u64) {
+    let through = j.point_by_id(point_id).unwrap().seq;
     let mut dec = Decoder::new();
     let reps: Vec<Box<dyn StorageFile>> = DISKS
         .iter()
@@ -191,13 +184,55 @@ fn view_survives_a_fold_under_it() {
     }
     let dropped = j.drop_through(through).unwrap();
     assert!(dropped > 0, "the fold should drop whole segments");
+}
+
+fn assert_reads(v: &mut PointView, want: &[Vec<u8>], what: &str) {
     for (d, w) in want.iter().enumerate() {
         let mut got = vec![0u8; DISK_BYTES as usize];
         v.read(d, 0, &mut got).unwrap();
-        assert!(got == *w, "disk {d} after the fold");
+        assert!(got == *w, "disk {d} {what}");
     }
 }
 
+/// Proves a view built before retention folded the frames it indexes (applied to the
+/// replica, then their segments dropped) still reads its point exactly: the folded
+/// ranges come from the replica.
+#[test]
+fn view_survives_a_fold_under_it() {
+    let fs = SimFs::new();
+    let (mut j, states) = journal(&fs, 9);
+    let (last, want) = states.last().unwrap().clone();
+    let mut v = view(&fs, &j, last);
+    fold_through(&fs, &mut j, 6);
+    assert_reads(&mut v, &want, "after the fold");
+}
+
+/// Proves an index built from a copy of the journal's entries that a fold overtook
+/// (the copy still names frames whose segments are gone) skips the folded frames and
+/// reads its point exactly, an older point as well as the newest.
+#[test]
+fn index_from_entries_a_fold_overtook() {
+    for pid in [8u64, 12] {
+        let fs = SimFs::new();
+        let (mut j, states) = journal(&fs, 21);
+        let want = states.iter().find(|(p, _)| *p == pid).unwrap().1.clone();
+        let stale = entries_through(&j, pid);
+        fold_through(&fs, &mut j, 5);
+        let (idx, stats) =
+            PointIndex::build(&fs, &p("/mt/journal"), &stale, &view_disks()).unwrap();
+        assert!(stats.folded_frames > 0, "point {pid}: {stats:?}");
+        assert!(stats.data_frames > 0, "point {pid}: {stats:?}");
+        let reps: Vec<PathBuf> = DISKS.iter().map(|d| replica_path(d)).collect();
+        let mut v = PointView::new(idx, Arc::new(fs.clone()), &reps).unwrap();
+        assert_reads(
+            &mut v,
+            &want,
+            &format!("at point {pid}, index built after the fold"),
+        );
+    }
+}
+
+/// Proves a RangeMap keeps the newest source of each byte.
 #[test]
 fn range_map_newest_wins() {
     let src = |seq| Src {

@@ -190,6 +190,12 @@ impl HashList {
     }
 }
 
+/// The hash of one block's bytes (at most [`HASH_BLOCK_BYTES`]; the last block of a
+/// disk may be short): plain blake3, as the definition says.
+pub fn block_hash(bytes: &[u8]) -> BlockHash {
+    *blake3::hash(bytes).as_bytes()
+}
+
 /// The complete hash list of in-memory data (tests, benches), single-threaded.
 pub fn hash_buffer(data: &[u8]) -> HashList {
     HashList {

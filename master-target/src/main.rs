@@ -29,6 +29,7 @@ mod config;
 mod control;
 mod export;
 mod failback;
+mod hashes;
 mod metrics;
 mod query;
 mod reader;

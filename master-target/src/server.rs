@@ -37,6 +37,12 @@
 //!    taken out of the frame stream (never journaled) and handed to the failback; the
 //!    point itself arrives as a Point frame like any other.
 //!
+//! 6. Hash requests (protocol 3, see [`crate::hashes`]): a `HashRequest` ends the batch
+//!    it arrives in; once the frames before it are committed and acknowledged, it is
+//!    answered with a `HashList` (hashes, "no copy", "no point" or "failed"). A request
+//!    on a connection that negotiated less, or naming a group or disk the hello did not
+//!    bring, blocks past the disk's end or another block size, is refused.
+//!
 //! A refusal is one Error frame ([`ErrorFrame`] code and a message naming the thing at
 //! fault), after which the server stops reading, half-closes, drains what the peer
 //! still sends for a short while ([`LINGER_MS`], [`LINGER_BYTES_MAX`]) so that the
@@ -57,6 +63,8 @@
 //! | seq gap; point id not rising                        | `SEQUENCE`            |
 //! | group busy on a connection of another node; too many connections | `BUSY` |
 //! | (to the old connection) superseded by a newer one of the same node | `BUSY` |
+//! | hash request on a connection below protocol 3, or for blocks other than 64 KiB | `BAD_FRAME` |
+//! | hash request for blocks past the end of its disk    | `OUT_OF_RANGE`        |
 //! | journal I/O failure | `INTERNAL` |
 //! | group failing back, failed back or committed here (see [`crate::failback`]); also to the connection holding it when a failback begins | `NOT_PROTECTED` |
 //!

@@ -710,6 +710,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("blockrep_dirty_blocks{group=\"g1\",disk=\"disk0\"} 3\n"));
+        t.metrics().disk("disk0").unwrap().hash_diffed(16, 2);
+        let text = render(t.metrics(), &t, false);
+        assert!(
+            text.contains(
+                "blockrep_resync_compared_blocks_total{group=\"g1\",disk=\"disk0\"} 16\n"
+            )
+        );
+        assert!(
+            text.contains("blockrep_resync_sent_blocks_total{group=\"g1\",disk=\"disk0\"} 2\n")
+        );
         assert!(text.contains(&format!(
             "blockrep_spool_max_bytes{{group=\"g1\"}} {}\n",
             2 << 20

@@ -288,10 +288,11 @@ fn reprotect_after_failback_sends_only_the_differing_blocks() {
     kill(mt_a);
 }
 
-/// Proves `process-server verify` finds no difference once replication settled, and,
+/// Proves `process-server verify` finds no difference once replication settled;
 /// after one block of the master target's replica was damaged while both servers were
-/// stopped, reports exactly that block's range (exit status 2), with the text form
-/// naming it too.
+/// stopped, reports exactly that block's range (exit status 2, the text form naming
+/// it too); and reports a write no acknowledged point holds yet as in flight, not as a
+/// difference, until a point covers it.
 #[test]
 fn verify_reports_a_damaged_replica_block() {
     let tmp = tempfile::tempdir().unwrap();
@@ -396,6 +397,51 @@ fn verify_reports_a_damaged_replica_block() {
     let out = run("process-server", &["verify", "--disk", "nope"], &ps_cfg);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown disk"));
+
+    // A write in no acknowledged point yet (no timer cuts now) is in flight, not
+    // compared; once a point covers it, it compares equal.
+    ps.stop();
+    let slow = std::fs::read_to_string(&ps_cfg)
+        .unwrap()
+        .replace("cut_interval_ms = 100", "cut_interval_ms = 600000");
+    std::fs::write(&ps_cfg, slow).unwrap();
+    let ps = ProcessServer::start(&ps_cfg, TIMEOUT);
+    wait_until(
+        "connected again",
+        || ps.log(),
+        || json("process-server", &["status", "--json"], &ps_cfg)["groups"][0]["connected"] == true,
+    );
+    ps.qemu_io("d1", &format!("write -P 0x7c {} 64k", 12 * BLOCK));
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d1", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(v["in_flight_blocks"], 1, "{v}");
+    assert_eq!(v["in_flight"][0]["offset"], 12 * BLOCK, "{v}");
+    assert_eq!(v["in_flight"][0]["len"], BLOCK, "{v}");
+    assert_eq!(v["differing_blocks"], 0, "{v}");
+    assert_eq!(v["compared_blocks"], blocks - 1, "{v}");
+    let tagged = now_unix_ms();
+    json(
+        "process-server",
+        &["tag", "--group", "g1", "--json"],
+        &ps_cfg,
+    );
+    ps.wait_acked_after(tagged);
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d1", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(
+        (
+            v["in_flight_blocks"].as_u64(),
+            v["differing_blocks"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{v}"
+    );
     ps.stop();
     kill(mt);
 }

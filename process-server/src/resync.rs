@@ -138,6 +138,7 @@ fn run(
     let mut buf = Vec::new();
     let mut pass: Option<HashPass> = None;
     let mut said_waiting = false;
+    let mut said_disconnected = false;
     while !stop.load(Ordering::SeqCst) {
         let step = match next_step(group, tracker, hd, &mut said_waiting) {
             Ok(s) => s,
@@ -206,8 +207,35 @@ fn run(
                         };
                         compare_and_record(&io, broker, p, &disk, ext, &mut buf)
                     }
-                    _ => read_and_record(group, tracker, tracking, exports, &disk, ext, &mut buf),
+                    _ => read_and_record(group, tracker, tracking, exports, &disk, ext, &mut buf)
+                        .map(|()| {
+                            // A disk of a hash-diff pass sent in full (no copy there).
+                            if let Some(p) = pass.as_mut().filter(|p| p.disks.contains(&disk)) {
+                                let sent = blocks_touched(ext);
+                                p.sent_blocks += sent;
+                                if let Some(m) = tracking.metrics().disk(&disk) {
+                                    m.hash_diffed(0, sent);
+                                }
+                            }
+                            true
+                        }),
                 };
+                match r {
+                    Ok(true) => said_disconnected = false,
+                    Ok(false) => {
+                        // No session: nothing ships anyway; the extent waits for one.
+                        if !said_disconnected {
+                            info!(
+                                group,
+                                disk, "hash-diff resync waits for the master target's connection"
+                            );
+                            said_disconnected = true;
+                        }
+                        std::thread::sleep(POLL);
+                        continue;
+                    }
+                    Err(_) => {}
+                }
                 if let Err(e) = r {
                     error!(
                         group,
@@ -375,9 +403,15 @@ struct Io<'a> {
     exports: &'a Exports,
 }
 
+/// The 64 KiB blocks `e` touches.
+fn blocks_touched(e: Extent) -> u64 {
+    (e.end() - 1) / HASH_BLOCK_BYTES - e.offset / HASH_BLOCK_BYTES + 1
+}
+
 /// The hash-diff form of [`read_and_record`] (see the module doc): the master
 /// target's hashes of the blocks of `ext` first, then, under the range lock, the read,
-/// the comparison and the record of the differing parts.
+/// the comparison and the record of the differing parts. False (nothing done) while
+/// there is no session with the master target.
 fn compare_and_record(
     io: &Io<'_>,
     broker: &HashBroker,
@@ -385,7 +419,7 @@ fn compare_and_record(
     disk: &str,
     ext: Extent,
     buf: &mut Vec<u8>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let group = io.group;
     let export = io
         .exports
@@ -446,10 +480,7 @@ fn compare_and_record(
             );
             None
         }
-        Err(e @ (Unavailable::NotConnected | Unavailable::Disconnected)) => {
-            // Nothing ships without a session anyway: wait for the next one.
-            anyhow::bail!("hashes of the master target's copy: {e}")
-        }
+        Err(Unavailable::NotConnected | Unavailable::Disconnected) => return Ok(false),
     };
     buf.resize(ext.len as usize, 0);
     let ranges = io.tracking.in_flight();
@@ -479,16 +510,13 @@ fn compare_and_record(
     })();
     ranges.release(disk, ext.offset, ext.len);
     let (parts, compared) = r?;
-    let sent: u64 = parts
-        .iter()
-        .map(|p| (p.end() - 1) / HASH_BLOCK_BYTES - p.offset / HASH_BLOCK_BYTES + 1)
-        .sum();
+    let sent: u64 = parts.iter().map(|p| blocks_touched(*p)).sum();
     pass.compared_blocks += compared;
     pass.sent_blocks += sent;
     if let Some(m) = io.tracking.metrics().disk(disk) {
         m.hash_diffed(compared, sent);
     }
-    Ok(())
+    Ok(true)
 }
 
 fn new_bar(group: &str, total: u64) -> ProgressBar {

@@ -137,14 +137,16 @@ pub fn verify(
         }
         first += count;
     }
-    // Candidates once more, with fresh hashes and a fresh read.
+    // Candidates once more, with fresh hashes (of just these blocks) and a fresh read.
     for c in candidates {
-        let mut again = Prefetch::new(&export.group, disk, size, HashOf::ConsistentPoint);
         let mut b = c.offset / HASH_BLOCK_BYTES;
         let end = c.end().div_ceil(HASH_BLOCK_BYTES);
         while b < end {
             let count = VERIFY_CHUNK_BLOCKS.min(end - b);
-            let theirs = fetch(&mut again, broker, b, count)?;
+            let (theirs, point) = fetch_exact(broker, &export.group, disk, b, count)?;
+            if let Err(at) = rep.points.binary_search(&point) {
+                rep.points.insert(at, point);
+            }
             for (blk, seen) in compare(tracking, exports, disk, b, &theirs, &mut buf)? {
                 let (offset, len) = block_range(blk, size);
                 rep.compared_blocks += u64::from(seen != Seen::InFlight);
@@ -162,11 +164,6 @@ pub fn verify(
                 }
             }
             b += count;
-        }
-        for p in again.points() {
-            if let Err(at) = rep.points.binary_search(p) {
-                rep.points.insert(at, *p);
-            }
         }
     }
     for p in prefetch.points() {
@@ -202,6 +199,27 @@ fn fetch(
             bail!("the master target could not hash its copy (its log says why)")
         }
         Err(e) => bail!("hashes of the master target's copy: {e}"),
+    }
+}
+
+/// The master target's hashes of exactly `count` blocks from `first`, asked for now,
+/// and the point they were hashed at.
+fn fetch_exact(
+    broker: &HashBroker,
+    group: &str,
+    disk: &str,
+    first: u64,
+    count: u64,
+) -> anyhow::Result<(Vec<BlockHash>, u64)> {
+    let id = broker
+        .ask(group, disk, HashOf::ConsistentPoint, first, count as u32)
+        .map_err(|e| anyhow::anyhow!("hashes of the master target's copy: {e}"))?;
+    let l = broker
+        .wait(id)
+        .map_err(|e| anyhow::anyhow!("hashes of the master target's copy: {e}"))?;
+    match l.status {
+        HashStatus::Hashes => Ok((l.hashes, l.point_id)),
+        s => bail!("the master target gave no hashes ({s:?}; its log says why)"),
     }
 }
 

@@ -401,3 +401,135 @@ fn newer_connection_of_the_same_node_takes_over() {
     server.kill();
     assert_eq!(setup.journal_frames("g1"), frames);
 }
+
+/// Proves hash requests (protocol 3) are answered: "no copy" for a blank replica that
+/// no frame wrote, "no point" before the first consistent point, then the hashes of
+/// the latest journaled state (frames over the replica, a request sent right behind a
+/// frame sees that frame, after its ack) and of the newest consistent point, each
+/// equal to the hashes of the bytes the frames wrote; and that bad requests (an
+/// unknown disk or group, blocks past the end, another block size, a connection that
+/// negotiated protocol 2) are refused by name, the connection closed.
+#[test]
+fn hash_requests_are_answered_and_bad_ones_refused() {
+    use datapath::frame::{
+        Frame, HashListFrame, HashOf, HashRequest, HashStatus, encode_hash_request,
+    };
+    use datapath::hashing::hash_buffer;
+
+    let setup = Setup::new();
+    let server = Server::start(&setup);
+    let req = |id: u64, group: &str, disk: &str, of: HashOf, first: u64, count: u32| {
+        let q = HashRequest {
+            request_id: id,
+            group: group.into(),
+            disk: disk.into(),
+            block_size_bytes: 65536,
+            first_block: first,
+            count,
+            of,
+        };
+        let mut out = Vec::new();
+        encode_hash_request(&q, &mut out).unwrap();
+        out
+    };
+    let answer = |c: &mut wire::Client| -> HashListFrame {
+        loop {
+            match c.read() {
+                Got::Frame(Frame::HashList(l)) => return l,
+                Got::Frame(Frame::Ack(_)) => {}
+                other => panic!(
+                    "expected a hash list, got {other:?}; log:\n{}",
+                    server.log()
+                ),
+            }
+        }
+    };
+    let mut c = server.connect();
+    c.hello_ok(&["g1"]);
+    c.send(&req(1, "g1", "disk0", HashOf::Latest, 0, 16));
+    let l = answer(&mut c);
+    assert_eq!((l.request_id, l.status), (1, HashStatus::NoCopy), "{l:?}");
+    assert!(l.hashes.is_empty());
+    c.send(&req(2, "g1", "disk0", HashOf::ConsistentPoint, 0, 16));
+    assert_eq!(answer(&mut c).status, HashStatus::NoPoint);
+
+    // Epoch 1 (data on both disks, point 1), then a frame of epoch 2 and, right
+    // behind it in the same write, a request for the latest state.
+    for f in wire::epochs("g1", 1, 1, 1) {
+        c.send(&f);
+    }
+    c.wait_ack("g1", 3);
+    let mut both = wire::data_frame("g1", "disk0", 2, 4, 65536);
+    both.extend_from_slice(&req(3, "g1", "disk0", HashOf::Latest, 0, 16));
+    c.send(&both);
+    c.wait_ack("g1", 4);
+    let l = answer(&mut c);
+    let mut disk0 = vec![0u8; DISK_BYTES as usize];
+    disk0[16384..24576].copy_from_slice(&wire::pattern(1, 8192));
+    let at_point_1 = disk0.clone();
+    disk0[65536..73728].copy_from_slice(&wire::pattern(4, 8192));
+    assert_eq!(
+        (l.request_id, l.status, l.point_id),
+        (3, HashStatus::Hashes, 0)
+    );
+    assert_eq!(
+        l.hashes,
+        hash_buffer(&disk0).hashes,
+        "latest state of disk0"
+    );
+    // The newest consistent point is 1: without seq 4. A part of the disk.
+    c.send(&req(4, "g1", "disk0", HashOf::ConsistentPoint, 1, 3));
+    let l = answer(&mut c);
+    assert_eq!(
+        (l.status, l.point_id, l.first_block),
+        (HashStatus::Hashes, 1, 1)
+    );
+    assert_eq!(l.hashes, hash_buffer(&at_point_1).hashes[1..4]);
+    let mut disk1 = vec![0u8; DISK_BYTES as usize];
+    disk1[16384..24576].copy_from_slice(&wire::pattern(2, 8192));
+    c.send(&req(5, "g1", "disk1", HashOf::Latest, 0, 16));
+    assert_eq!(answer(&mut c).hashes, hash_buffer(&disk1).hashes);
+    drop(c);
+
+    // Bad requests, each on a fresh connection.
+    let refused = |bytes: Vec<u8>, protocol_max: u16| -> ErrorFrame {
+        let mut c = server.connect();
+        let disks: &[(&str, u64)] = &[("disk0", DISK_BYTES), ("disk1", DISK_BYTES)];
+        c.send(&wire::hello_frame(1, protocol_max, &[("g1", disks)]));
+        c.send(&bytes);
+        c.expect_error()
+    };
+    let e = refused(
+        req(6, "g1", "disk9", HashOf::Latest, 0, 1),
+        PROTOCOL_VERSION,
+    );
+    assert_eq!(e.code, ErrorFrame::UNKNOWN_DISK, "{e:?}");
+    assert!(e.message.contains("disk9"), "{e:?}");
+    let e = refused(
+        req(7, "g1", "disk0", HashOf::Latest, 10, 7),
+        PROTOCOL_VERSION,
+    );
+    assert_eq!(e.code, ErrorFrame::OUT_OF_RANGE, "{e:?}");
+    let e = refused(
+        req(8, "g2", "disk0", HashOf::Latest, 0, 1),
+        PROTOCOL_VERSION,
+    );
+    assert_eq!(e.code, ErrorFrame::UNKNOWN_GROUP, "{e:?}");
+    let mut small = req(9, "g1", "disk0", HashOf::Latest, 0, 1);
+    small[HEADER_BYTES + 20..HEADER_BYTES + 24].copy_from_slice(&4096u32.to_le_bytes());
+    wire::reseal(&mut small);
+    let e = refused(small, PROTOCOL_VERSION);
+    assert_eq!(e.code, ErrorFrame::BAD_FRAME, "{e:?}");
+    assert!(e.message.contains("65536"), "{e:?}");
+    let e = refused(req(10, "g1", "disk0", HashOf::Latest, 0, 1), 2);
+    assert_eq!(e.code, ErrorFrame::BAD_FRAME, "{e:?}");
+    assert!(e.message.contains("protocol 3"), "{e:?}");
+    let mut garbled = req(11, "g1", "disk0", HashOf::Latest, 0, 1);
+    garbled[HEADER_BYTES + 24] = 9;
+    wire::reseal(&mut garbled);
+    let e = refused(garbled, PROTOCOL_VERSION);
+    assert_eq!(e.code, ErrorFrame::BAD_FRAME, "{e:?}");
+    // The server still serves.
+    let mut c = server.connect();
+    c.hello_ok(&["g1"]);
+}

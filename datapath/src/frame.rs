@@ -110,15 +110,38 @@
 //! | 2      | 2    | `message_len` | <= [`MAX_ERROR_MESSAGE_BYTES`]                        |
 //! | 4      | n    | `message`     | UTF-8, for people                                    |
 //!
-//! ## Hash list body (kind 6): blake3 of consecutive blocks of a disk (resync)
+//! ## Hash list body (kind 6), layout 2 (protocol 3): master target -> process server
+//!
+//! The answer to a hash request: blake3 of consecutive blocks of a disk (resync, verify).
 //!
 //! | offset | size    | field              | meaning                                        |
 //! |-------:|--------:|--------------------|------------------------------------------------|
-//! | 0      | 4       | `block_size_bytes` | a positive multiple of 512, <= [`MAX_HASH_BLOCK_BYTES`] |
-//! | 4      | 4       | `count`            | <= [`MAX_HASHES`]; may be 0                    |
+//! | 0      | 8       | `request_id`       | the request's id                               |
 //! | 8      | 8       | `first_block`      | index of the first block; `(first_block + count) * block_size_bytes` fits a u64 |
-//! | 16     | 1+n     | `disk`             | disk id                                        |
-//! | 17+n   | 32 x count | `hashes`        | blake3 of each block in order; the body ends with them |
+//! | 16     | 4       | `count`            | <= [`MAX_HASHES`]; 0 unless `status` is 0      |
+//! | 20     | 4       | `block_size_bytes` | a positive multiple of 512, <= [`MAX_HASH_BLOCK_BYTES`] |
+//! | 24     | 8       | `point_id`         | the point whose state was hashed; 0: the latest journaled state, or the replica |
+//! | 32     | 1       | `status`           | [`HashStatus`]: 0 hashes follow, 1 no copy (send every block), 2 no consistent point, 3 hashing failed |
+//! | 33     | 3       | `reserved`         | must be 0                                      |
+//! | 36     | 1+g     | `group`            | group id                                       |
+//! | 37+g   | 1+d     | `disk`             | disk id                                        |
+//! | 38+g+d | 32 x count | `hashes`        | blake3 of each block in order; the body ends with them |
+//!
+//! Layout 1 (frozen, never sent; [`HashListV1`]): `block_size_bytes` u32, `count` u32,
+//! `first_block` u64, `disk` (1+n), then the hashes.
+//!
+//! ## Hash request body (kind 9, protocol 3): process server -> master target
+//!
+//! | offset | size | field              | meaning                                          |
+//! |-------:|-----:|--------------------|--------------------------------------------------|
+//! | 0      | 8    | `request_id`       | echoed by the answer                             |
+//! | 8      | 8    | `first_block`      | index of the first block asked for               |
+//! | 16     | 4    | `count`            | 1..=[`MAX_HASHES`]; the range must fit a u64 as above |
+//! | 20     | 4    | `block_size_bytes` | as in the hash list                              |
+//! | 24     | 1    | `of`               | [`HashOf`]: 0 the latest journaled state, 1 the newest consistent point |
+//! | 25     | 3    | `reserved`         | must be 0                                        |
+//! | 28     | 1+g  | `group`            | group id                                         |
+//! | 29+g   | 1+d  | `disk`             | disk id                                          |
 //!
 //! ## Cut request body (kind 7, protocol 2): master target -> process server
 //!
@@ -134,8 +157,8 @@
 //! | 8      | 1    | `flags`    | bit 0: the point is consistent; other bits 0        |
 //! | 9      | 1+n  | `group`    | group id                                           |
 //!
-//! Hello, ack, error, hash list, cut request and cut done frames carry `seq` 0 in the
-//! header; decoders refuse any other value. [`decode`] checks any frame and returns its typed contents.
+//! Hello, ack, error, hash list, cut request, cut done and hash request frames carry
+//! `seq` 0 in the header; decoders refuse any other value. [`decode`] checks any frame and returns its typed contents.
 
 use thiserror::Error;
 
@@ -143,13 +166,14 @@ mod control;
 mod data;
 
 pub use control::{
-    Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, ErrorFrame, HASH_BYTES, HashListFrame, Hello,
-    HelloDisk, HelloGroup, MAX_ERROR_MESSAGE_BYTES, MAX_HASH_BLOCK_BYTES, MAX_HASHES,
-    MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role, decode_ack, decode_ack_body,
-    decode_cut_done, decode_cut_done_body, decode_cut_request, decode_cut_request_body,
-    decode_error, decode_error_body, decode_hash_list, decode_hash_list_body, decode_hello,
-    decode_hello_body, encode_ack, encode_cut_done, encode_cut_request, encode_error,
-    encode_hash_list, encode_hello,
+    Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, ErrorFrame, HASH_BYTES, HASH_PROTOCOL_VERSION,
+    HashListFrame, HashListV1, HashOf, HashRequest, HashStatus, Hello, HelloDisk, HelloGroup,
+    MAX_ERROR_MESSAGE_BYTES, MAX_HASH_BLOCK_BYTES, MAX_HASHES, MAX_HELLO_DISKS, MAX_HELLO_GROUPS,
+    PROTOCOL_VERSION, Role, decode_ack, decode_ack_body, decode_cut_done, decode_cut_done_body,
+    decode_cut_request, decode_cut_request_body, decode_error, decode_error_body, decode_hash_list,
+    decode_hash_list_body, decode_hash_list_v1, decode_hash_request, decode_hash_request_body,
+    decode_hello, decode_hello_body, encode_ack, encode_cut_done, encode_cut_request, encode_error,
+    encode_hash_list, encode_hash_list_v1, encode_hash_request, encode_hello,
 };
 pub use data::{
     DATA_FIXED_BYTES, DATA_HEAD_BYTES_MAX, DEFAULT_ZSTD_LEVEL, DataFrame, DataFrameInfo,
@@ -191,6 +215,8 @@ pub enum FrameKind {
     CutRequest = 7,
     /// The process server's answer to a cut request (protocol 2).
     CutDone = 8,
+    /// The process server asks for block hashes of a disk (protocol 3).
+    HashRequest = 9,
 }
 
 impl FrameKind {
@@ -205,6 +231,7 @@ impl FrameKind {
             6 => Self::HashList,
             7 => Self::CutRequest,
             8 => Self::CutDone,
+            9 => Self::HashRequest,
             _ => return None,
         })
     }
@@ -550,6 +577,7 @@ pub enum Frame {
     HashList(HashListFrame),
     CutRequest(CutRequest),
     CutDone(CutDone),
+    HashRequest(HashRequest),
 }
 
 /// Verifies any frame (length and crc first) and decodes its body by kind. Data frames
@@ -583,6 +611,10 @@ pub fn decode(frame: &[u8], dec: &mut Decoder) -> Result<Frame, FrameError> {
         FrameKind::CutDone => {
             control::check_control_seq(&h)?;
             Frame::CutDone(decode_cut_done_body(body)?)
+        }
+        FrameKind::HashRequest => {
+            control::check_control_seq(&h)?;
+            Frame::HashRequest(decode_hash_request_body(body)?)
         }
     })
 }

@@ -190,6 +190,12 @@ impl HashList {
     }
 }
 
+/// The hash of one block's bytes (at most [`HASH_BLOCK_BYTES`]; the last block of a
+/// disk may be short): plain blake3, as the definition says.
+pub fn block_hash(bytes: &[u8]) -> BlockHash {
+    *blake3::hash(bytes).as_bytes()
+}
+
 /// The complete hash list of in-memory data (tests, benches), single-threaded.
 pub fn hash_buffer(data: &[u8]) -> HashList {
     HashList {
@@ -258,6 +264,30 @@ pub fn hash_range_into(
     out: &mut [BlockHash],
     threads: usize,
 ) -> io::Result<()> {
+    hash_source_into(file, disk_bytes, first_block, out, threads)
+}
+
+/// Where hashed bytes come from: a file or block device, or anything else that reads
+/// at an offset from several threads at once (a recovery point through a view).
+pub trait BlockSource: Sync {
+    /// Fills `buf` with the bytes at `offset`, or fails.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl BlockSource for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+/// [`hash_range_into`] over any [`BlockSource`]: the same workers, chunks and checks.
+pub fn hash_source_into(
+    file: &dyn BlockSource,
+    disk_bytes: u64,
+    first_block: u64,
+    out: &mut [BlockHash],
+    threads: usize,
+) -> io::Result<()> {
     check_range(disk_bytes, first_block, out.len() as u64)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let chunk_blocks = HASH_CHUNK_BLOCKS as usize;
@@ -318,7 +348,7 @@ pub fn hash_range_into(
 /// Reads the blocks `out` stands for (starting at `first_block`, all inside the disk
 /// as checked by the caller) in one positioned read, and hashes each.
 fn hash_chunk(
-    file: &File,
+    file: &dyn BlockSource,
     disk_bytes: u64,
     first_block: u64,
     out: &mut [BlockHash],
@@ -451,6 +481,70 @@ pub fn diff_into(
         push_merged(out, start, first_block + a.len() as u64, disk_bytes);
     }
     Ok(())
+}
+
+/// What [`differing_parts`] found in one range.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartsDiff {
+    /// The byte ranges to send, ascending, adjacent ones merged.
+    pub parts: Vec<Extent>,
+    /// Blocks compared by hash (wholly inside the range, a hash given for them).
+    pub compared_blocks: u64,
+    /// Blocks among those whose hashes matched: they are not sent.
+    pub equal_blocks: u64,
+}
+
+/// The pieces of `data` (a disk's bytes at `offset`) that differ from a copy of the
+/// disk whose block hashes are `theirs` (blocks `first_block..first_block +
+/// theirs.len()`): a hash-diff resync sends only these. A block is left out only when
+/// it lies wholly inside the range, its hash is given, and it equals
+/// `blake3(block bytes)`; every other block the range touches is sent (its part inside
+/// the range), so a range that is not block-aligned, or hashes that do not cover it,
+/// cost bytes, never correctness.
+pub fn differing_parts(
+    disk_bytes: u64,
+    offset: u64,
+    data: &[u8],
+    first_block: u64,
+    theirs: &[BlockHash],
+) -> PartsDiff {
+    let end = offset.saturating_add(data.len() as u64).min(disk_bytes);
+    let mut out = PartsDiff::default();
+    if offset >= end {
+        return out;
+    }
+    let mut block = offset / HASH_BLOCK_BYTES;
+    while block_offset(block, disk_bytes) < end {
+        let b_start = block_offset(block, disk_bytes);
+        let b_end = block_offset(block + 1, disk_bytes);
+        let from = b_start.max(offset);
+        let to = b_end.min(end);
+        let whole = b_start >= offset && b_end <= end;
+        let their = block
+            .checked_sub(first_block)
+            .and_then(|k| theirs.get(usize::try_from(k).ok()?));
+        let equal = match (whole, their) {
+            (true, Some(h)) => {
+                out.compared_blocks += 1;
+                let bytes = &data[(b_start - offset) as usize..(b_end - offset) as usize];
+                blake3::hash(bytes).as_bytes() == h
+            }
+            _ => false,
+        };
+        if equal {
+            out.equal_blocks += 1;
+        } else {
+            match out.parts.last_mut() {
+                Some(last) if last.end() == from => last.len += to - from,
+                _ => out.parts.push(Extent {
+                    offset: from,
+                    len: to - from,
+                }),
+            }
+        }
+        block += 1;
+    }
+    out
 }
 
 /// Appends blocks `[start_block, end_block)` as bytes, merging with the last extent
@@ -919,6 +1013,38 @@ mod tests {
     }
 
     /// Proves `default_threads` stays within 1..=HASH_THREADS_MAX.
+    /// Proves `differing_parts` leaves out exactly the whole blocks whose hashes match,
+    /// sends partial blocks at unaligned edges and blocks without a hash, clips to the
+    /// disk, and merges adjacent pieces.
+    #[test]
+    fn differing_parts_examples() {
+        let disk = 5 * BS + 4096; // a short last block
+        let mine = pseudo_random(disk as usize, 9);
+        let mut theirs_data = mine.clone();
+        theirs_data[(2 * BS + 5) as usize] ^= 1; // block 2 differs
+        let theirs = naive_hashes(&theirs_data);
+        let e = |offset, len| Extent { offset, len };
+        // The whole disk: only block 2 is sent; the short block 5 matches.
+        let d = differing_parts(disk, 0, &mine, 0, &theirs);
+        assert_eq!(d.parts, vec![e(2 * BS, BS)]);
+        assert_eq!((d.compared_blocks, d.equal_blocks), (6, 5));
+        // Unaligned range from 4 KiB into block 0 to 4 KiB into block 3: the partial
+        // blocks 0 and 3 are sent, block 1 matches, block 2 differs (merged with 3).
+        let (from, to) = (4096u64, 3 * BS + 4096);
+        let d = differing_parts(disk, from, &mine[from as usize..to as usize], 0, &theirs);
+        assert_eq!(d.parts, vec![e(4096, BS - 4096), e(2 * BS, BS + 4096)]);
+        assert_eq!((d.compared_blocks, d.equal_blocks), (2, 1));
+        // Hashes for blocks 1..3 only: blocks 0, 3, 4, 5 are sent.
+        let d = differing_parts(disk, 0, &mine, 1, &theirs[1..3]);
+        assert_eq!(d.parts, vec![e(0, BS), e(2 * BS, disk - 2 * BS)]);
+        assert_eq!((d.compared_blocks, d.equal_blocks), (2, 1));
+        // Nothing to compare.
+        assert_eq!(
+            differing_parts(disk, disk, &[], 0, &theirs),
+            PartsDiff::default()
+        );
+    }
+
     #[test]
     fn default_threads_is_bounded() {
         let n = default_threads();

@@ -18,8 +18,8 @@
 //! | [`pointview`] | a recovery point as a readable disk: the replica with the journal laid over it |
 //! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
 //! | [`failback`] | a group's failback to a point: journal through it onto every replica, undo, progress, commit |
-//! | [`hashing`]  | blake3 of 64 KiB blocks for resync, and the diff of two hash lists    |
-//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks       |
+//! | [`hashing`]  | blake3 of 64 KiB blocks for resync and verify; the diff of two hash lists, the differing parts of a read range |
+//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks; resync passes, hash-diff passes |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
 //! | [`metrics`]  | Prometheus text exposition, the HTTP exchange of a scrape, rates      |
 //!
@@ -37,6 +37,7 @@
 //! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |
 //! | spool release           | target ack received -> segments wholly below it removed -> directory synced  |
 //! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
+//! | hash-diff resync extent | every earlier record acked (at the pass's start) -> target's hashes fetched -> range lock -> read -> differing parts spooled -> matching blocks' bits cleared (unless a write to them is unacked) -> range unlocked |
 //! | retention fold          | intent replaced ([`storage::write_atomic`]) -> frames applied to replicas -> replicas synced -> journal `drop_through` (state replaced, segments removed, directory synced) |
 //! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |

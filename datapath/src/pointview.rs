@@ -237,8 +237,28 @@ impl PointIndex {
         frames: &[FrameEntry],
         disks: &[ViewDisk],
     ) -> Result<(Self, IndexStats), PointViewError> {
-        let mut maps: Vec<RangeMap<Src>> = vec![RangeMap::default(); disks.len()];
-        let mut locs = HashMap::new();
+        let mut index = Self {
+            disks: disks.to_vec(),
+            maps: vec![RangeMap::default(); disks.len()],
+            frames: HashMap::new(),
+        };
+        let stats = index.extend(fs, journal_dir, frames)?;
+        Ok((index, stats))
+    }
+
+    /// Indexes further frames, newer than every frame indexed so far (in seq order):
+    /// the index then stands for the state through the last of them. How a master
+    /// target keeps a view of its latest journaled state up to date as frames arrive.
+    /// On an error the index may hold part of `frames`: drop it.
+    pub fn extend(
+        &mut self,
+        fs: &dyn Storage,
+        journal_dir: &Path,
+        frames: &[FrameEntry],
+    ) -> Result<IndexStats, PointViewError> {
+        let disks = &self.disks;
+        let maps = &mut self.maps;
+        let locs = &mut self.frames;
         let mut stats = IndexStats::default();
         let mut open: Option<(u64, Box<dyn StorageFile>)> = None;
         // The last segment found missing (folded): its other frames are skipped too.
@@ -313,14 +333,12 @@ impl PointIndex {
             stats.data_frames += 1;
         }
         stats.pieces = maps.iter().map(|m| m.len() as u64).sum();
-        Ok((
-            Self {
-                disks: disks.to_vec(),
-                maps,
-                frames: locs,
-            },
-            stats,
-        ))
+        Ok(stats)
+    }
+
+    /// Whether any frame wrote disk `d` (else the view of it is the replica).
+    pub fn touches(&self, d: usize) -> bool {
+        self.maps.get(d).is_some_and(|m| !m.is_empty())
     }
 
     /// The disks, in the order given to [`PointIndex::build`].
@@ -428,6 +446,11 @@ impl PointView {
     /// The index.
     pub fn index(&self) -> &PointIndex {
         &self.index
+    }
+
+    /// The index, to [`PointIndex::extend`] it with newer frames.
+    pub fn index_mut(&mut self) -> &mut PointIndex {
+        &mut self.index
     }
 
     /// Fills `buf` with disk `d`'s bytes at `offset` as they were at the point.

@@ -47,6 +47,30 @@
 //! no payload). With [`InitialSync::Skip`] new disks start clean instead (the replica is
 //! known to equal the disk, e.g. both blank).
 //!
+//! **Hash-diff.** When the master target already holds a copy of a disk (a reprotect:
+//! the copy is the disk as it was at a point, plus what changed since), reading and
+//! shipping every block is a waste. The caller then reads each extent under its range
+//! lock as usual, hashes its 64 KiB blocks ([`crate::hashing::differing_parts`]),
+//! compares them with the master target's hashes of its *latest journaled state* (the
+//! replica with every durable journal frame laid over it, consistent or not), and
+//! records only the differing parts with [`GroupTracker::record_resync_parts`]; the
+//! matching blocks' dirty bits are cleared at once, except where a write that is not
+//! acknowledged yet touched them (that write's ack clears them, as always).
+//!
+//! Why it is exact. The pass must start with every earlier spool record acknowledged
+//! ([`GroupTracker::all_acked`], checked with [`GroupTracker::begin_resync`] under the
+//! same lock), so the hashed state, whenever it was taken, contains everything spooled
+//! before the pass, and every record the master target has not seen yet comes from
+//! this pass, in which every write is spooled. Take a block X read at time T with
+//! contents D equal to the hashed contents H, and skipped. If records of X follow the
+//! hashed state, the last of them before T is the last write to X before T (the range
+//! lock means no write to X is in flight at T), whose contents are D; if none does, the
+//! copy keeps H = D. Either way the master target holds D once everything up to T is
+//! applied, and writes after T are spooled and shipped like any other. Neither the
+//! order of hashing and reading nor retries matter, so hashes can be fetched ahead of
+//! the read, pipelined. A pass that ends early (spool full, restart) leaves the
+//! unread blocks dirty, and the next pass may compare again under the same rule.
+//!
 //! **Unclean restart.** [`GroupTracker::shutdown`] writes a `clean` marker; [`open`]
 //! removes it. Without it at open, the previous run ended in a crash: writes that
 //! reached a backing disk may be missing from the spool (their records were not synced
@@ -117,6 +141,12 @@ pub enum TrackerError {
     Closed,
     #[error("the resync has not read disk {disk} from byte {offset} on yet")]
     ResyncNotDone { disk: String, offset: u64 },
+    #[error("disk {disk}: resync part {offset}+{len} is not inside its extent, or not in order")]
+    BadParts { disk: String, offset: u64, len: u64 },
+    #[error(
+        "disk {disk}: an extent recorded in parts outside a hash-diff pass (begin it with every record acknowledged)"
+    )]
+    NotHashDiff { disk: String },
 }
 
 /// One disk of the group.
@@ -162,6 +192,9 @@ struct Resync {
     /// Per disk index: the next byte to read; the disk size when done.
     cursor: Vec<u64>,
     progress: ResyncProgress,
+    /// Started with every earlier record acknowledged: extents may be recorded in
+    /// parts (see "Hash-diff" in the module doc).
+    hash_diff: bool,
 }
 
 /// A sealed epoch: the recovery point the cut made.
@@ -432,9 +465,30 @@ impl GroupTracker {
         self.resync.as_ref().map(|r| r.progress)
     }
 
+    /// Whether the pass under way is a hash-diff pass.
+    pub fn resync_is_hash_diff(&self) -> bool {
+        self.resync.as_ref().is_some_and(|r| r.hash_diff)
+    }
+
     /// Starts a resync pass from bitmap-only mode (see the module doc): writes are
     /// spooled again from now on. Returns false (and changes nothing) in another mode.
     pub fn begin_resync(&mut self) -> Result<bool, TrackerError> {
+        self.begin(false)
+    }
+
+    /// [`GroupTracker::begin_resync`] for a hash-diff pass, whose extents may be
+    /// recorded in parts ([`GroupTracker::record_resync_parts`]). Returns false (and
+    /// changes nothing) unless the group is bitmap-only AND every record spooled so far
+    /// is acknowledged ([`GroupTracker::all_acked`]): the rule that makes skipping the
+    /// matching blocks exact (module doc, "Hash-diff").
+    pub fn begin_hash_diff_resync(&mut self) -> Result<bool, TrackerError> {
+        if !self.all_acked() {
+            return Ok(false);
+        }
+        self.begin(true)
+    }
+
+    fn begin(&mut self, hash_diff: bool) -> Result<bool, TrackerError> {
         if self.closed {
             return Err(TrackerError::Closed);
         }
@@ -452,6 +506,7 @@ impl GroupTracker {
                 total_bytes,
                 done_bytes: 0,
             },
+            hash_diff,
         });
         self.mode = TrackMode::Resyncing;
         Ok(true)
@@ -485,12 +540,113 @@ impl GroupTracker {
         ext: Extent,
         data: &[u8],
     ) -> Result<bool, TrackerError> {
+        self.record_resync_parts(disk, ext, data, &[ext])
+    }
+
+    /// The hash-diff form of [`GroupTracker::record_resync`]: `data` is the whole of
+    /// `ext`, read while no write to it was in flight (the caller's range lock), and
+    /// `parts` (sorted, disjoint, inside `ext`) are the pieces that differ from the
+    /// master target's copy. Only the parts are recorded; the cursor moves over the
+    /// whole extent. The blocks of `ext` outside the parts equal the copy, so their
+    /// dirty bits are cleared now, except where a write not yet acknowledged touched
+    /// them (its ack clears them, as always; clearing earlier could let a crash lose
+    /// its record while the bit is gone). Why skipping them is exact is in the module
+    /// doc ("Hash-diff"). Returns false, like `record_resync`, when the pass ended.
+    pub fn record_resync_parts(
+        &mut self,
+        disk: &str,
+        ext: Extent,
+        data: &[u8],
+        parts: &[Extent],
+    ) -> Result<bool, TrackerError> {
         let (i, ext) = self.disk_extent(disk, ext.offset, ext.len)?;
         if self.mode != TrackMode::Resyncing || data.len() as u64 != ext.len {
             return Ok(false);
         }
+        let mut at = ext.offset;
+        for p in parts {
+            Extent::new(p.offset, p.len, self.disks[i].size_bytes).map_err(|source| {
+                TrackerError::Extent {
+                    disk: disk.to_string(),
+                    source,
+                }
+            })?;
+            if p.offset < at || p.end() > ext.end() {
+                return Err(TrackerError::BadParts {
+                    disk: disk.to_string(),
+                    offset: p.offset,
+                    len: p.len,
+                });
+            }
+            at = p.end();
+        }
+        let covered: u64 = parts.iter().map(|p| p.len).sum();
+        if covered < ext.len && !self.resync_is_hash_diff() {
+            return Err(TrackerError::NotHashDiff {
+                disk: disk.to_string(),
+            });
+        }
+        for p in parts {
+            let from = (p.offset - ext.offset) as usize;
+            let bytes = &data[from..from + p.len as usize];
+            if !self.append_resync_runs(disk, p.offset, bytes)? {
+                return Ok(false);
+            }
+            self.current.by_disk.entry(i).or_default().push(*p);
+        }
+        if covered < ext.len {
+            self.clear_matching(i, ext)?;
+        }
+        if let Some(r) = self.resync.as_mut() {
+            r.cursor[i] = ext.end();
+            r.progress.done_bytes += ext.len;
+        }
+        Ok(true)
+    }
+
+    /// Clears the bits of `ext` of disk `i` (read under the range lock, its differing
+    /// parts already in `current`) where no write not yet acknowledged touched it.
+    fn clear_matching(&mut self, i: usize, ext: Extent) -> Result<(), TrackerError> {
+        let size = self.disks[i].size_bytes;
+        let mut pending: Vec<Extent> = self
+            .unacked
+            .iter()
+            .map(|(_, _, e)| &e.by_disk)
+            .chain(std::iter::once(&self.current.by_disk))
+            .filter_map(|m| m.get(&i))
+            .flatten()
+            .copied()
+            .chain(
+                self.in_flight
+                    .iter()
+                    .filter(|(d, _)| *d == i)
+                    .map(|&(_, e)| e),
+            )
+            .filter(|e| e.offset < ext.end() && ext.offset < e.end())
+            .map(|e| whole_blocks(e, size))
+            .collect();
+        pending.sort_unstable();
+        let d = &mut self.disks[i];
+        for piece in subtract(ext, &pending) {
+            d.bitmap
+                .clear(piece)
+                .map_err(|source| TrackerError::Bitmap {
+                    disk: d.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Appends `data` read at `offset` as resync records: runs of all-zero blocks as
+    /// zero records, the rest as writes. False when the spool filled (the pass ends).
+    fn append_resync_runs(
+        &mut self,
+        disk: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<bool, TrackerError> {
         let epoch = self.epoch;
-        // Runs of all-zero blocks and of data blocks.
         let mut at = 0usize;
         while at < data.len() {
             let block = |k: usize| &data[k..(k + BLOCK_BYTES as usize).min(data.len())];
@@ -499,19 +655,19 @@ impl GroupTracker {
             while end < data.len() && is_zero(block(end)) == zero {
                 end = (end + BLOCK_BYTES as usize).min(data.len());
             }
-            let offset = ext.offset + at as u64;
+            let run_offset = offset + at as u64;
             let rec = if zero {
                 SpoolRecordRef::Zero {
                     epoch,
                     disk,
-                    offset,
+                    offset: run_offset,
                     len: (end - at) as u64,
                 }
             } else {
                 SpoolRecordRef::Write {
                     epoch,
                     disk,
-                    offset,
+                    offset: run_offset,
                     data: &data[at..end],
                 }
             };
@@ -532,12 +688,22 @@ impl GroupTracker {
             }
             at = end;
         }
-        self.current.by_disk.entry(i).or_default().push(ext);
-        if let Some(r) = self.resync.as_mut() {
-            r.cursor[i] = ext.end();
-            r.progress.done_bytes += ext.len;
-        }
         Ok(true)
+    }
+
+    /// Whether every record spooled so far is acknowledged: no sealed epoch waits for
+    /// an ack and the current epoch spooled nothing. A hash-diff pass starts only then
+    /// (see the module doc).
+    pub fn all_acked(&self) -> bool {
+        self.unacked.is_empty() && self.current.by_disk.is_empty()
+    }
+
+    /// Whether any 4 KiB block `ext` of `disk` touches is dirty (`None`: no such disk).
+    pub fn any_dirty(&self, disk: &str, ext: Extent) -> Option<bool> {
+        let i = self.index(disk)?;
+        let bm = &self.disks[i].bitmap;
+        let end = ext.end().div_ceil(BLOCK_BYTES).min(bm.block_count());
+        Some((ext.offset / BLOCK_BYTES..end).any(|b| bm.is_dirty(b)))
     }
 
     /// Ends a pass whose every extent is recorded: the group spools normally and its
@@ -1152,6 +1318,247 @@ mod tests {
             assert!(saw.0 && saw.1, "seed {seed}: the spool never overflowed");
             m.drain(&mut t);
         }
+    }
+
+    /// Proves a hash-diff pass is exact and sends only what differs: for random disks
+    /// whose master target copy differs in some 64 KiB blocks (whole blocks and single
+    /// 4 KiB pieces), with writes during the pass (some of them writing what the copy
+    /// already holds), cuts, acks, spool overflows, extents of random sizes (some not
+    /// 64 KiB-aligned) and hashes taken from any state of the copy since the pass began,
+    /// the replica ends equal to the disks with no bit set, and every block a pass
+    /// recorded differed when it began, was written since, or was only partly inside
+    /// the extent that recorded it.
+    #[test]
+    fn hash_diff_resync_is_exact_and_sends_only_differences() {
+        use crate::hashing::{HASH_BLOCK_BYTES, differing_parts, hash_buffer};
+        use std::collections::BTreeSet;
+        const HB: u64 = HASH_BLOCK_BYTES;
+        let mut aligned_recorded = 0u64;
+        let mut overflows = 0;
+        for seed in 1..=40u64 {
+            let fs = SimFs::new();
+            let (mut t, _) = open_initial(&fs);
+            let mut m = Model::new();
+            let mut rng = Rng::new(seed);
+            // The disks hold data (some 4 KiB blocks zero); the copy equals them except
+            // in the blocks of `differ`.
+            for d in 0..2 {
+                for b in 0..(DISK_BYTES / 4096) as usize {
+                    let v = if rng.below(5) == 0 {
+                        0
+                    } else {
+                        rng.next() as u8 | 1
+                    };
+                    m.disk[d][b * 4096..(b + 1) * 4096].fill(v);
+                }
+            }
+            m.replica = m.disk.clone();
+            let mut differ: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 2];
+            for (d, set) in differ.iter_mut().enumerate() {
+                for blk in 0..DISK_BYTES / HB {
+                    if rng.below(4) != 0 {
+                        continue;
+                    }
+                    let at = (blk * HB) as usize;
+                    if rng.below(2) == 0 {
+                        m.replica[d][at..at + HB as usize].fill(0x5a);
+                    } else {
+                        let k = at + rng.below(16) as usize * 4096;
+                        m.replica[d][k] ^= 0xff;
+                    }
+                    set.insert(blk);
+                }
+            }
+            // Some seeds read in whole 64 KiB blocks only.
+            let aligned = seed % 2 == 0;
+            let mut written: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 2];
+            let mut recorded: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 2];
+            let mut edges: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 2];
+            // The copy's states since the pass began: what the master target may hash.
+            let mut states: Vec<Disks> = Vec::new();
+            let mut overflowed = false;
+            // Spooled writes: (spool seq, disk, extent); their bits must stay set until
+            // an ack covers them (the rule a crash relies on).
+            let mut spooled: Vec<(u64, usize, Extent)> = Vec::new();
+            type Spooled = Vec<(u64, usize, Extent)>;
+            type Blocks = Vec<BTreeSet<u64>>;
+            fn write(
+                t: &mut GroupTracker,
+                m: &mut Model,
+                rng: &mut Rng,
+                spooled: &mut Spooled,
+                written: &mut Blocks,
+            ) {
+                let d = rng.below(2) as usize;
+                let len = (1 + rng.below(8)) * 4096;
+                let off = rng.below((DISK_BYTES - len) / 4096) * 4096;
+                // Half the writes put back what the copy holds there.
+                let data = if rng.below(2) == 0 {
+                    m.replica[d][off as usize..(off + len) as usize].to_vec()
+                } else {
+                    vec![rng.next() as u8 | 1; len as usize]
+                };
+                let disk = ["d0", "d1"][d];
+                t.before_write(disk, off, len).unwrap();
+                m.disk[d][off as usize..(off + len) as usize].copy_from_slice(&data);
+                if let Some(seq) = t.record_write(disk, off, &data).unwrap() {
+                    spooled.push((seq, d, Extent { offset: off, len }));
+                }
+                for blk in off / HB..=(off + len - 1) / HB {
+                    written[d].insert(blk);
+                }
+            }
+            let mut began = false;
+            for _ in 0..3000 {
+                let acked = m.applied;
+                spooled.retain(|&(seq, _, _)| seq > acked);
+                for &(_, d, e) in &spooled {
+                    for b in e.offset / 4096..e.end() / 4096 {
+                        let one = Extent {
+                            offset: b * 4096,
+                            len: 4096,
+                        };
+                        assert!(
+                            t.any_dirty(["d0", "d1"][d], one).unwrap(),
+                            "seed {seed}: block {b} of d{d} lost its bit before its ack"
+                        );
+                    }
+                }
+                match t.mode().clone() {
+                    TrackMode::Spooling => break,
+                    TrackMode::BitmapOnly { .. } => {
+                        overflowed |= began;
+                        if rng.below(3) == 0 {
+                            // Written while only the bitmap tracks: not spooled.
+                            write(&mut t, &mut m, &mut rng, &mut spooled, &mut written);
+                        } else if t.begin_hash_diff_resync().unwrap() {
+                            began = true;
+                            states = vec![m.replica.clone()];
+                        } else {
+                            // Earlier records still wait for their ack.
+                            assert!(!t.all_acked());
+                            m.cut(&mut t);
+                            m.ack_oldest(&mut t);
+                        }
+                        continue;
+                    }
+                    TrackMode::Resyncing => {}
+                }
+                match rng.below(12) {
+                    0..=2 => write(&mut t, &mut m, &mut rng, &mut spooled, &mut written),
+                    3 => m.cut(&mut t),
+                    4 => {
+                        m.ack_oldest(&mut t);
+                        states.push(m.replica.clone());
+                    }
+                    _ => {
+                        let most = if aligned {
+                            (1 + rng.below(4)) * HB
+                        } else {
+                            (1 + rng.below(64)) * 4096
+                        };
+                        let Some((disk, e)) = t.next_resync_extent(most) else {
+                            t.finish_resync().unwrap();
+                            continue;
+                        };
+                        let d = if disk == "d0" { 0 } else { 1 };
+                        let data = m.disk[d][e.offset as usize..e.end() as usize].to_vec();
+                        let state = &states[rng.below(states.len() as u64) as usize];
+                        let theirs = hash_buffer(&state[d]).hashes;
+                        let pd = differing_parts(DISK_BYTES, e.offset, &data, 0, &theirs);
+                        for p in &pd.parts {
+                            for blk in p.offset / HB..=(p.end() - 1) / HB {
+                                recorded[d].insert(blk);
+                                if blk * HB < e.offset || (blk + 1) * HB > e.end() {
+                                    edges[d].insert(blk);
+                                }
+                            }
+                        }
+                        t.record_resync_parts(&disk, e, &data, &pd.parts).unwrap();
+                    }
+                }
+            }
+            m.drain(&mut t);
+            assert!(t.initial_sync_disks().is_empty());
+            overflows += usize::from(overflowed);
+            for d in 0..2 {
+                let allowed: BTreeSet<u64> = differ[d]
+                    .union(&written[d])
+                    .chain(edges[d].iter())
+                    .copied()
+                    .collect();
+                let extra: Vec<_> = recorded[d].difference(&allowed).collect();
+                assert!(
+                    extra.is_empty(),
+                    "seed {seed}: disk {d} recorded blocks {extra:?} that were equal"
+                );
+                if aligned && !overflowed {
+                    // Whole blocks: an edge is only a block a write split into runs.
+                    assert!(
+                        edges[d].is_subset(&written[d]),
+                        "seed {seed}: edges {edges:?}"
+                    );
+                    aligned_recorded += recorded[d].len() as u64;
+                }
+            }
+        }
+        assert!(
+            aligned_recorded > 0,
+            "no aligned seed went without an overflow"
+        );
+        assert!(overflows > 0, "no seed overflowed its spool");
+    }
+
+    /// Proves extents recorded in parts are refused outside a hash-diff pass, and
+    /// parts outside their extent or out of order are refused.
+    #[test]
+    fn record_in_parts_needs_a_hash_diff_pass() {
+        let fs = SimFs::new();
+        let (mut t, _) = open_initial(&fs);
+        assert!(t.begin_resync().unwrap());
+        let e = Extent {
+            offset: 0,
+            len: 8192,
+        };
+        let part = Extent {
+            offset: 0,
+            len: 4096,
+        };
+        let data = vec![1u8; 8192];
+        assert!(matches!(
+            t.record_resync_parts("d0", e, &data, &[part]),
+            Err(TrackerError::NotHashDiff { .. })
+        ));
+        t.shutdown().unwrap();
+        let (mut t, _) = open_initial(&fs);
+        assert!(t.all_acked());
+        assert!(t.begin_hash_diff_resync().unwrap());
+        assert!(t.resync_is_hash_diff());
+        let outside = Extent {
+            offset: 8192,
+            len: 4096,
+        };
+        assert!(matches!(
+            t.record_resync_parts("d0", e, &data, &[outside]),
+            Err(TrackerError::BadParts { .. })
+        ));
+        assert!(matches!(
+            t.record_resync_parts("d0", e, &data, &[outside, part]),
+            Err(TrackerError::BadParts { .. })
+        ));
+        assert!(t.record_resync_parts("d0", e, &data, &[part]).unwrap());
+        // The matching second block's bit is clear, the recorded one stays until acked.
+        assert!(t.any_dirty("d0", part).unwrap());
+        assert!(
+            !t.any_dirty(
+                "d0",
+                Extent {
+                    offset: 4096,
+                    len: 4096
+                }
+            )
+            .unwrap()
+        );
     }
 
     /// Proves a first protection ships every block: the group starts bitmap-only with

@@ -12,6 +12,7 @@
 //! | [`reader`] | cutting the byte stream into frames with bounded memory        |
 //! | [`server`] | the receiver protocol: hello, verify, journal, group commit, ack |
 //! | [`retention`] | the retention fold per group: who runs it, when, what it reports |
+//! | [`hashes`] | hash lists for a process server's resync and verify (protocol 3) |
 //! | [`tls`]    | TLS 1.3 with client certificates: server config, client names  |
 //! | [`certs`]  | `certs`: a deployment's CA, server and client certificates     |
 //! | [`metrics`] | live counters, throughput, state names, the `/metrics` endpoint |
@@ -30,6 +31,7 @@ mod config;
 mod control;
 mod export;
 mod failback;
+mod hashes;
 mod metrics;
 mod query;
 mod reader;

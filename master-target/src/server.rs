@@ -37,6 +37,12 @@
 //!    taken out of the frame stream (never journaled) and handed to the failback; the
 //!    point itself arrives as a Point frame like any other.
 //!
+//! 6. Hash requests (protocol 3, see [`crate::hashes`]): a `HashRequest` ends the batch
+//!    it arrives in; once the frames before it are committed and acknowledged, it is
+//!    answered with a `HashList` (hashes, "no copy", "no point" or "failed"). A request
+//!    on a connection that negotiated less, or naming a group or disk the hello did not
+//!    bring, blocks past the disk's end or another block size, is refused.
+//!
 //! A refusal is one Error frame ([`ErrorFrame`] code and a message naming the thing at
 //! fault), after which the server stops reading, half-closes, drains what the peer
 //! still sends for a short while ([`LINGER_MS`], [`LINGER_BYTES_MAX`]) so that the
@@ -57,6 +63,8 @@
 //! | seq gap; point id not rising                        | `SEQUENCE`            |
 //! | group busy on a connection of another node; too many connections | `BUSY` |
 //! | (to the old connection) superseded by a newer one of the same node | `BUSY` |
+//! | hash request on a connection below protocol 3, or for blocks other than 64 KiB | `BAD_FRAME` |
+//! | hash request for blocks past the end of its disk    | `OUT_OF_RANGE`        |
 //! | journal I/O failure | `INTERNAL` |
 //! | group failing back, failed back or committed here (see [`crate::failback`]); also to the connection holding it when a failback begins | `NOT_PROTECTED` |
 //!
@@ -111,8 +119,8 @@ use anyhow::Context;
 use datapath::failback::{FailbackError, FailbackState, Phase, PointInfo, Progress};
 use datapath::frame::{
     self, Ack, CUT_PROTOCOL_VERSION, CutDone, CutRequest, Decoder, ErrorFrame, FrameError,
-    FrameKind, Hello, HelloDisk, HelloGroup, MAX_HELLO_DISKS, MAX_HELLO_GROUPS, PROTOCOL_VERSION,
-    Role,
+    FrameKind, HASH_PROTOCOL_VERSION, Hello, HelloDisk, HelloGroup, MAX_HELLO_DISKS,
+    MAX_HELLO_GROUPS, PROTOCOL_VERSION, Role,
 };
 use datapath::journal::{Journal, JournalError};
 use datapath::retention::PinGuard;
@@ -124,6 +132,7 @@ use crate::config::{Config, GroupConfig};
 use crate::control::{self, GroupOps};
 use crate::export::{self, ExportHold, LiveExport};
 use crate::failback::{self as fb, CommitSummary, PointSpec, Summary};
+use crate::hashes::{HashSources, HashStats};
 use crate::metrics::{self, ExportMark, FailbackMark, GroupMetrics, Metrics, Peer};
 use crate::reader::{FrameReader, ReadError, Step};
 use crate::retention::GroupRetention;
@@ -705,9 +714,19 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
             }
             continue;
         }
+        if is_hash_request(&first) {
+            st = match answer_hashes(st, stream, vec![first]).await {
+                Ok(st) => st,
+                Err(end) => return end,
+            };
+            continue;
+        }
         let mut bytes = first.len();
         let mut batch = vec![first];
         let mut after: Option<End> = None;
+        // A hash request ends the batch: it is answered once the frames before it are
+        // committed and acknowledged (protocol 3, see `crate::hashes`).
+        let mut hash_requests = Vec::new();
         while batch.len() < BATCH_FRAMES_MAX && bytes < BATCH_BYTES_MAX {
             match rd.try_step(stream) {
                 Ok(Step::Frame(f)) if is_cut_done(&f) => {
@@ -715,6 +734,10 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
                         after = Some(end);
                         break;
                     }
+                }
+                Ok(Step::Frame(f)) if is_hash_request(&f) => {
+                    hash_requests.push(f);
+                    break;
                 }
                 Ok(Step::Frame(f)) => {
                     bytes += f.len();
@@ -764,6 +787,12 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(end) = after {
             return end;
         }
+        if !hash_requests.is_empty() {
+            st = match answer_hashes(st, stream, hash_requests).await {
+                Ok(st) => st,
+                Err(end) => return end,
+            };
+        }
         // Between batches, after the acks: a bounded retention step when one is due.
         if st.groups.iter().any(|g| g.slot.retention.due()) {
             st = match tokio::task::spawn_blocking(move || {
@@ -785,6 +814,33 @@ async fn conn<S: AsyncRead + AsyncWrite + Unpin>(
 /// checked by [`take_cut_done`]).
 fn is_cut_done(f: &[u8]) -> bool {
     f.get(6) == Some(&(FrameKind::CutDone as u8))
+}
+
+/// Whether a frame off the stream is a hash request (its header kind; the frame is
+/// checked by [`ConnState::answer_hashes`]).
+fn is_hash_request(f: &[u8]) -> bool {
+    f.get(6) == Some(&(FrameKind::HashRequest as u8))
+}
+
+/// Answers hash requests on the blocking pool and sends the hash lists.
+async fn answer_hashes<S: AsyncWrite + Unpin>(
+    mut st: ConnState,
+    stream: &mut S,
+    requests: Vec<Vec<u8>>,
+) -> Result<ConnState, End> {
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = st.answer_hashes(requests);
+        (st, r)
+    })
+    .await;
+    let (st, r) =
+        joined.map_err(|e| refuse(ErrorFrame::INTERNAL, format!("hash request failed: {e}")))?;
+    let out = r.map_err(End::Refuse)?;
+    if let Err(e) = write_all(stream, &out).await {
+        tracing::debug!("write hash lists: {e}");
+        return Err(End::Closed);
+    }
+    Ok(st)
 }
 
 /// Hands a cut answer to the failback waiting for it (one that gave up is gone: the
@@ -899,6 +955,10 @@ async fn check_hello(
     tokio::task::spawn_blocking(move || claim(&shared, wanted, peer, &node, cancel, cut))
         .await
         .unwrap_or_else(|e| Err(refuse(ErrorFrame::INTERNAL, format!("claim groups: {e}"))))
+        .map(|mut st| {
+            st.protocol = protocol;
+            st
+        })
 }
 
 /// Takes the journals of the wanted groups out of their slots (reopening one that
@@ -921,6 +981,9 @@ fn claim(
     let mut st = ConnState {
         groups: Vec::with_capacity(wanted.len()),
         decoder: Decoder::new(),
+        // Set by `check_hello`, which negotiated it.
+        protocol: 1,
+        hashes: HashSources::default(),
     };
     for (slot, disks) in wanted {
         let deadline = std::time::Instant::now() + Duration::from_millis(TAKEOVER_WAIT_MS);
@@ -1026,6 +1089,10 @@ impl Drop for ClaimedGroup {
 struct ConnState {
     groups: Vec<ClaimedGroup>,
     decoder: Decoder,
+    /// The protocol version the hellos agreed on.
+    protocol: u16,
+    /// Views for hash requests (protocol 3).
+    hashes: HashSources,
 }
 
 /// What one batch produced.
@@ -1043,8 +1110,77 @@ impl ConnState {
                 && g.slot.retention.due()
             {
                 g.slot.retention.step(j);
+                // The replica may have moved past what a hash view stands for.
+                self.hashes.invalidate();
             }
         }
+    }
+
+    /// Answers hash requests in order: the encoded hash lists, or the refusal of a
+    /// request that names what this connection did not accept (see `crate::hashes`).
+    fn answer_hashes(&mut self, requests: Vec<Vec<u8>>) -> Result<Vec<u8>, ErrorFrame> {
+        if self.protocol < HASH_PROTOCOL_VERSION {
+            return Err(ErrorFrame::new(
+                ErrorFrame::BAD_FRAME,
+                &format!(
+                    "a hash request needs protocol {HASH_PROTOCOL_VERSION}; this connection \
+                     negotiated {}",
+                    self.protocol
+                ),
+            ));
+        }
+        let mut out = Vec::new();
+        let mut one = Vec::new();
+        let mut stats = HashStats::default();
+        for f in requests {
+            let req = frame::decode_hash_request(&f).map_err(|e| {
+                ErrorFrame::new(ErrorFrame::BAD_FRAME, &format!("hash request: {e}"))
+            })?;
+            let i = self.group_index(&req.group, "hash request", 0)?;
+            let g = &self.groups[i];
+            if !g.disks.contains_key(&req.disk) {
+                return Err(ErrorFrame::new(
+                    ErrorFrame::UNKNOWN_DISK,
+                    &format!(
+                        "hash request: disk {:?} of group {:?} was not accepted in this \
+                         connection's hello",
+                        req.disk, g.id
+                    ),
+                ));
+            }
+            let Some(j) = g.journal.as_ref() else {
+                return Err(ErrorFrame::new(
+                    ErrorFrame::INTERNAL,
+                    &format!(
+                        "group {:?}: journal unavailable after an earlier failure",
+                        g.id
+                    ),
+                ));
+            };
+            let answer = self.hashes.answer(&g.slot.cfg, j, &req, &mut stats)?;
+            frame::encode_hash_list(&answer, &mut one).map_err(|e| {
+                ErrorFrame::new(ErrorFrame::INTERNAL, &format!("encode a hash list: {e}"))
+            })?;
+            out.extend_from_slice(&one);
+            tracing::debug!(
+                group = %req.group,
+                disk = %req.disk,
+                first_block = req.first_block,
+                count = req.count,
+                of = ?req.of,
+                status = ?answer.status,
+                point = answer.point_id,
+                "hash request answered"
+            );
+        }
+        if stats.bytes > 0 {
+            tracing::debug!(
+                bytes = stats.bytes,
+                mb_per_s = stats.bytes as f64 / 1e6 / stats.seconds.max(1e-9),
+                "hashed"
+            );
+        }
+        Ok(out)
     }
 
     /// Appends the batch's frames in order until one is refused, commits every touched

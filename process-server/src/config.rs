@@ -14,6 +14,7 @@
 //! spool_bytes_max = "1GiB"     # full: bitmap-only tracking until a resync
 //! spool_segment_bytes = "64MiB"
 //! initial_sync = true          # first protection ships every non-zero block
+//! hash_diff = true             # ... or only the blocks the master target's copy lacks
 //!
 //! [[group]]
 //! id = "g1"
@@ -102,6 +103,7 @@ struct FileTracking {
     spool_bytes_max: Option<SizeSpec>,
     spool_segment_bytes: Option<SizeSpec>,
     initial_sync: Option<bool>,
+    hash_diff: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +189,10 @@ pub struct TrackingConfig {
     /// Ship every block of a disk protected for the first time (default true). False
     /// only when the replica is known to equal the disk already (e.g. both blank).
     pub initial_sync: bool,
+    /// The initial sync compares block hashes with the master target's copy and ships
+    /// only the blocks that differ (default true; needs protocol 3 at the master
+    /// target, which answers "no copy" for a blank replica: then every block ships).
+    pub hash_diff: bool,
 }
 
 /// Default of `tracking.cut_interval_ms`.
@@ -295,6 +301,7 @@ impl Config {
                 SPOOL_SEGMENT_BYTES_DEFAULT,
             )?,
             initial_sync: t.initial_sync.unwrap_or(true),
+            hash_diff: t.hash_diff.unwrap_or(true),
         };
         if tracking.cut_interval_ms < 10 {
             bail!(

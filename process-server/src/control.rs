@@ -9,6 +9,7 @@
 //! |----------------------------------------------------------|--------------------------------------------|
 //! | `{"cmd":"tag","group":"g1","app_consistent":true}`       | `{"ok":true,"point":{...},"warnings":[..]}` |
 //! | `{"cmd":"status"}`                                       | `{"ok":true,"groups":[...],"disks":[...]}`  |
+//! | `{"cmd":"verify","disk":"d0"}`                           | `{"ok":true,"verify":{...}}` ([`crate::verify::Report::to_json`]) |
 //! | anything else, or a request over [`REQUEST_BYTES_MAX`]   | `{"ok":false,"error":"..."}`               |
 //!
 //! A status answer, for scripts (`process-server status --json` prints it without `ok`):
@@ -28,6 +29,8 @@
 //! | `groups[].capture_bytes_per_s`, `.ship_bytes_per_s` | throughput over the last 10 s              |
 //! | `disks[].id`, `.group`, `.nbd_uri`, `.path` | the disk, its NBD export and its backing file or device |
 //! | `disks[].state`, `.size_bytes`, `.dirty_blocks`, `.captured_bytes` | its group's state, size, dirty 4 KiB blocks, bytes captured |
+//! | `disks[].resync_compared_blocks`, `.resync_sent_blocks` | hash-diff resyncs since start: 64 KiB blocks compared with the master target's copy, and sent (they differed or could not be compared) |
+//! | `groups[].resync.hash_diff`        | the pass under way compares block hashes              |
 //!
 //! An app-consistent tag runs the group's freeze hook, cuts, then runs the thaw hook
 //! whatever happened: a freeze that fails or outruns `hook_timeout_ms` yields a
@@ -73,6 +76,8 @@ pub struct Control {
     pub shipping: bool,
     /// Where `GET /metrics` is served, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Hash requests to the master target (none without a `[target]`): `verify`.
+    pub hashes: Option<Arc<crate::hashes::HashBroker>>,
 }
 
 /// Binds the control socket (replacing a stale one left by a killed server).
@@ -147,6 +152,27 @@ fn handle(c: &Control, line: &str) -> Value {
             tag(c, group, app)
         }
         Some("status") => status(c),
+        Some("verify") => {
+            let Some(disk) = req.get("disk").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "verify needs \"disk\""});
+            };
+            let Some(broker) = &c.hashes else {
+                return json!({"ok": false, "error": "no [target] configured: there is no copy to verify against"});
+            };
+            match crate::verify::verify(broker, &c.tracking, &c.exports, disk) {
+                Ok(r) => {
+                    info!(
+                        disk,
+                        compared_blocks = r.compared_blocks,
+                        differing_blocks = r.differing_blocks,
+                        in_flight_blocks = r.in_flight_blocks,
+                        "verify done"
+                    );
+                    json!({"ok": true, "verify": r.to_json()})
+                }
+                Err(e) => json!({"ok": false, "error": format!("verify {disk}: {e:#}")}),
+            }
+        }
         Some(other) => json!({"ok": false, "error": format!("unknown cmd {other:?}")}),
         None => json!({"ok": false, "error": "request needs \"cmd\""}),
     }
@@ -268,6 +294,16 @@ pub fn tag(c: &Control, group: &str, app: bool) -> Value {
 
 fn status(c: &Control) -> Value {
     let sync = c.tracking.sync_status();
+    let hash_diff: HashMap<String, bool> = c
+        .tracking
+        .specs()
+        .iter()
+        .filter_map(|(g, _)| {
+            let t = c.tracking.group(g)?;
+            let t = t.lock().ok()?;
+            Some((g.clone(), t.resync_is_hash_diff()))
+        })
+        .collect();
     let now = now_unix_ms();
     let metrics = c.tracking.metrics();
     let mut states: HashMap<String, &'static str> = HashMap::new();
@@ -302,6 +338,7 @@ fn status(c: &Control) -> Value {
                 "resync": progress.map(|p| json!({
                     "total_bytes": p.total_bytes,
                     "done_bytes": p.done_bytes,
+                    "hash_diff": hash_diff.get(&id).copied().unwrap_or(false),
                 })),
                 "captured_bytes": snap.captured_bytes,
                 "shipped_bytes": snap.shipped_wire_bytes,
@@ -335,6 +372,8 @@ fn status(c: &Control) -> Value {
                 "size_bytes": e.size_bytes,
                 "dirty_blocks": dirty,
                 "captured_bytes": metrics.disk(&e.id).map(|d| d.captured_bytes()),
+                "resync_compared_blocks": metrics.disk(&e.id).map(|d| d.hash_blocks().0),
+                "resync_sent_blocks": metrics.disk(&e.id).map(|d| d.hash_blocks().1),
             })
         })
         .collect();

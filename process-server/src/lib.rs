@@ -9,6 +9,8 @@
 //! | [`control`]      | the control socket: `tag` (with freeze/thaw hooks) and `status`   |
 //! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
 //! | [`resync`]       | reading dirty blocks back into the spool: resync and initial sync |
+//! | [`hashes`]       | hash requests to the master target (protocol 3), fetched ahead    |
+//! | [`verify`]       | the online verify: the disk against the master target's hashes    |
 //! | [`shipper`]      | shipping sealed epochs to the master target; acks, resume         |
 //! | [`ship_state`]   | a group's durable shipping state: the last acknowledged point     |
 //! | [`metrics`]      | live counters, throughput, state names, the `/metrics` endpoint   |
@@ -17,6 +19,7 @@
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod hashes;
 pub mod metrics;
 pub mod nbd_server;
 pub mod resync;
@@ -24,3 +27,4 @@ pub mod ship_state;
 pub mod shipper;
 pub mod tls;
 pub mod tracking;
+pub mod verify;

@@ -68,6 +68,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare a disk with the master target's copy at its newest consistent point, by
+    /// 64 KiB block hashes, while both run (an online verify); prints the ranges that
+    /// differ. Blocks changed since the last acknowledged point are reported as in
+    /// flight, not compared. Exit status 0: no difference; 2: differences; 1: error.
+    Verify {
+        /// The running server's TOML config file (names its state_dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The disk to verify.
+        #[arg(long, value_name = "D")]
+        disk: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn print_versions() {
@@ -103,10 +118,12 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let (tracking, reports) = Tracking::open(&exports, &config.tracking)?;
     tracking::log_open_reports(&reports, &config.tracking.state_dir);
     let tracking = Arc::new(tracking);
+    let mut hash_broker = None;
     let shipper = match &config.target {
         Some(target) => {
             let s = Shipper::new(target.clone(), &tracking, &config.tracking.state_dir)
                 .with_context(|| format!("config file {}", config_path.display()))?;
+            hash_broker = Some(s.hashes());
             let transport = if target.tls.is_some() {
                 "TLS 1.3"
             } else {
@@ -153,6 +170,7 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         nbd_addr: addr,
         shipping: config.target.is_some(),
         metrics_addr,
+        hashes: hash_broker.clone(),
     });
     let control_server = control::serve(control_listener, control.clone());
     let app_schedule = app_consistent_schedule(&config, control.clone());
@@ -199,7 +217,15 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     };
     let resync_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let resyncs = if config.target.is_some() {
-        process_server::resync::spawn_all(tracking.clone(), exports.clone(), resync_stop.clone())
+        process_server::resync::spawn_all(
+            tracking.clone(),
+            exports.clone(),
+            resync_stop.clone(),
+            process_server::resync::HashDiff {
+                enabled: config.tracking.hash_diff,
+                broker: hash_broker.clone(),
+            },
+        )
     } else {
         Vec::new()
     };
@@ -322,6 +348,67 @@ fn status(config: PathBuf, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `verify`: the running server compares a disk with the master target's copy.
+/// Returns whether differences were found.
+fn verify(config: PathBuf, disk: String, as_json: bool) -> anyhow::Result<bool> {
+    let cfg = Config::load(&config)?;
+    let answer = control::request(
+        &control::socket_path(&cfg),
+        &serde_json::json!({"cmd": "verify", "disk": disk}),
+    )?;
+    if answer["ok"] != true {
+        anyhow::bail!("{}", answer["error"].as_str().unwrap_or("refused"));
+    }
+    let v = &answer["verify"];
+    let differing = v["differing_blocks"].as_u64().unwrap_or(0);
+    if as_json {
+        println!("{v}");
+        return Ok(differing > 0);
+    }
+    let num = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    let points: Vec<String> = v["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| match p.as_u64() {
+            Some(0) | None => "replica".to_string(),
+            Some(id) => format!("point {id}"),
+        })
+        .collect();
+    println!(
+        "disk {} (group {}, {} bytes) against the master target's {}: {} blocks ({} bytes) \
+         compared in {:.1} s",
+        v["disk"].as_str().unwrap_or("-"),
+        v["group"].as_str().unwrap_or("-"),
+        num(&v["size_bytes"]),
+        points.join(", "),
+        num(&v["compared_blocks"]),
+        num(&v["compared_bytes"]),
+        v["seconds"].as_f64().unwrap_or(0.0),
+    );
+    let ranges = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| format!("{}+{}", num(&r["offset"]), num(&r["len"])))
+            .collect()
+    };
+    println!(
+        "in flight, not compared: {} blocks {}",
+        num(&v["in_flight_blocks"]),
+        ranges(&v["in_flight"]).join(" ")
+    );
+    if differing == 0 {
+        println!("differing: none");
+    } else {
+        println!(
+            "DIFFERING: {differing} blocks: {}",
+            ranges(&v["differing"]).join(" ")
+        );
+    }
+    Ok(differing > 0)
+}
+
 /// The human form of a status answer.
 fn status_table(answer: &serde_json::Value) -> String {
     use std::fmt::Write;
@@ -431,6 +518,11 @@ fn main() -> ExitCode {
             json,
         }) => tag(config, group, app_consistent, json),
         Some(Cmd::Status { config, json }) => status(config, json),
+        Some(Cmd::Verify { config, disk, json }) => match verify(config, disk, json) {
+            Ok(true) => return ExitCode::from(2),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        },
         Some(Cmd::Serve { config }) => Config::load(&config).and_then(|cfg| {
             init_logging(&cfg.log_level);
             tokio::runtime::Runtime::new()

@@ -31,6 +31,7 @@
 //! |-----------------------------------------------|---------|---------------|
 //! | `blockrep_captured_bytes_total`               | counter | group, disk   |
 //! | `blockrep_dirty_blocks`                       | gauge   | group, disk   |
+//! | `blockrep_resync_compared_blocks_total`, `blockrep_resync_sent_blocks_total` (hash-diff resync, 64 KiB blocks) | counter | group, disk |
 //! | `blockrep_shipped_bytes_total` (on the wire)  | counter | group         |
 //! | `blockrep_shipped_plain_bytes_total`          | counter | group         |
 //! | `blockrep_shipped_frames_total`               | counter | group         |
@@ -103,6 +104,11 @@ pub struct DiskMetrics {
     pub id: String,
     pub group: String,
     captured_bytes: AtomicU64,
+    /// Hash-diff resync: 64 KiB blocks compared with the master target's hashes.
+    hash_compared_blocks: AtomicU64,
+    /// Hash-diff resync: 64 KiB blocks (or parts of them) sent because they differed
+    /// or could not be compared.
+    hash_sent_blocks: AtomicU64,
 }
 
 /// A group's counters at one instant.
@@ -162,6 +168,8 @@ impl GroupMetrics {
                         id: d.id.clone(),
                         group: id.to_string(),
                         captured_bytes: AtomicU64::new(0),
+                        hash_compared_blocks: AtomicU64::new(0),
+                        hash_sent_blocks: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -234,6 +242,21 @@ fn rate(w: &Mutex<RateWindow>) -> f64 {
 impl DiskMetrics {
     pub fn captured_bytes(&self) -> u64 {
         self.captured_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A hash-diff resync compared `compared` blocks and sent `sent`.
+    pub fn hash_diffed(&self, compared: u64, sent: u64) {
+        self.hash_compared_blocks
+            .fetch_add(compared, Ordering::Relaxed);
+        self.hash_sent_blocks.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Blocks compared and sent by hash-diff resyncs since start.
+    pub fn hash_blocks(&self) -> (u64, u64) {
+        (
+            self.hash_compared_blocks.load(Ordering::Relaxed),
+            self.hash_sent_blocks.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -330,6 +353,26 @@ pub fn render(metrics: &Metrics, tracking: &Tracking, shipping: bool) -> String 
     for (g, _) in &groups {
         for d in &g.disks {
             f.sample(&[("group", &g.id), ("disk", &d.id)], d.captured_bytes());
+        }
+    }
+    let mut f = e.family(
+        "blockrep_resync_compared_blocks_total",
+        MetricType::Counter,
+        "Blocks (64 KiB) a hash-diff resync compared with the master target's copy, per disk.",
+    );
+    for (g, _) in &groups {
+        for d in &g.disks {
+            f.sample(&[("group", &g.id), ("disk", &d.id)], d.hash_blocks().0);
+        }
+    }
+    let mut f = e.family(
+        "blockrep_resync_sent_blocks_total",
+        MetricType::Counter,
+        "Blocks (64 KiB) a hash-diff resync sent because they differed or could not be compared, per disk.",
+    );
+    for (g, _) in &groups {
+        for d in &g.disks {
+            f.sample(&[("group", &g.id), ("disk", &d.id)], d.hash_blocks().1);
         }
     }
     let mut f = e.family(
@@ -667,6 +710,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("blockrep_dirty_blocks{group=\"g1\",disk=\"disk0\"} 3\n"));
+        t.metrics().disk("disk0").unwrap().hash_diffed(16, 2);
+        let text = render(t.metrics(), &t, false);
+        assert!(
+            text.contains(
+                "blockrep_resync_compared_blocks_total{group=\"g1\",disk=\"disk0\"} 16\n"
+            )
+        );
+        assert!(
+            text.contains("blockrep_resync_sent_blocks_total{group=\"g1\",disk=\"disk0\"} 2\n")
+        );
         assert!(text.contains(&format!(
             "blockrep_spool_max_bytes{{group=\"g1\"}} {}\n",
             2 << 20

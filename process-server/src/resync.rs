@@ -16,16 +16,44 @@
 //!
 //! Progress: a bar on a terminal (stderr), a log line every [`LOG_EVERY`], and the
 //! tracker's [`datapath::tracker::ResyncProgress`] in `status`.
+//!
+//! # Hash-diff initial sync (reprotect)
+//!
+//! When the group has disks in their initial sync, `[tracking] hash_diff` is on (the
+//! default) and the master target speaks protocol 3, the pass compares instead of
+//! copying (the argument that makes it exact is in `datapath::tracker`, "Hash-diff"):
+//!
+//! 1. It starts only once every record spooled before it is acknowledged
+//!    ([`GroupTracker::begin_hash_diff_resync`]); until a session with the master
+//!    target exists, the initial sync waits for one.
+//! 2. Per extent (at most 1 MiB, whole 64 KiB blocks): the master target's hashes of
+//!    the blocks are fetched first, outside every lock, by a [`Prefetch`] that keeps
+//!    [`crate::hashes::HASH_REQUESTS_AHEAD`] requests of 16 MiB in flight ahead of
+//!    the reader; then, under the range lock, the extent is read, its 64 KiB blocks
+//!    hashed and compared ([`datapath::hashing::differing_parts`]), and only the
+//!    differing blocks are recorded ([`GroupTracker::record_resync_parts`]); the
+//!    others' dirty bits are cleared.
+//! 3. A master target that has no copy of a disk (a blank replica) says so once: that
+//!    disk is then read and recorded in full for the rest of the pass ("no copy: full
+//!    sync"), as is an extent whose hashes could not be had (the master target failed
+//!    to hash, no answer in time). A lost connection makes the extent wait for the
+//!    next session.
+//! 4. Counters: 64 KiB blocks compared and blocks sent, per disk, in `status`
+//!    (`disks[].resync_compared_blocks`, `.resync_sent_blocks`) and `/metrics`, and a
+//!    log line when the pass ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datapath::extent::Extent;
+use datapath::frame::{HASH_PROTOCOL_VERSION, HashOf};
+use datapath::hashing::{HASH_BLOCK_BYTES, differing_parts};
 use datapath::tracker::{GroupTracker, RESYNC_EXTENT_BYTES_MAX, TrackMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::{error, info, warn};
 
+use crate::hashes::{Fetched, HashBroker, Prefetch, Unavailable};
 use crate::nbd_server::Exports;
 use crate::tracking::Tracking;
 
@@ -37,8 +65,37 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// What one step found to do.
 enum Step {
     Idle,
-    Read { disk: String, ext: Extent },
-    Done { initial: Vec<String> },
+    /// A pass began; these disks are compared by hash.
+    Begun {
+        hash_diff: Vec<String>,
+    },
+    Read {
+        disk: String,
+        ext: Extent,
+    },
+    Done {
+        initial: Vec<String>,
+    },
+}
+
+/// How the driver of a group may compare by hash.
+#[derive(Clone)]
+pub struct HashDiff {
+    /// `[tracking] hash_diff`.
+    pub enabled: bool,
+    /// The shipper's hash requests (none without a `[target]`).
+    pub broker: Option<Arc<HashBroker>>,
+}
+
+/// The hash-diff state of the pass under way.
+struct HashPass {
+    /// Disks compared by hash.
+    disks: Vec<String>,
+    /// Among them, the ones the master target has no copy of: read in full.
+    full: Vec<String>,
+    prefetch: Option<Prefetch>,
+    compared_blocks: u64,
+    sent_blocks: u64,
 }
 
 /// Runs the driver of every group on its own thread until `stop` is set.
@@ -46,17 +103,23 @@ pub fn spawn_all(
     tracking: Arc<Tracking>,
     exports: Arc<Exports>,
     stop: Arc<AtomicBool>,
+    hash_diff: HashDiff,
 ) -> Vec<std::thread::JoinHandle<()>> {
     tracking
         .specs()
         .iter()
         .filter_map(|(g, _)| {
             let tracker = tracking.group(g)?;
-            let (tracking, exports, stop, g) =
-                (tracking.clone(), exports.clone(), stop.clone(), g.clone());
+            let (tracking, exports, stop, g, hd) = (
+                tracking.clone(),
+                exports.clone(),
+                stop.clone(),
+                g.clone(),
+                hash_diff.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("resync-{g}"))
-                .spawn(move || run(&g, &tracker, &tracking, &exports, &stop))
+                .spawn(move || run(&g, &tracker, &tracking, &exports, &stop, &hd))
                 .ok()
         })
         .collect()
@@ -68,12 +131,16 @@ fn run(
     tracking: &Tracking,
     exports: &Exports,
     stop: &AtomicBool,
+    hd: &HashDiff,
 ) {
     let mut bar: Option<ProgressBar> = None;
     let mut last_log = Instant::now();
     let mut buf = Vec::new();
+    let mut pass: Option<HashPass> = None;
+    let mut said_waiting = false;
+    let mut said_disconnected = false;
     while !stop.load(Ordering::SeqCst) {
-        let step = match next_step(group, tracker) {
+        let step = match next_step(group, tracker, hd, &mut said_waiting) {
             Ok(s) => s,
             Err(e) => {
                 error!(group, "resync: {e:#}");
@@ -88,9 +155,28 @@ fn run(
                 }
                 std::thread::sleep(POLL);
             }
+            Step::Begun { hash_diff } => {
+                pass = (!hash_diff.is_empty()).then(|| HashPass {
+                    disks: hash_diff,
+                    full: Vec::new(),
+                    prefetch: None,
+                    compared_blocks: 0,
+                    sent_blocks: 0,
+                });
+            }
             Step::Done { initial } => {
                 if let Some(b) = bar.take() {
                     b.finish();
+                }
+                if let Some(p) = pass.take() {
+                    info!(
+                        group,
+                        disks = %p.disks.join(","),
+                        compared_blocks = p.compared_blocks,
+                        sent_blocks = p.sent_blocks,
+                        "hash-diff pass done: only the 64 KiB blocks that differ from the \
+                         master target's copy were sent"
+                    );
                 }
                 if initial.is_empty() {
                     info!(
@@ -106,9 +192,51 @@ fn run(
                 }
             }
             Step::Read { disk, ext } => {
-                if let Err(e) =
-                    read_and_record(group, tracker, tracking, exports, &disk, ext, &mut buf)
-                {
+                let hashed = pass.as_mut().filter(|p| {
+                    p.disks.contains(&disk)
+                        && !p.full.contains(&disk)
+                        && tracker.lock().is_ok_and(|t| t.resync_is_hash_diff())
+                });
+                let r = match (hashed, hd.broker.as_deref()) {
+                    (Some(p), Some(broker)) => {
+                        let io = Io {
+                            group,
+                            tracker,
+                            tracking,
+                            exports,
+                        };
+                        compare_and_record(&io, broker, p, &disk, ext, &mut buf)
+                    }
+                    _ => read_and_record(group, tracker, tracking, exports, &disk, ext, &mut buf)
+                        .map(|()| {
+                            // A disk of a hash-diff pass sent in full (no copy there).
+                            if let Some(p) = pass.as_mut().filter(|p| p.disks.contains(&disk)) {
+                                let sent = blocks_touched(ext);
+                                p.sent_blocks += sent;
+                                if let Some(m) = tracking.metrics().disk(&disk) {
+                                    m.hash_diffed(0, sent);
+                                }
+                            }
+                            true
+                        }),
+                };
+                match r {
+                    Ok(true) => said_disconnected = false,
+                    Ok(false) => {
+                        // No session: nothing ships anyway; the extent waits for one.
+                        if !said_disconnected {
+                            info!(
+                                group,
+                                disk, "hash-diff resync waits for the master target's connection"
+                            );
+                            said_disconnected = true;
+                        }
+                        std::thread::sleep(POLL);
+                        continue;
+                    }
+                    Err(_) => {}
+                }
+                if let Err(e) = r {
                     error!(
                         group,
                         disk,
@@ -139,7 +267,12 @@ fn run(
 }
 
 /// Under the tracker lock: starts a pass, picks the next extent, or ends the pass.
-fn next_step(group: &str, tracker: &Mutex<GroupTracker>) -> anyhow::Result<Step> {
+fn next_step(
+    group: &str,
+    tracker: &Mutex<GroupTracker>,
+    hd: &HashDiff,
+    said_waiting: &mut bool,
+) -> anyhow::Result<Step> {
     let mut t = tracker
         .lock()
         .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
@@ -151,8 +284,50 @@ fn next_step(group: &str, tracker: &Mutex<GroupTracker>) -> anyhow::Result<Step>
     match t.mode().clone() {
         TrackMode::Spooling => Ok(Step::Idle),
         TrackMode::BitmapOnly { reason } => {
+            let initial = t.initial_sync_disks().to_vec();
+            if let (true, false, Some(broker)) = (hd.enabled, initial.is_empty(), &hd.broker) {
+                match broker.protocol() {
+                    None => {
+                        if !*said_waiting {
+                            info!(
+                                group,
+                                disks = %initial.join(","),
+                                "initial sync waits for the master target, to compare block hashes with its copy"
+                            );
+                            *said_waiting = true;
+                        }
+                        return Ok(Step::Idle);
+                    }
+                    Some(p) if p < HASH_PROTOCOL_VERSION => {
+                        if !*said_waiting {
+                            info!(
+                                group,
+                                protocol = p,
+                                "the master target speaks no protocol with hash requests: full initial sync"
+                            );
+                            *said_waiting = true;
+                        }
+                    }
+                    Some(_) => {
+                        // Only with every earlier record acknowledged (the tracker
+                        // refuses otherwise); until then the acks drain the spool.
+                        if !t.begin_hash_diff_resync()? {
+                            return Ok(Step::Idle);
+                        }
+                        *said_waiting = false;
+                        let total = t.resync_progress().map_or(0, |p| p.total_bytes);
+                        info!(
+                            group,
+                            disks = %initial.join(","),
+                            total_bytes = total,
+                            "initial sync started: a hash-diff resync, only blocks that differ from the master target's copy are sent"
+                        );
+                        return Ok(Step::Begun { hash_diff: initial });
+                    }
+                }
+            }
             if t.begin_resync()? {
-                let initial = t.initial_sync_disks().to_vec();
+                *said_waiting = false;
                 let total = t.resync_progress().map_or(0, |p| p.total_bytes);
                 if initial.is_empty() {
                     warn!(
@@ -163,11 +338,18 @@ fn next_step(group: &str, tracker: &Mutex<GroupTracker>) -> anyhow::Result<Step>
                 } else {
                     info!(group, disks = %initial.join(","), total_bytes = total, "initial sync started: every block goes to the master target, zero blocks without data");
                 }
+                return Ok(Step::Begun {
+                    hash_diff: Vec::new(),
+                });
             }
             Ok(Step::Idle)
         }
         TrackMode::Resyncing => {
-            let most = RESYNC_EXTENT_BYTES_MAX.min(max / 16);
+            let mut most = RESYNC_EXTENT_BYTES_MAX.min(max / 16);
+            if t.resync_is_hash_diff() {
+                // Whole 64 KiB blocks, so that every block can be compared.
+                most = (most / HASH_BLOCK_BYTES * HASH_BLOCK_BYTES).max(HASH_BLOCK_BYTES);
+            }
             match t.next_resync_extent(most) {
                 Some((disk, ext)) => Ok(Step::Read { disk, ext }),
                 None => Ok(Step::Done {
@@ -211,6 +393,130 @@ fn read_and_record(
     })();
     ranges.release(disk, ext.offset, ext.len);
     r
+}
+
+/// What the reads of a group need.
+struct Io<'a> {
+    group: &'a str,
+    tracker: &'a Mutex<GroupTracker>,
+    tracking: &'a Tracking,
+    exports: &'a Exports,
+}
+
+/// The 64 KiB blocks `e` touches.
+fn blocks_touched(e: Extent) -> u64 {
+    (e.end() - 1) / HASH_BLOCK_BYTES - e.offset / HASH_BLOCK_BYTES + 1
+}
+
+/// The hash-diff form of [`read_and_record`] (see the module doc): the master
+/// target's hashes of the blocks of `ext` first, then, under the range lock, the read,
+/// the comparison and the record of the differing parts. False (nothing done) while
+/// there is no session with the master target.
+fn compare_and_record(
+    io: &Io<'_>,
+    broker: &HashBroker,
+    pass: &mut HashPass,
+    disk: &str,
+    ext: Extent,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<bool> {
+    let group = io.group;
+    let export = io
+        .exports
+        .get(disk)
+        .ok_or_else(|| anyhow::anyhow!("group {group}: no export for disk {disk}"))?;
+    let size = export.size_bytes;
+    if pass.prefetch.as_ref().is_none_or(|p| p.disk() != disk) {
+        if let Some(mut old) = pass.prefetch.take() {
+            old.reset(broker, 0);
+        }
+        pass.prefetch = Some(Prefetch::new(group, disk, size, HashOf::Latest));
+    }
+    let first = ext.offset / HASH_BLOCK_BYTES;
+    let count = (ext.end() - 1) / HASH_BLOCK_BYTES - first + 1;
+    let prefetch = pass
+        .prefetch
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("no prefetch"))?;
+    let theirs = match prefetch.get(broker, first, count) {
+        Ok(Fetched::Hashes(h)) => Some(h),
+        Ok(Fetched::NoCopy) => {
+            info!(
+                group,
+                disk, "no copy at the master target (a blank replica): full sync of this disk"
+            );
+            pass.full.push(disk.to_string());
+            pass.prefetch = None;
+            None
+        }
+        Ok(Fetched::Refused(status)) => {
+            warn!(
+                group,
+                disk,
+                offset = ext.offset,
+                ?status,
+                "the master target gave no hashes for this extent: it is sent in full"
+            );
+            None
+        }
+        Err(Unavailable::OldProtocol(p)) => {
+            info!(
+                group,
+                disk,
+                protocol = p,
+                "the master target speaks no protocol with hash requests: full sync of this disk"
+            );
+            pass.full.push(disk.to_string());
+            pass.prefetch = None;
+            None
+        }
+        Err(Unavailable::Timeout) => {
+            warn!(
+                group,
+                disk,
+                offset = ext.offset,
+                "{}: this extent is sent in full",
+                Unavailable::Timeout
+            );
+            None
+        }
+        Err(Unavailable::NotConnected | Unavailable::Disconnected) => return Ok(false),
+    };
+    buf.resize(ext.len as usize, 0);
+    let ranges = io.tracking.in_flight();
+    ranges.acquire(disk, ext.offset, ext.len);
+    let r = (|| {
+        export.store.read_at(buf, ext.offset).map_err(|e| {
+            anyhow::anyhow!(
+                "read {} bytes at {} of {}: {e}",
+                ext.len,
+                ext.offset,
+                export.path.display()
+            )
+        })?;
+        let (parts, compared) = match &theirs {
+            Some(h) => {
+                let d = differing_parts(size, ext.offset, buf, first, h);
+                (d.parts, d.compared_blocks)
+            }
+            None => (vec![ext], 0),
+        };
+        let mut t = io
+            .tracker
+            .lock()
+            .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
+        t.record_resync_parts(disk, ext, buf, &parts)?;
+        anyhow::Ok((parts, compared))
+    })();
+    ranges.release(disk, ext.offset, ext.len);
+    let (parts, compared) = r?;
+    let sent: u64 = parts.iter().map(|p| blocks_touched(*p)).sum();
+    pass.compared_blocks += compared;
+    pass.sent_blocks += sent;
+    if let Some(m) = io.tracking.metrics().disk(disk) {
+        m.hash_diffed(compared, sent);
+    }
+    Ok(true)
 }
 
 fn new_bar(group: &str, total: u64) -> ProgressBar {

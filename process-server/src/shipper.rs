@@ -15,12 +15,15 @@
 //! for one) ends the connection; the shipper reconnects with exponential
 //! backoff from [`BACKOFF_MIN_MS`] doubling to [`BACKOFF_MAX_MS`] and resumes.
 //!
-//! Both sides speak protocol 1 or 2 (the hello carries 1..=[`PROTOCOL_VERSION`]). On a
-//! connection that negotiated 2, the master target may send a `CutRequest` for a group
-//! (a failback to `latest`): the ack reader cuts the group at once (crash-consistent,
-//! like the timer's cuts) and the sender answers with a `CutDone` naming the point (0
-//! when none could be cut, e.g. in bitmap-only mode), between two frames. The point
-//! itself ships like every point, after everything spooled before it.
+//! Both sides speak protocol 1 to 3 (the hello carries 1..=[`PROTOCOL_VERSION`]). On a
+//! connection that negotiated 2 or later, the master target may send a `CutRequest`
+//! for a group (a failback to `latest`): the ack reader cuts the group at once
+//! (crash-consistent, like the timer's cuts) and the sender answers with a `CutDone`
+//! naming the point (0 when none could be cut, e.g. in bitmap-only mode), between two
+//! frames. The point itself ships like every point, after everything spooled before it.
+//! On a connection that negotiated 3, the session attaches to the [`HashBroker`]: hash
+//! requests of the resync and of `verify` go out between two frames the same way, and
+//! the ack reader hands the hash lists that answer them back ([`crate::hashes`]).
 //!
 //! # Frames of an epoch
 //!
@@ -65,7 +68,8 @@ use anyhow::{Context, bail};
 use datapath::extent::{EpochMap, ExtentData};
 use datapath::frame::{
     self, Ack, CUT_PROTOCOL_VERSION, CutDone, DataFrameMeta, Decoder, Encoder, ErrorFrame, Frame,
-    FrameHeader, Hello, HelloDisk, HelloGroup, PROTOCOL_VERSION, PointKind, PointRecord, Role,
+    FrameHeader, HASH_PROTOCOL_VERSION, Hello, HelloDisk, HelloGroup, PROTOCOL_VERSION, PointKind,
+    PointRecord, Role,
 };
 use datapath::spool::SpoolEntry;
 use datapath::storage::{RealFs, Storage};
@@ -75,6 +79,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
 
 use crate::config::TargetConfig;
+use crate::hashes::HashBroker;
 use crate::metrics::GroupMetrics;
 use crate::ship_state::ShipState;
 use crate::tls::TlsClient;
@@ -146,9 +151,16 @@ pub struct Shipper {
     groups: Vec<Arc<GroupShip>>,
     /// [`ACK_TIMEOUT_MS`]; shorter in tests.
     ack_timeout: Duration,
+    /// Hash requests ride this shipper's connection (protocol 3).
+    hashes: Arc<HashBroker>,
 }
 
 impl Shipper {
+    /// The hash requests of this shipper's connection (resync, verify).
+    pub fn hashes(&self) -> Arc<HashBroker> {
+        self.hashes.clone()
+    }
+
     /// Loads every group's shipping state from `state_dir/<group>`, and the TLS files.
     pub fn new(
         target: TargetConfig,
@@ -189,6 +201,7 @@ impl Shipper {
             fs,
             groups,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
+            hashes: Arc::new(HashBroker::default()),
         })
     }
 
@@ -320,15 +333,30 @@ impl Shipper {
         // that found nothing in flight.
         let waiting_since = Mutex::new(tokio::time::Instant::now());
 
-        // Answers to the master target's cut requests, sent between frames.
+        // Answers to the master target's cut requests and hash requests, sent between
+        // frames.
         let (answer_tx, mut answer_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        /// Fails the session's hash requests however the session ends.
+        struct Detach<'a>(&'a HashBroker, Option<u64>);
+        impl Drop for Detach<'_> {
+            fn drop(&mut self) {
+                if let Some(g) = self.1 {
+                    self.0.detach(g);
+                }
+            }
+        }
+        let _detach = Detach(
+            &self.hashes,
+            (protocol >= HASH_PROTOCOL_VERSION)
+                .then(|| self.hashes.attach(protocol, answer_tx.clone())),
+        );
         let sender = async {
             loop {
                 let out = tokio::select! {
                     biased;
                     Some(answer) = answer_rx.recv() => {
-                        wr.write_all(&answer).await.context("send a cut answer")?;
-                        wr.flush().await.context("send a cut answer")?;
+                        wr.write_all(&answer).await.context("send a control frame")?;
+                        wr.flush().await.context("send a control frame")?;
                         continue;
                     }
                     out = rx.recv() => match out {
@@ -365,6 +393,10 @@ impl Shipper {
             loop {
                 let ack = match read_frame(&mut rd, &mut dec).await? {
                     Frame::Ack(a) => a,
+                    Frame::HashList(l) if protocol >= HASH_PROTOCOL_VERSION => {
+                        self.hashes.deliver(l).map_err(|e| anyhow::anyhow!("{e}"))?;
+                        continue;
+                    }
                     Frame::CutRequest(c) if protocol >= CUT_PROTOCOL_VERSION => {
                         let answer = self.cut_now(&c.group, &active).await;
                         let mut out = Vec::new();
@@ -555,6 +587,7 @@ fn frame_name(f: &Frame) -> String {
         Frame::HashList(_) => "a hash list".into(),
         Frame::CutRequest(_) => "a cut request".into(),
         Frame::CutDone(_) => "a cut answer".into(),
+        Frame::HashRequest(_) => "a hash request".into(),
     }
 }
 
@@ -957,6 +990,7 @@ mod tests {
                     fs: Arc::new(RealFs),
                     groups: vec![g.clone()],
                     ack_timeout: Duration::from_millis(300),
+                    hashes: Arc::default(),
                 };
                 let peer = tokio::spawn(async move {
                     let (mut s, _) = listener.accept().await.unwrap();

@@ -1,5 +1,5 @@
 //! Control frames: hello (kind 3), ack (kind 4), error (kind 5), hash list (kind 6), cut
-//! request (kind 7) and cut done (kind 8).
+//! request (kind 7), cut done (kind 8) and hash request (kind 9).
 //!
 //! The byte layouts are in the doc of [`crate::frame`]. Each type has a `check` that both
 //! its encoder (before writing) and its decoder (after parsing) run, so that what one
@@ -13,10 +13,15 @@ use crate::extent::SECTOR_BYTES;
 /// The newest protocol version this build speaks (the frame format has its own
 /// [`super::VERSION`]). Version 2 adds [`CutRequest`] and [`CutDone`]: a master target
 /// sends a cut request only on a connection that negotiated 2 or later, so both sides
-/// still speak version 1 with a peer that knows nothing newer.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// still speak version 1 with a peer that knows nothing newer. Version 3 adds
+/// [`HashRequest`] (process server -> master target) and its answer, the hash list in
+/// its second layout ([`HashListFrame`]); a process server sends hash requests only on
+/// a connection that negotiated 3 or later.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first protocol version with [`CutRequest`] and [`CutDone`].
 pub const CUT_PROTOCOL_VERSION: u16 = 2;
+/// The first protocol version with [`HashRequest`] and hash list answers.
+pub const HASH_PROTOCOL_VERSION: u16 = 3;
 /// Hard bound on the groups of one hello.
 pub const MAX_HELLO_GROUPS: u16 = 256;
 /// Hard bound on the disks of one group in a hello.
@@ -35,7 +40,8 @@ const _: () = assert!(
     8 + 65 + MAX_HELLO_GROUPS as usize * (2 + 65 + MAX_HELLO_DISKS as usize * (8 + 65))
         <= super::MAX_BODY_BYTES as usize
 );
-const _: () = assert!(16 + 65 + MAX_HASHES as usize * HASH_BYTES <= super::MAX_BODY_BYTES as usize);
+const _: () =
+    assert!(36 + 65 + 65 + MAX_HASHES as usize * HASH_BYTES <= super::MAX_BODY_BYTES as usize);
 
 /// Which program sends a hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -254,23 +260,114 @@ impl ErrorFrame {
     }
 }
 
+/// Which state of a disk a [`HashRequest`] asks the master target to hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum HashOf {
+    /// The replica with every durable journal frame laid over it, consistent or not
+    /// (what the disk becomes once everything acknowledged is applied): a resync
+    /// compares against this.
+    Latest = 0,
+    /// The newest consistent point in the journal (or the replica, when the journal
+    /// holds no point but was folded before): an online verify compares against this.
+    ConsistentPoint = 1,
+}
+
+/// The process server asks for the hashes of `count` blocks of a disk (protocol 3).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HashRequest {
+    /// Echoed by the answer; the asker's to choose.
+    pub request_id: u64,
+    pub group: String,
+    pub disk: String,
+    /// A positive multiple of [`SECTOR_BYTES`], at most [`MAX_HASH_BLOCK_BYTES`]; a
+    /// master target answers only the block size of [`crate::hashing`].
+    pub block_size_bytes: u32,
+    pub first_block: u64,
+    /// 1..=[`MAX_HASHES`].
+    pub count: u32,
+    pub of: HashOf,
+}
+
+impl HashRequest {
+    /// Checks the rules the decoder enforces.
+    pub fn check(&self) -> Result<(), FrameError> {
+        check_id("group", &self.group)?;
+        check_id("disk", &self.disk)?;
+        if self.count == 0 {
+            return Err(FrameError::Invalid {
+                field: "count",
+                why: "a hash request asks for at least one block".into(),
+            });
+        }
+        check_hash_list(self.block_size_bytes, self.first_block, self.count as usize)
+    }
+}
+
+/// What a [`HashListFrame`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum HashStatus {
+    /// The hashes follow, one per block asked for.
+    Hashes = 0,
+    /// The master target holds no copy of this disk (a replica it created and nothing
+    /// was ever written to it): hashing it is of no use, send every block.
+    NoCopy = 1,
+    /// A consistent point was asked for and the journal holds none.
+    NoPoint = 2,
+    /// Hashing failed at the master target (its log says why); the asker sends the
+    /// blocks, or asks again later.
+    Failed = 3,
+}
+
+/// The master target's answer to a [`HashRequest`] (hash list layout 2, protocol 3):
 /// blake3 hashes of `hashes.len()` consecutive blocks of a disk, from `first_block`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HashListFrame {
+    /// The request's id.
+    pub request_id: u64,
+    pub group: String,
     pub disk: String,
     /// A positive multiple of [`SECTOR_BYTES`], at most [`MAX_HASH_BLOCK_BYTES`].
     pub block_size_bytes: u32,
     pub first_block: u64,
-    /// At most [`MAX_HASHES`]; may be empty (e.g. to mark the end of a list).
+    /// The point whose state was hashed; 0 for [`HashOf::Latest`] or the replica.
+    pub point_id: u64,
+    pub status: HashStatus,
+    /// At most [`MAX_HASHES`]; empty unless `status` is [`HashStatus::Hashes`].
     pub hashes: Vec<[u8; HASH_BYTES]>,
 }
 
 impl HashListFrame {
     /// Checks the rules the decoder enforces.
     pub fn check(&self) -> Result<(), FrameError> {
+        check_id("group", &self.group)?;
         check_id("disk", &self.disk)?;
-        check_hash_list(self.block_size_bytes, self.first_block, self.hashes.len())
+        check_hash_list(self.block_size_bytes, self.first_block, self.hashes.len())?;
+        if self.status != HashStatus::Hashes && !self.hashes.is_empty() {
+            return Err(FrameError::Invalid {
+                field: "count",
+                why: format!(
+                    "{} hashes in an answer of status {:?}, which carries none",
+                    self.hashes.len(),
+                    self.status
+                ),
+            });
+        }
+        Ok(())
     }
+}
+
+/// The hash list in its first layout (kind 6 before protocol 3): FROZEN. It never
+/// went on a wire (nothing sent it before protocol 3 replaced it with
+/// [`HashListFrame`]); it stays, with its golden bytes, so that the layout is on
+/// record and a reader of old captures can name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HashListV1 {
+    pub disk: String,
+    pub block_size_bytes: u32,
+    pub first_block: u64,
+    pub hashes: Vec<[u8; HASH_BYTES]>,
 }
 
 fn check_hash_list(
@@ -479,9 +576,106 @@ pub fn decode_error_body(body: &[u8]) -> Result<ErrorFrame, FrameError> {
     Ok(e)
 }
 
-/// Encodes a hash list frame into `out` (cleared first).
+/// Encodes a hash list frame (layout 2) into `out` (cleared first).
 pub fn encode_hash_list(l: &HashListFrame, out: &mut Vec<u8>) -> Result<(), FrameError> {
     l.check()?;
+    begin(out);
+    out.extend_from_slice(&l.request_id.to_le_bytes());
+    out.extend_from_slice(&l.first_block.to_le_bytes());
+    out.extend_from_slice(&(l.hashes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&l.block_size_bytes.to_le_bytes());
+    out.extend_from_slice(&l.point_id.to_le_bytes());
+    out.push(l.status as u8);
+    out.extend_from_slice(&[0; 3]);
+    put_id(out, &l.group);
+    put_id(out, &l.disk);
+    for h in &l.hashes {
+        out.extend_from_slice(h);
+    }
+    seal(out, FrameKind::HashList, 0);
+    Ok(())
+}
+
+/// Decodes and verifies a hash list frame (layout 2).
+pub fn decode_hash_list(frame: &[u8]) -> Result<HashListFrame, FrameError> {
+    let (h, body) = verify_kind(frame, FrameKind::HashList)?;
+    check_control_seq(&h)?;
+    decode_hash_list_body(body)
+}
+
+/// Reads `count` hashes that must be exactly the rest of the body.
+fn read_hashes(r: &mut Reader<'_>, count: u32) -> Result<Vec<[u8; HASH_BYTES]>, FrameError> {
+    let need = count as usize * HASH_BYTES;
+    if r.remaining() != need {
+        return Err(FrameError::Invalid {
+            field: "count",
+            why: format!(
+                "{count} hashes need {need} bytes, {} follow the ids",
+                r.remaining()
+            ),
+        });
+    }
+    // Bounded by MAX_HASHES (checked by the caller), and every byte is present.
+    let mut hashes = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let h: [u8; HASH_BYTES] =
+            r.take(HASH_BYTES, "hash")?
+                .try_into()
+                .map_err(|_| FrameError::Invalid {
+                    field: "hash",
+                    why: "not 32 bytes".into(),
+                })?;
+        hashes.push(h);
+    }
+    Ok(hashes)
+}
+
+/// Decodes the body of a hash list frame (layout 2) whose crc was checked.
+pub fn decode_hash_list_body(body: &[u8]) -> Result<HashListFrame, FrameError> {
+    let mut r = Reader::new(body);
+    let request_id = r.u64("request_id")?;
+    let first_block = r.u64("first_block")?;
+    let count = r.u32("count")?;
+    let block_size_bytes = r.u32("block_size_bytes")?;
+    check_hash_list(block_size_bytes, first_block, count as usize)?;
+    let point_id = r.u64("point_id")?;
+    let status = match r.u8("status")? {
+        0 => HashStatus::Hashes,
+        1 => HashStatus::NoCopy,
+        2 => HashStatus::NoPoint,
+        3 => HashStatus::Failed,
+        v => {
+            return Err(FrameError::Invalid {
+                field: "status",
+                why: format!("{v} is not a hash list status (0..=3)"),
+            });
+        }
+    };
+    if r.take(3, "hash_list.reserved")? != [0; 3] {
+        return Err(FrameError::Reserved("hash_list.reserved"));
+    }
+    let group = r.id("group")?;
+    let disk = r.id("disk")?;
+    let hashes = read_hashes(&mut r, count)?;
+    r.finish("hash list body")?;
+    let l = HashListFrame {
+        request_id,
+        group,
+        disk,
+        block_size_bytes,
+        first_block,
+        point_id,
+        status,
+        hashes,
+    };
+    l.check()?;
+    Ok(l)
+}
+
+/// Encodes a hash list in the frozen layout 1 (see [`HashListV1`]; for its golden test).
+pub fn encode_hash_list_v1(l: &HashListV1, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    check_id("disk", &l.disk)?;
+    check_hash_list(l.block_size_bytes, l.first_block, l.hashes.len())?;
     begin(out);
     out.extend_from_slice(&l.block_size_bytes.to_le_bytes());
     out.extend_from_slice(&(l.hashes.len() as u32).to_le_bytes());
@@ -494,50 +688,83 @@ pub fn encode_hash_list(l: &HashListFrame, out: &mut Vec<u8>) -> Result<(), Fram
     Ok(())
 }
 
-/// Decodes and verifies a hash list frame.
-pub fn decode_hash_list(frame: &[u8]) -> Result<HashListFrame, FrameError> {
+/// Decodes a hash list frame in the frozen layout 1 (see [`HashListV1`]).
+pub fn decode_hash_list_v1(frame: &[u8]) -> Result<HashListV1, FrameError> {
     let (h, body) = verify_kind(frame, FrameKind::HashList)?;
     check_control_seq(&h)?;
-    decode_hash_list_body(body)
-}
-
-/// Decodes the body of a hash list frame whose crc was checked.
-pub fn decode_hash_list_body(body: &[u8]) -> Result<HashListFrame, FrameError> {
     let mut r = Reader::new(body);
     let block_size_bytes = r.u32("block_size_bytes")?;
     let count = r.u32("count")?;
     let first_block = r.u64("first_block")?;
     check_hash_list(block_size_bytes, first_block, count as usize)?;
     let disk = r.id("disk")?;
-    let need = count as usize * HASH_BYTES;
-    if r.remaining() != need {
-        return Err(FrameError::Invalid {
-            field: "count",
-            why: format!(
-                "{count} hashes need {need} bytes, {} follow the disk id",
-                r.remaining()
-            ),
-        });
-    }
-    // Bounded by MAX_HASHES, and every byte is known to be present.
-    let mut hashes = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let h: [u8; HASH_BYTES] =
-            r.take(HASH_BYTES, "hash")?
-                .try_into()
-                .map_err(|_| FrameError::Invalid {
-                    field: "hash",
-                    why: "not 32 bytes".into(),
-                })?;
-        hashes.push(h);
-    }
+    let hashes = read_hashes(&mut r, count)?;
     r.finish("hash list body")?;
-    Ok(HashListFrame {
+    Ok(HashListV1 {
         disk,
         block_size_bytes,
         first_block,
         hashes,
     })
+}
+
+/// Encodes a hash request frame into `out` (cleared first).
+pub fn encode_hash_request(q: &HashRequest, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    q.check()?;
+    begin(out);
+    out.extend_from_slice(&q.request_id.to_le_bytes());
+    out.extend_from_slice(&q.first_block.to_le_bytes());
+    out.extend_from_slice(&q.count.to_le_bytes());
+    out.extend_from_slice(&q.block_size_bytes.to_le_bytes());
+    out.push(q.of as u8);
+    out.extend_from_slice(&[0; 3]);
+    put_id(out, &q.group);
+    put_id(out, &q.disk);
+    seal(out, FrameKind::HashRequest, 0);
+    Ok(())
+}
+
+/// Decodes and verifies a hash request frame.
+pub fn decode_hash_request(frame: &[u8]) -> Result<HashRequest, FrameError> {
+    let (h, body) = verify_kind(frame, FrameKind::HashRequest)?;
+    check_control_seq(&h)?;
+    decode_hash_request_body(body)
+}
+
+/// Decodes the body of a hash request frame whose crc was checked.
+pub fn decode_hash_request_body(body: &[u8]) -> Result<HashRequest, FrameError> {
+    let mut r = Reader::new(body);
+    let request_id = r.u64("request_id")?;
+    let first_block = r.u64("first_block")?;
+    let count = r.u32("count")?;
+    let block_size_bytes = r.u32("block_size_bytes")?;
+    let of = match r.u8("of")? {
+        0 => HashOf::Latest,
+        1 => HashOf::ConsistentPoint,
+        v => {
+            return Err(FrameError::Invalid {
+                field: "of",
+                why: format!("{v} is neither 0 (latest) nor 1 (consistent point)"),
+            });
+        }
+    };
+    if r.take(3, "hash_request.reserved")? != [0; 3] {
+        return Err(FrameError::Reserved("hash_request.reserved"));
+    }
+    let group = r.id("group")?;
+    let disk = r.id("disk")?;
+    r.finish("hash request body")?;
+    let q = HashRequest {
+        request_id,
+        group,
+        disk,
+        block_size_bytes,
+        first_block,
+        count,
+        of,
+    };
+    q.check()?;
+    Ok(q)
 }
 
 /// Encodes a cut request frame into `out` (cleared first).

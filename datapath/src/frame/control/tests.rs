@@ -44,6 +44,19 @@ fn error() -> ErrorFrame {
 
 fn hash_list() -> HashListFrame {
     HashListFrame {
+        request_id: 7,
+        group: "g1".into(),
+        disk: "d0".into(),
+        block_size_bytes: 65536,
+        first_block: 10,
+        point_id: 5,
+        status: HashStatus::Hashes,
+        hashes: vec![[0xaa; 32], [0xbb; 32]],
+    }
+}
+
+fn hash_list_v1() -> HashListV1 {
+    HashListV1 {
         disk: "d0".into(),
         block_size_bytes: 65536,
         first_block: 10,
@@ -51,13 +64,26 @@ fn hash_list() -> HashListFrame {
     }
 }
 
+fn hash_request() -> HashRequest {
+    HashRequest {
+        request_id: 7,
+        group: "g1".into(),
+        disk: "d0".into(),
+        block_size_bytes: 65536,
+        first_block: 10,
+        count: 2,
+        of: HashOf::ConsistentPoint,
+    }
+}
+
 /// Every control frame of the tests, encoded.
 fn encoded() -> Vec<Vec<u8>> {
-    let mut frames = vec![Vec::new(); 4];
+    let mut frames = vec![Vec::new(); 5];
     encode_hello(&hello(), &mut frames[0]).unwrap();
     encode_ack(&ack(), &mut frames[1]).unwrap();
     encode_error(&error(), &mut frames[2]).unwrap();
     encode_hash_list(&hash_list(), &mut frames[3]).unwrap();
+    encode_hash_request(&hash_request(), &mut frames[4]).unwrap();
     frames
 }
 
@@ -107,16 +133,49 @@ fn control_golden_and_round_trip() {
          050007006e6f206469736b"
     );
     assert_eq!(
-        hex(&f[3][..HEADER_BYTES + 19]),
-        "425246520100060053000000000000000000000000000000000000006743b913\
-         00000100020000000a00000000000000026430"
+        hex(&f[3][..HEADER_BYTES + 42]),
+        "42524652010006006a0000000000000000000000000000000000000094e46e97\
+         07000000000000000a00000000000000020000000000010005000000000000000000000002673102\
+         6430"
     );
-    assert_eq!(&f[3][HEADER_BYTES + 19..HEADER_BYTES + 51], &[0xaa; 32]);
-    assert_eq!(&f[3][HEADER_BYTES + 51..], &[0xbb; 32]);
+    assert_eq!(&f[3][HEADER_BYTES + 42..HEADER_BYTES + 74], &[0xaa; 32]);
+    assert_eq!(&f[3][HEADER_BYTES + 74..], &[0xbb; 32]);
+    assert_eq!(
+        hex(&f[4]),
+        "425246520100090022000000000000000000000000000000000000006803784307000000000000\
+         000a00000000000000020000000000010001000000026731026430"
+    );
     assert_eq!(decode_hello(&f[0]).unwrap(), hello());
     assert_eq!(decode_ack(&f[1]).unwrap(), ack());
     assert_eq!(decode_error(&f[2]).unwrap(), error());
     assert_eq!(decode_hash_list(&f[3]).unwrap(), hash_list());
+    assert_eq!(decode_hash_request(&f[4]).unwrap(), hash_request());
+
+    // The frozen hash list layout 1, pinned as it was.
+    let mut v1 = Vec::new();
+    encode_hash_list_v1(&hash_list_v1(), &mut v1).unwrap();
+    assert_eq!(
+        hex(&v1[..HEADER_BYTES + 19]),
+        "425246520100060053000000000000000000000000000000000000006743b913\
+         00000100020000000a00000000000000026430"
+    );
+    assert_eq!(&v1[HEADER_BYTES + 19..HEADER_BYTES + 51], &[0xaa; 32]);
+    assert_eq!(&v1[HEADER_BYTES + 51..], &[0xbb; 32]);
+    assert_eq!(decode_hash_list_v1(&v1).unwrap(), hash_list_v1());
+    // The two layouts do not read as each other.
+    assert!(decode_hash_list(&v1).is_err());
+    assert!(decode_hash_list_v1(&f[3]).is_err());
+    // Answers without hashes.
+    for status in [HashStatus::NoCopy, HashStatus::NoPoint, HashStatus::Failed] {
+        let none = HashListFrame {
+            status,
+            hashes: vec![],
+            ..hash_list()
+        };
+        let mut out = Vec::new();
+        encode_hash_list(&none, &mut out).unwrap();
+        assert_eq!(decode_hash_list(&out).unwrap(), none);
+    }
 
     // A master target's hello with no groups, a long version range, and an empty list.
     let target = Hello {
@@ -213,6 +272,10 @@ fn decode_dispatches_every_kind() {
         decode(&f[3], &mut dec).unwrap(),
         Frame::HashList(hash_list())
     );
+    assert_eq!(
+        decode(&f[4], &mut dec).unwrap(),
+        Frame::HashRequest(hash_request())
+    );
     let p = PointRecord {
         point_id: 3,
         epoch: 2,
@@ -260,11 +323,12 @@ fn decode_dispatches_every_kind() {
 #[test]
 fn control_every_truncation_and_bit_flip_refused() {
     let mut dec = Decoder::new();
-    let typed: [fn(&[u8]) -> bool; 4] = [
+    let typed: [fn(&[u8]) -> bool; 5] = [
         |b| decode_hello(b).is_err(),
         |b| decode_ack(b).is_err(),
         |b| decode_error(b).is_err(),
         |b| decode_hash_list(b).is_err(),
+        |b| decode_hash_request(b).is_err(),
     ];
     for (k, frame) in encoded().into_iter().enumerate() {
         for n in 0..frame.len() {
@@ -349,32 +413,65 @@ fn control_resealed_corruptions_refused() {
     assert_eq!(field(corrupt(2, |f| f[B + 2] = 6)), "error body");
     assert_eq!(field(corrupt(2, |f| f[B + 4] = 0xff)), "message");
 
-    // Hash list.
+    // Hash list (layout 2): request_id 0..8, first_block 8..16, count 16..20,
+    // block_size_bytes 20..24, point_id 24..32, status 32, reserved 33..36, ids, hashes.
     assert_eq!(
-        field(corrupt(3, |f| f[B..B + 4].fill(0))),
+        field(corrupt(3, |f| f[B + 20..B + 24].fill(0))),
         "block_size_bytes"
     );
-    assert_eq!(field(corrupt(3, |f| f[B] = 1)), "block_size_bytes");
+    assert_eq!(field(corrupt(3, |f| f[B + 20] = 1)), "block_size_bytes");
     assert_eq!(
-        field(corrupt(3, |f| f[B..B + 4]
+        field(corrupt(3, |f| f[B + 20..B + 24]
             .copy_from_slice(&(MAX_HASH_BLOCK_BYTES + 512).to_le_bytes()))),
         "block_size_bytes"
     );
     assert_eq!(
-        field(corrupt(3, |f| f[B + 4..B + 8]
+        field(corrupt(3, |f| f[B + 16..B + 20]
             .copy_from_slice(&(MAX_HASHES + 1).to_le_bytes()))),
         "count"
     );
-    assert_eq!(field(corrupt(3, |f| f[B + 4] = 3)), "count");
+    assert_eq!(field(corrupt(3, |f| f[B + 16] = 3)), "count");
     assert_eq!(field(corrupt(3, |f| f.push(0))), "count");
     assert_eq!(
         field(corrupt(3, |f| f[B + 8..B + 16]
             .copy_from_slice(&(u64::MAX - 1).to_le_bytes()))),
         "first_block"
     );
+    assert_eq!(field(corrupt(3, |f| f[B + 32] = 4)), "status");
+    // A status without hashes that carries some.
+    assert_eq!(field(corrupt(3, |f| f[B + 32] = 1)), "count");
+    assert_eq!(field(corrupt(3, |f| f[B + 34] = 1)), "hash_list.reserved");
+    assert_eq!(field(corrupt(3, |f| f[B + 37] = b'G')), "group");
+    assert_eq!(field(corrupt(3, |f| f[B + 40] = b'D')), "disk");
+
+    // Hash request: request_id 0..8, first_block 8..16, count 16..20,
+    // block_size_bytes 20..24, of 24, reserved 25..28, group, disk.
+    assert_eq!(field(corrupt(4, |f| f[B + 16..B + 20].fill(0))), "count");
+    assert_eq!(
+        field(corrupt(4, |f| f[B + 16..B + 20]
+            .copy_from_slice(&(MAX_HASHES + 1).to_le_bytes()))),
+        "count"
+    );
+    assert_eq!(
+        field(corrupt(4, |f| f[B + 20..B + 24].fill(0))),
+        "block_size_bytes"
+    );
+    assert_eq!(
+        field(corrupt(4, |f| f[B + 8..B + 16]
+            .copy_from_slice(&(u64::MAX - 1).to_le_bytes()))),
+        "first_block"
+    );
+    assert_eq!(field(corrupt(4, |f| f[B + 24] = 2)), "of");
+    assert_eq!(
+        field(corrupt(4, |f| f[B + 27] = 1)),
+        "hash_request.reserved"
+    );
+    assert_eq!(field(corrupt(4, |f| f[B + 28] = 0)), "group");
+    assert_eq!(field(corrupt(4, |f| f[B + 32] = 70)), "disk");
+    assert_eq!(field(corrupt(4, |f| f.push(0))), "hash request body");
 
     // A sequence in a control frame's header.
-    for which in 0..4 {
+    for which in 0..5 {
         let mut f = encoded().swap_remove(which);
         let kind = FrameKind::from_u8(f[6]).unwrap();
         seal(&mut f, kind, 1);
@@ -460,5 +557,35 @@ fn control_encoders_refuse_invalid() {
     assert_eq!(
         field(encode_hash_list(&too_many, &mut out).unwrap_err()),
         "count"
+    );
+    let stray = HashListFrame {
+        status: HashStatus::NoCopy,
+        ..hash_list()
+    };
+    assert_eq!(
+        field(encode_hash_list(&stray, &mut out).unwrap_err()),
+        "count"
+    );
+    let bad_req = |q: HashRequest| field(encode_hash_request(&q, &mut Vec::new()).unwrap_err());
+    assert_eq!(
+        bad_req(HashRequest {
+            count: 0,
+            ..hash_request()
+        }),
+        "count"
+    );
+    assert_eq!(
+        bad_req(HashRequest {
+            block_size_bytes: 100,
+            ..hash_request()
+        }),
+        "block_size_bytes"
+    );
+    assert_eq!(
+        bad_req(HashRequest {
+            disk: "D".into(),
+            ..hash_request()
+        }),
+        "disk"
     );
 }

@@ -1,0 +1,447 @@
+//! End-to-end tests of reprotect after a failback (a hash-diff initial sync in the
+//! other direction) and of `process-server verify`, with the real binaries on loopback
+//! and qemu-io writing through NBD.
+//!
+//! Reprotect topology: site A's process server `ps_a` (disks `a0.img`, `a1.img`)
+//! replicates to site B's master target `mt_b` (replicas `b0.img`, `b1.img`). B fails
+//! back to a point P and commits: B's files hold the disks at P. Then a process server
+//! on B's files (`ps_b`, fresh state) ships to a master target on A's files (`mt_a`,
+//! fresh data dir), which hold P plus what A wrote after P. Only those blocks may cross
+//! the wire.
+//!
+//! Needs qemu-utils (qemu-io).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{ProcessServer, now_unix_ms};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const DISK_MIB: u64 = 16;
+const BLOCK: u64 = 64 << 10;
+
+/// A master target config over `replicas` (disk id, file) keeping `retention` of
+/// history (a short one makes its replicas soon hold what it journaled).
+fn mt_config(
+    dir: &Path,
+    name: &str,
+    data_dir: &str,
+    retention: &str,
+    replicas: &[(&str, &str)],
+) -> PathBuf {
+    let mut mt = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data_dir}\"\nplain_tcp_loopback = true\n\
+         [[group]]\nid = \"g1\"\nretention = \"{retention}\"\nretention_check_interval_ms = 200\n"
+    );
+    for (id, file) in replicas {
+        mt.push_str(&format!(
+            "[[group.disk]]\nid = \"{id}\"\nsize = \"{DISK_MIB}MiB\"\nreplica = \"{file}\"\n"
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, mt).unwrap();
+    path
+}
+
+/// A process server config over `disks` (disk id, file), shipping to `target`.
+fn ps_config(
+    dir: &Path,
+    name: &str,
+    state: &str,
+    target: std::net::SocketAddr,
+    disks: &[(&str, &str)],
+) -> PathBuf {
+    let mut ps = format!(
+        "[nbd]\nlisten = \"127.0.0.1:0\"\n[tracking]\nstate_dir = \"{state}\"\n\
+         cut_interval_ms = 100\n[target]\naddress = \"{target}\"\nnode = \"ps1\"\n\
+         plain_tcp = true\n[[group]]\nid = \"g1\"\n"
+    );
+    for (id, file) in disks {
+        ps.push_str(&format!(
+            "[[group.disk]]\nid = \"{id}\"\npath = \"{file}\"\nsize = \"{DISK_MIB}MiB\"\n"
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, ps).unwrap();
+    path
+}
+
+fn run(bin: &str, args: &[&str], config: &Path) -> Output {
+    Command::new(common::bin_path(bin))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"))
+}
+
+/// A command that must succeed; its stdout as JSON.
+fn json(bin: &str, args: &[&str], config: &Path) -> Value {
+    let out = run(bin, args, config);
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{bin} {args:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn read(dir: &Path, file: &str) -> Vec<u8> {
+    std::fs::read(dir.join(file)).unwrap()
+}
+
+/// Polls `f` until it holds, or panics with `what` and the log.
+fn wait_until(what: &str, log: impl Fn() -> String, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: timed out; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// kill -9 and wait.
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// The process server's status, once its group replicates and its initial sync is
+/// done.
+fn wait_replicating(ps: &ProcessServer, cfg: &Path) -> Value {
+    let mut st = Value::Null;
+    wait_until(
+        "initial sync done",
+        || ps.log(),
+        || {
+            st = json("process-server", &["status", "--json"], cfg);
+            st["groups"][0]["state"] == "replicating"
+                && st["groups"][0]["initial_sync_disks"]
+                    .as_array()
+                    .is_some_and(|a| a.is_empty())
+        },
+    );
+    st
+}
+
+/// Proves reprotect after a failback sends only what differs: A replicates to B, a
+/// point P is tagged, A writes K more distinct 64 KiB blocks, B fails back to P and
+/// commits; a process server on B's files then protects them towards a master target
+/// on A's files with a hash-diff initial sync that compares every block and sends
+/// exactly K, after which A's files equal B's byte for byte and replication goes on
+/// (a write on B reaches A).
+#[test]
+fn reprotect_after_failback_sends_only_the_differing_blocks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let disks_a = [("d0", "a0.img"), ("d1", "a1.img")];
+    let disks_b = [("d0", "b0.img"), ("d1", "b1.img")];
+
+    // 1. A -> B. Both sides start blank: B has no copy, the initial sync is a full one
+    // (the master target says so once instead of hashing zeros).
+    let mt_b_cfg = mt_config(dir, "mt-b.toml", "mt-b-data", "24h", &disks_b);
+    let (mt_b, mt_b_addr) = common::start_master_target(&mt_b_cfg, &dir.join("mt-b.log"), "info");
+    let ps_a_cfg = ps_config(dir, "ps-a.toml", "ps-a-state", mt_b_addr, &disks_a);
+    let ps_a = ProcessServer::start(&ps_a_cfg, TIMEOUT);
+    wait_replicating(&ps_a, &ps_a_cfg);
+    assert!(
+        ps_a.log().contains("no copy at the master target"),
+        "a blank replica should be no copy; log:\n{}",
+        ps_a.log()
+    );
+    // Data on both disks before P: large writes, some zeros.
+    for (d, pattern, at) in [
+        ("d0", 0x21, 0u64),
+        ("d0", 0x22, 5 << 20),
+        ("d1", 0x31, 1 << 20),
+        ("d1", 0x32, 9 << 20),
+    ] {
+        ps_a.qemu_io(d, &format!("write -P 0x{pattern:02x} {at} 2M"));
+    }
+    ps_a.qemu_io("d0", &format!("write -z {} 256k", 1 << 20));
+    let tag = json(
+        "process-server",
+        &["tag", "--group", "g1", "--json"],
+        &ps_a_cfg,
+    );
+    let p = tag["id"].as_u64().expect("point id");
+    assert_eq!(tag["consistent"], true);
+    let at_p: Vec<Vec<u8>> = disks_a.iter().map(|(_, f)| read(dir, f)).collect();
+    // 2. K distinct 64 KiB blocks after P, over data P holds (so B's copy of them
+    // is data too, and what B sends back costs payload bytes).
+    let after_p: [(&str, u64); 7] = [
+        ("d0", 0),
+        ("d0", 2 * BLOCK),
+        ("d0", (5 << 20) + BLOCK),
+        ("d0", (7 << 20) - BLOCK),
+        ("d1", 1 << 20),
+        ("d1", (2 << 20) + 3 * BLOCK),
+        ("d1", 9 << 20),
+    ];
+    let k = after_p.len() as u64;
+    for (i, (d, at)) in after_p.iter().enumerate() {
+        ps_a.qemu_io(d, &format!("write -P 0x{:02x} {at} 64k", 0x41 + i));
+    }
+    let done = now_unix_ms();
+    ps_a.wait_acked_after(done);
+    ps_a.stop();
+
+    // 3. Failback of B to P, commit: B's files are the disks at P.
+    let fb = json(
+        "master-target",
+        &[
+            "failback",
+            "--group",
+            "g1",
+            "--point",
+            &p.to_string(),
+            "--json",
+        ],
+        &mt_b_cfg,
+    );
+    assert_eq!(fb["point_id"], p, "{fb}");
+    json(
+        "master-target",
+        &["commit", "--group", "g1", "--json"],
+        &mt_b_cfg,
+    );
+    kill(mt_b);
+    for (i, (_, f)) in disks_b.iter().enumerate() {
+        assert!(read(dir, f) == at_p[i], "{f} is not the disk at point {p}");
+    }
+
+    // 4. Reprotect: a master target on A's files, a process server on B's files.
+    let mt_a_cfg = mt_config(dir, "mt-a.toml", "mt-a-data", "1s", &disks_a);
+    let (mt_a, mt_a_addr) = common::start_master_target(&mt_a_cfg, &dir.join("mt-a.log"), "info");
+    let ps_b_cfg = ps_config(dir, "ps-b.toml", "ps-b-state", mt_a_addr, &disks_b);
+    let ps_b = ProcessServer::start(&ps_b_cfg, TIMEOUT);
+    let st = wait_replicating(&ps_b, &ps_b_cfg);
+    let blocks_per_disk = (DISK_MIB << 20) / BLOCK;
+    let (mut compared, mut sent) = (0, 0);
+    for d in st["disks"].as_array().unwrap() {
+        compared += d["resync_compared_blocks"].as_u64().unwrap();
+        sent += d["resync_sent_blocks"].as_u64().unwrap();
+    }
+    let log = ps_b.log();
+    assert!(log.contains("hash-diff resync"), "log:\n{log}");
+    assert_eq!(
+        compared,
+        2 * blocks_per_disk,
+        "every block compared; log:\n{log}"
+    );
+    assert_eq!(sent, k, "only the blocks A wrote after P; log:\n{log}");
+    // Once a point after the pass is acknowledged, everything it recorded was shipped.
+    ps_b.wait_acked_after(now_unix_ms());
+    let st = json("process-server", &["status", "--json"], &ps_b_cfg);
+    let plain = st["groups"][0]["shipped_plain_bytes"].as_u64().unwrap();
+    let wire = st["groups"][0]["shipped_bytes"].as_u64().unwrap();
+    eprintln!(
+        "reprotect: {} of {} blocks sent; {plain} plain bytes, {wire} bytes on the wire, for \
+         disks of {} bytes",
+        sent,
+        compared,
+        2 * (DISK_MIB << 20)
+    );
+    assert_eq!(plain, k * BLOCK, "plain bytes shipped for {k} blocks");
+
+    // 5. A's files follow B's (the short retention folds the journal into them).
+    let same = || {
+        disks_a
+            .iter()
+            .zip(&disks_b)
+            .all(|((_, a), (_, b))| read(dir, a) == read(dir, b))
+    };
+    let mt_a_log = || std::fs::read_to_string(dir.join("mt-a.log")).unwrap_or_default();
+    wait_until("A's replicas equal B's disks", mt_a_log, same);
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d0", "--json"],
+        &ps_b_cfg,
+    );
+    assert_eq!(v["differing_blocks"], 0, "{v}");
+
+    // 6. Replication goes on: a write on B reaches A.
+    ps_b.qemu_io("d1", &format!("write -P 0x77 {} 128k", 14 << 20));
+    let done = now_unix_ms();
+    ps_b.wait_acked_after(done);
+    wait_until("a write on B reaches A", mt_a_log, || {
+        let a = read(dir, "a1.img");
+        a[(14 << 20)..(14 << 20) + (128 << 10)]
+            .iter()
+            .all(|&b| b == 0x77)
+            && a == read(dir, "b1.img")
+    });
+    ps_b.stop();
+    kill(mt_a);
+}
+
+/// Proves `process-server verify` finds no difference once replication settled;
+/// after one block of the master target's replica was damaged while both servers were
+/// stopped, reports exactly that block's range (exit status 2, the text form naming
+/// it too); and reports a write no acknowledged point holds yet as in flight, not as a
+/// difference, until a point covers it.
+#[test]
+fn verify_reports_a_damaged_replica_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let disks = [("d0", "ps0.img"), ("d1", "ps1.img")];
+    let replicas = [("d0", "r0.img"), ("d1", "r1.img")];
+    let mt_cfg = mt_config(dir, "mt.toml", "mt-data", "1s", &replicas);
+    let (mt, addr) = common::start_master_target(&mt_cfg, &dir.join("mt.log"), "info");
+    let ps_cfg = ps_config(dir, "ps.toml", "ps-state", addr, &disks);
+    let ps = ProcessServer::start(&ps_cfg, TIMEOUT);
+    wait_replicating(&ps, &ps_cfg);
+    ps.qemu_io("d0", "write -P 0x5a 0 4M");
+    ps.qemu_io("d1", &format!("write -P 0x6b {} 3M", 2 << 20));
+    let done = now_unix_ms();
+    ps.wait_acked_after(done);
+    let blocks = (DISK_MIB << 20) / BLOCK;
+    for d in ["d0", "d1"] {
+        let v = json(
+            "process-server",
+            &["verify", "--disk", d, "--json"],
+            &ps_cfg,
+        );
+        assert_eq!(v["differing_blocks"], 0, "{v}");
+        assert_eq!(v["in_flight_blocks"], 0, "{v}");
+        assert_eq!(v["compared_blocks"], blocks, "{v}");
+        assert_eq!(v["compared_bytes"], DISK_MIB << 20, "{v}");
+        assert!(v["points"][0].as_u64().unwrap() > 0, "{v}");
+    }
+    // The one-second retention folds the initial sync and the writes into the
+    // replicas: then the journal holds no frame that covers them.
+    wait_until(
+        "the writes folded into the replicas",
+        || std::fs::read_to_string(dir.join("mt.log")).unwrap_or_default(),
+        || {
+            let points = json(
+                "master-target",
+                &["points", "--group", "g1", "--json"],
+                &mt_cfg,
+            );
+            let points = points.as_array().cloned().unwrap_or_default();
+            !points.is_empty()
+                && points
+                    .iter()
+                    .all(|p| p["time_unix_ms"].as_u64().is_some_and(|t| t > done))
+        },
+    );
+    // Damage one block of d0's replica that was never written, with both servers
+    // stopped.
+    ps.stop();
+    kill(mt);
+    let bad = 10 * BLOCK;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("r0.img"))
+            .unwrap();
+        f.write_all_at(&[0xee; 512], bad + 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (mt, addr) = common::start_master_target(&mt_cfg, &dir.join("mt.log"), "info");
+    let ps_cfg = ps_config(dir, "ps.toml", "ps-state", addr, &disks);
+    let ps = ProcessServer::start(&ps_cfg, TIMEOUT);
+    wait_until(
+        "connected again",
+        || ps.log(),
+        || json("process-server", &["status", "--json"], &ps_cfg)["groups"][0]["connected"] == true,
+    );
+    let out = run(
+        "process-server",
+        &["verify", "--disk", "d0", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}{}\nps log:\n{}\nmt log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        ps.log(),
+        std::fs::read_to_string(dir.join("mt.log")).unwrap_or_default()
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["differing_blocks"], 1, "{v}");
+    assert_eq!(v["differing"][0]["offset"], bad, "{v}");
+    assert_eq!(v["differing"][0]["len"], BLOCK, "{v}");
+    assert_eq!(v["compared_blocks"], blocks, "{v}");
+    let text = run("process-server", &["verify", "--disk", "d0"], &ps_cfg);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("DIFFERING: 1 blocks: {bad}+{BLOCK}")),
+        "{text}"
+    );
+    // The other disk is intact.
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d1", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(v["differing_blocks"], 0, "{v}");
+    // An unknown disk is an error.
+    let out = run("process-server", &["verify", "--disk", "nope"], &ps_cfg);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown disk"));
+
+    // A write in no acknowledged point yet (no timer cuts now) is in flight, not
+    // compared; once a point covers it, it compares equal.
+    ps.stop();
+    let slow = std::fs::read_to_string(&ps_cfg)
+        .unwrap()
+        .replace("cut_interval_ms = 100", "cut_interval_ms = 600000");
+    std::fs::write(&ps_cfg, slow).unwrap();
+    let ps = ProcessServer::start(&ps_cfg, TIMEOUT);
+    wait_until(
+        "connected again",
+        || ps.log(),
+        || json("process-server", &["status", "--json"], &ps_cfg)["groups"][0]["connected"] == true,
+    );
+    ps.qemu_io("d1", &format!("write -P 0x7c {} 64k", 12 * BLOCK));
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d1", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(v["in_flight_blocks"], 1, "{v}");
+    assert_eq!(v["in_flight"][0]["offset"], 12 * BLOCK, "{v}");
+    assert_eq!(v["in_flight"][0]["len"], BLOCK, "{v}");
+    assert_eq!(v["differing_blocks"], 0, "{v}");
+    assert_eq!(v["compared_blocks"], blocks - 1, "{v}");
+    let tagged = now_unix_ms();
+    json(
+        "process-server",
+        &["tag", "--group", "g1", "--json"],
+        &ps_cfg,
+    );
+    ps.wait_acked_after(tagged);
+    let v = json(
+        "process-server",
+        &["verify", "--disk", "d1", "--json"],
+        &ps_cfg,
+    );
+    assert_eq!(
+        (
+            v["in_flight_blocks"].as_u64(),
+            v["differing_blocks"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    ps.stop();
+    kill(mt);
+}

@@ -604,24 +604,30 @@ impl GroupTracker {
         Ok(true)
     }
 
-    /// Clears the bits of `ext` of disk `i` (read under the range lock, its differing
-    /// parts already in `current`) where no write not yet acknowledged touched it.
-    fn clear_matching(&mut self, i: usize, ext: Extent) -> Result<(), TrackerError> {
-        let size = self.disks[i].size_bytes;
-        let mut pending: Vec<Extent> = self
-            .unacked
+    /// Every write of disk `i` not yet safe at the target: in unacknowledged epochs, in
+    /// the open epoch, or in flight.
+    fn pending_extents(&self, i: usize) -> impl Iterator<Item = Extent> + '_ {
+        self.unacked
             .iter()
             .map(|(_, _, e)| &e.by_disk)
             .chain(std::iter::once(&self.current.by_disk))
-            .filter_map(|m| m.get(&i))
+            .filter_map(move |m| m.get(&i))
             .flatten()
             .copied()
             .chain(
                 self.in_flight
                     .iter()
-                    .filter(|(d, _)| *d == i)
+                    .filter(move |(d, _)| *d == i)
                     .map(|&(_, e)| e),
             )
+    }
+
+    /// Clears the bits of `ext` of disk `i` (read under the range lock, its differing
+    /// parts already in `current`) where no write not yet acknowledged touched it.
+    fn clear_matching(&mut self, i: usize, ext: Extent) -> Result<(), TrackerError> {
+        let size = self.disks[i].size_bytes;
+        let mut pending: Vec<Extent> = self
+            .pending_extents(i)
             .filter(|e| e.offset < ext.end() && ext.offset < e.end())
             .map(|e| whole_blocks(e, size))
             .collect();
@@ -927,19 +933,7 @@ impl GroupTracker {
             for (disk, extents) in ext.by_disk {
                 // Later writes to the disk, not yet safe at the target.
                 let later: Vec<Extent> = self
-                    .unacked
-                    .iter()
-                    .map(|(_, _, e)| &e.by_disk)
-                    .chain(std::iter::once(&self.current.by_disk))
-                    .filter_map(|m| m.get(&disk))
-                    .flatten()
-                    .copied()
-                    .chain(
-                        self.in_flight
-                            .iter()
-                            .filter(|(d, _)| *d == disk)
-                            .map(|&(_, e)| e),
-                    )
+                    .pending_extents(disk)
                     // A resync still to read a block: its replica copy may be stale.
                     .chain(self.resync.as_ref().map(|r| Extent {
                         offset: r.cursor[disk],

@@ -187,12 +187,19 @@ fn main() -> ExitCode {
     };
     if let Some(dir) = kept {
         eprintln!(
-            "the work dir {} is kept for a look (logs ps.log, mt.log, then ps-b.log, mt-a.log); \
-             remove it when done",
-            dir.display()
+            "the work dir {} is kept for a look (logs {}); remove it when done",
+            dir.display(),
+            log_names()
         );
     }
     code
+}
+
+/// The servers' logs of both directions, in the order they are written.
+fn log_names() -> String {
+    [PROTECT, REPROTECT]
+        .map(|d| format!("{}, {}", d.ps_log, d.mt_log))
+        .join(", ")
 }
 
 /// The work directory: a temp dir removed at the end, or `--keep DIR`.
@@ -249,9 +256,9 @@ fn run(args: &Args, kept: &mut Option<PathBuf>) -> Result<()> {
     match (result, work) {
         (Ok(()), WorkDir::Kept(dir)) => {
             println!(
-                "kept: {} (logs ps.log, mt.log, ps-b.log, mt-a.log, hooks.log; configs, disks, \
-                 journals)",
-                dir.display()
+                "kept: {} (logs {}, hooks.log; configs, disks, journals)",
+                dir.display(),
+                log_names()
             );
             Ok(())
         }
@@ -429,18 +436,25 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         "the replica at point {} differs from the disks (see above)",
         verify.point
     );
-    if failback(bin_dir, dir, &configs, &wl)? {
-        reprotect(bin_dir, dir, disk_bytes, js.sync_frame_bytes)?;
+    if let Some(app) = failback(bin_dir, dir, &configs, &wl)? {
+        let after = wl.bytes + wl.zero_bytes - app.written_bytes;
+        reprotect(bin_dir, dir, disk_bytes, app.id, after)?;
     }
     Ok(())
 }
 
 /// Fails the replicas back to the newest app-consistent point, checks them against the
-/// disks as they were at that point, and commits. False when no point qualified.
-fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Result<bool> {
+/// disks as they were at that point, and commits. Returns that point's tag, or None
+/// when no point qualified.
+fn failback<'a>(
+    bin_dir: &Path,
+    dir: &Path,
+    configs: &Configs,
+    wl: &'a Workload,
+) -> Result<Option<&'a Tagged>> {
     let Some(app) = wl.tags.iter().rev().find(|t| t.consistent) else {
         println!("\nfailback skipped: no consistent app-consistent point was tagged");
-        return Ok(false);
+        return Ok(None);
     };
     let out = run_ok(
         Command::new(bin_dir.join("master-target"))
@@ -492,7 +506,7 @@ fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Res
         "master-target commit",
     )?;
     println!("commit     undo logs and journal dropped: failed back, not protected");
-    Ok(true)
+    Ok(Some(app))
 }
 
 /// What the reprotect's process server counted once its first consistent point after
@@ -534,25 +548,28 @@ impl ReprotectCounters {
 
 /// Reprotect after the committed failback ([`REPROTECT`]): a master target on A's disks
 /// and a process server on B's failed-back replicas, whose initial sync is a hash-diff
-/// resync. Prints blocks compared and sent, the frame bytes shipped against the disks'
-/// size (and the first initial sync's `first_sync_frame_bytes`) and the time it took;
-/// stops both servers and checks that A's files with the new journal replayed equal
-/// B's.
+/// resync. B's disks are the disks at point `point`, A's hold that point plus
+/// `written_after_bytes` of the workload's writes. Prints blocks compared and sent, the
+/// frame bytes shipped against the disks' size and the time it took; stops both
+/// servers and checks that A's files with the new journal replayed equal B's.
 fn reprotect(
     bin_dir: &Path,
     dir: &Path,
     disk_bytes: u64,
-    first_sync_frame_bytes: u64,
+    point: u64,
+    written_after_bytes: u64,
 ) -> Result<()> {
     let d = &REPROTECT;
     let total_bytes = disk_bytes * DISKS.len() as u64;
     println!(
         "\nreprotect  B -> A, roles swapped: B's failed-back disks ({}) are protected,\n           \
-         A's disks ({}) are the replicas of a new master target (TLS; logs {}, {})",
+         A's disks ({}) are the replicas of a new master target (TLS; logs {}, {});\n           \
+         A holds point {point} plus {} of writes at random places after it",
         DISKS.map(|x| d.disk_file(x)).join(", "),
         DISKS.map(|x| d.replica_file(x)).join(", "),
         d.ps_log,
-        d.mt_log
+        d.mt_log,
+        size(written_after_bytes)
     );
     let t = Instant::now();
     let (configs, mt) = start_master_target(bin_dir, dir, d, disk_bytes)?;
@@ -583,11 +600,9 @@ fn reprotect(
         pct(c.shipped_bytes, total_bytes),
     );
     println!(
-        "           ({} frames, {} of data; the first initial sync shipped {}; A -> B: \
-         hash lists, 32 B per block, {})",
+        "           ({} frames, {} of data; A -> B: hash lists, 32 B per block, {})",
         c.shipped_frames,
         size(c.shipped_plain_bytes),
-        size(first_sync_frame_bytes),
         size(c.compared_blocks * 32)
     );
     println!(
@@ -1188,6 +1203,8 @@ struct Tagged {
     /// blake3 roots of the disks right after the tag (the writes wait for it): the
     /// disks as they are at that point.
     disk_roots: Vec<[u8; 32]>,
+    /// Bytes the workload had written (writes and write-zeroes) when it was tagged.
+    written_bytes: u64,
 }
 
 /// What the workload did.
@@ -1311,6 +1328,7 @@ fn workload(
             // The writes stop while the app-consistent point is taken, as an
             // application quiesced by the freeze hook would.
             let mut tagged = tag_app_consistent(&ps.status_cmd, configs)?;
+            tagged.written_bytes = wl.bytes + wl.zero_bytes;
             let dir = configs.ps.parent().unwrap_or(Path::new("."));
             for d in DISKS {
                 tagged
@@ -1391,6 +1409,7 @@ fn tag_app_consistent(ps_bin: &Path, configs: &Configs) -> Result<Tagged> {
         id,
         consistent: p["consistent"] == true,
         disk_roots: Vec::new(),
+        written_bytes: 0,
     })
 }
 

@@ -1,15 +1,29 @@
-//! `demo`: the product end to end on an embedded default, over the network.
+//! `demo`: the product end to end on an embedded default, over the network, both ways.
 //!
 //! In a temp dir: two generated disks with data on them (about 30% of their blocks
 //! realistic data, the rest zero), a `master-target serve` and a `process-server serve`
-//! on loopback protecting them as group `g1`. It waits for the initial sync, writes a
-//! workload through NBD with [`blockrep::nbd_client`] (pipelined writes of 4 KiB to
-//! 1 MiB at random places, some write-zeroes, flushes, an app-consistent point every
+//! on loopback protecting them as group `g1` over TLS. It waits for the initial sync,
+//! writes a workload through NBD with [`blockrep::nbd_client`] (pipelined writes of 4 KiB
+//! to 1 MiB at random places, some write-zeroes, flushes, an app-consistent point every
 //! few seconds between crash-consistent cuts every second), waits until the master
 //! target has acknowledged a point after the last write, stops both servers, and
 //! reads the master target's journal offline: points, bytes shipped, compression, zero
 //! extents, and a replay of the journal up to the newest point compared byte for byte
 //! with the disks.
+//!
+//! Then the failback: the master target's replicas go to the newest app-consistent
+//! point, are checked against the disks as they were at that point, and the failback is
+//! committed. Last, the reprotect in the other direction: the disks (site A) still hold
+//! the point plus the writes made after it, the failed-back replicas (site B) are the
+//! machines' disks now. A new process server on B's files ships to a new master target
+//! whose replicas are A's files, and its initial sync is a hash-diff resync: only the
+//! 64 KiB blocks that differ cross the wire. The demo prints blocks compared and sent,
+//! the frame bytes the process server shipped (its own counter) against the disks'
+//! size, and the time it took; then it stops both servers and replays the new master
+//! target's journal over a copy of A's files, which must equal B's byte for byte.
+//!
+//! The two directions differ only in names ([`Direction`]: [`PROTECT`], [`REPROTECT`]);
+//! configs, servers, the status polling and the journal check are shared.
 //!
 //! Run: `cargo run --release --bin demo [-- --disk-mib 256 --seconds 10 --rate-mib 100 --keep DIR]`.
 //! Any failure ends it with a non-zero exit and a message naming what failed and the
@@ -173,11 +187,19 @@ fn main() -> ExitCode {
     };
     if let Some(dir) = kept {
         eprintln!(
-            "the work dir {} is kept for a look (logs ps.log, mt.log); remove it when done",
-            dir.display()
+            "the work dir {} is kept for a look (logs {}); remove it when done",
+            dir.display(),
+            log_names()
         );
     }
     code
+}
+
+/// The servers' logs of both directions, in the order they are written.
+fn log_names() -> String {
+    [PROTECT, REPROTECT]
+        .map(|d| format!("{}, {}", d.ps_log, d.mt_log))
+        .join(", ")
 }
 
 /// The work directory: a temp dir removed at the end, or `--keep DIR`.
@@ -234,8 +256,9 @@ fn run(args: &Args, kept: &mut Option<PathBuf>) -> Result<()> {
     match (result, work) {
         (Ok(()), WorkDir::Kept(dir)) => {
             println!(
-                "kept: {} (ps.log, mt.log, hooks.log, configs, disks, journal)",
-                dir.display()
+                "kept: {} (logs {}, hooks.log; configs, disks, journals)",
+                dir.display(),
+                log_names()
             );
             Ok(())
         }
@@ -314,20 +337,24 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
     let t = Instant::now();
     let mut data_before = 0;
     for d in DISKS {
-        data_before += generate_disk(&dir.join(format!("{d}.img")), disk_bytes, &pool, &mut rng)?;
+        data_before += generate_disk(&dir.join(PROTECT.disk_file(d)), disk_bytes, &pool, &mut rng)?;
     }
     println!(
         "  generated {}: {} each, {} of data ({}%), the rest zero ({} ms)",
-        DISKS.map(|d| format!("{d}.img")).join(", "),
+        DISKS.map(|d| PROTECT.disk_file(d)).join(", "),
         size(disk_bytes),
         size(data_before),
         data_before * 100 / total_bytes,
         t.elapsed().as_millis()
     );
 
-    // TLS 1.3 with mutual certificates, as a deployment would run it.
+    // TLS 1.3 with mutual certificates, as a deployment would run it: one CA, one
+    // certificate for the master targets (loopback names, both directions) and one per
+    // process server node.
     let out = Command::new(bin_dir.join("master-target"))
-        .args(["certs", "--out", "certs", "--process-server", "ps1"])
+        .args(["certs", "--out", "certs"])
+        .args(["--process-server", PROTECT.ps_node])
+        .args(["--process-server", REPROTECT.ps_node])
         .current_dir(dir)
         .output()
         .context("run master-target certs")?;
@@ -338,16 +365,19 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         );
     }
     println!("  certificates for TLS 1.3 (mutual) made with `master-target certs` in certs/");
-    let (configs, mt) = start_master_target(bin_dir, dir, disk_bytes)?;
-    println!("  master target listening on {} (TLS, log mt.log)", mt.addr);
-    let ps_start_ms = now_unix_ms();
-    let mut ps = ProcessServer::start(bin_dir, dir, &configs)?;
+    let (configs, mt) = start_master_target(bin_dir, dir, &PROTECT, disk_bytes)?;
     println!(
-        "  process server: NBD on {}, a point every {CUT_INTERVAL_MS} ms, shipping to {} (log ps.log)",
-        ps.nbd_addr, mt.addr
+        "  master target listening on {} (TLS, log {})",
+        mt.addr, PROTECT.mt_log
+    );
+    let ps_start_ms = now_unix_ms();
+    let mut ps = ProcessServer::start(bin_dir, dir, &PROTECT, &configs)?;
+    println!(
+        "  process server: NBD on {}, a point every {CUT_INTERVAL_MS} ms, shipping to {} (log {})",
+        ps.nbd_addr, mt.addr, PROTECT.ps_log
     );
 
-    let sync = wait_initial_sync(&mut ps, &configs, total_bytes, ps_start_ms)?;
+    let sync = wait_initial_sync(&mut ps, &configs, "initial sync", total_bytes, ps_start_ms)?;
     println!(
         "  initial sync done in {} (first consistent point {} acknowledged)",
         secs(sync.done_ms),
@@ -381,7 +411,7 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
             .arg(&configs.mt),
         "master-target points",
     )?;
-    let (js, verify) = check_journal(dir, disk_bytes)?;
+    let (js, verify) = check_journal(dir, &PROTECT, ReplayBase::Zero, disk_bytes)?;
     for tag in &wl.tags {
         let found = js.points.iter().find(|p| p.point_id == tag.id);
         ensure!(
@@ -406,15 +436,25 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         "the replica at point {} differs from the disks (see above)",
         verify.point
     );
-    failback(bin_dir, dir, &configs, &wl)
+    if let Some(app) = failback(bin_dir, dir, &configs, &wl)? {
+        let after = wl.bytes + wl.zero_bytes - app.written_bytes;
+        reprotect(bin_dir, dir, disk_bytes, app.id, after)?;
+    }
+    Ok(())
 }
 
 /// Fails the replicas back to the newest app-consistent point, checks them against the
-/// disks as they were at that point, and commits.
-fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Result<()> {
+/// disks as they were at that point, and commits. Returns that point's tag, or None
+/// when no point qualified.
+fn failback<'a>(
+    bin_dir: &Path,
+    dir: &Path,
+    configs: &Configs,
+    wl: &'a Workload,
+) -> Result<Option<&'a Tagged>> {
     let Some(app) = wl.tags.iter().rev().find(|t| t.consistent) else {
         println!("\nfailback skipped: no consistent app-consistent point was tagged");
-        return Ok(());
+        return Ok(None);
     };
     let out = run_ok(
         Command::new(bin_dir.join("master-target"))
@@ -440,7 +480,7 @@ fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Res
     );
     let mut matches = true;
     for (d, want) in DISKS.iter().zip(&app.disk_roots) {
-        matches &= hash(&dir.join(format!("mt-data/replica-{d}.img")))? == *want;
+        matches &= hash(&dir.join(PROTECT.replica_file(d)))? == *want;
     }
     println!(
         "\nfailback   to app-consistent point {point} (latest-app): {} applied in {:.2} s \
@@ -466,6 +506,121 @@ fn failback(bin_dir: &Path, dir: &Path, configs: &Configs, wl: &Workload) -> Res
         "master-target commit",
     )?;
     println!("commit     undo logs and journal dropped: failed back, not protected");
+    Ok(Some(app))
+}
+
+/// What the reprotect's process server counted once its first consistent point after
+/// the hash-diff pass was acknowledged.
+struct ReprotectCounters {
+    compared_blocks: u64,
+    sent_blocks: u64,
+    /// Frames shipped to the master target (data and points), as encoded on the wire.
+    shipped_bytes: u64,
+    shipped_plain_bytes: u64,
+    shipped_frames: u64,
+}
+
+impl ReprotectCounters {
+    /// From a `process-server status --json`: the group's shipping totals and its
+    /// disks' hash-diff counters.
+    fn from_status(st: &serde_json::Value) -> Result<Self> {
+        let g = group_status(st)?;
+        let num = |v: &serde_json::Value, key: &str| {
+            v[key]
+                .as_u64()
+                .with_context(|| format!("process-server status has no {key}: {st}"))
+        };
+        let mut c = Self {
+            compared_blocks: 0,
+            sent_blocks: 0,
+            shipped_bytes: num(g, "shipped_bytes")?,
+            shipped_plain_bytes: num(g, "shipped_plain_bytes")?,
+            shipped_frames: num(g, "shipped_frames")?,
+        };
+        let disks = st["disks"].as_array().map_or(&[][..], Vec::as_slice);
+        for d in disks.iter().filter(|d| d["group"] == GROUP) {
+            c.compared_blocks += num(d, "resync_compared_blocks")?;
+            c.sent_blocks += num(d, "resync_sent_blocks")?;
+        }
+        Ok(c)
+    }
+}
+
+/// Reprotect after the committed failback ([`REPROTECT`]): a master target on A's disks
+/// and a process server on B's failed-back replicas, whose initial sync is a hash-diff
+/// resync. B's disks are the disks at point `point`, A's hold that point plus
+/// `written_after_bytes` of the workload's writes. Prints blocks compared and sent, the
+/// frame bytes shipped against the disks' size and the time it took; stops both
+/// servers and checks that A's files with the new journal replayed equal B's.
+fn reprotect(
+    bin_dir: &Path,
+    dir: &Path,
+    disk_bytes: u64,
+    point: u64,
+    written_after_bytes: u64,
+) -> Result<()> {
+    let d = &REPROTECT;
+    let total_bytes = disk_bytes * DISKS.len() as u64;
+    println!(
+        "\nreprotect  B -> A, roles swapped: B's failed-back disks ({}) are protected,\n           \
+         A's disks ({}) are the replicas of a new master target (TLS; logs {}, {});\n           \
+         A holds point {point} plus {} of writes at random places after it",
+        DISKS.map(|x| d.disk_file(x)).join(", "),
+        DISKS.map(|x| d.replica_file(x)).join(", "),
+        d.ps_log,
+        d.mt_log,
+        size(written_after_bytes)
+    );
+    let t = Instant::now();
+    let (configs, mt) = start_master_target(bin_dir, dir, d, disk_bytes)?;
+    let start_ms = now_unix_ms();
+    let mut ps = ProcessServer::start(bin_dir, dir, d, &configs)?;
+    let sync = wait_initial_sync(&mut ps, &configs, "reprotect", total_bytes, start_ms)?;
+    let took_ms = t.elapsed().as_millis() as u64;
+    let c = ReprotectCounters::from_status(&ps.status(&configs)?)?;
+    ensure!(
+        c.compared_blocks > 0,
+        "the reprotect compared no block: its initial sync was not a hash-diff resync; \
+         the process server's log: {}",
+        ps.server.log.display()
+    );
+    ps.server.stop(STOP_TIMEOUT)?;
+    mt.server.stop(STOP_TIMEOUT)?;
+    let pct = |part: u64, whole: u64| part as f64 * 100.0 / whole.max(1) as f64;
+    println!(
+        "           hash-diff resync: {} blocks compared, {} sent ({:.1}%; 64 KiB blocks)",
+        c.compared_blocks,
+        c.sent_blocks,
+        pct(c.sent_blocks, c.compared_blocks)
+    );
+    println!(
+        "           on the wire B -> A: {} of frames for {} of disks: {:.2}%",
+        size(c.shipped_bytes),
+        size(total_bytes),
+        pct(c.shipped_bytes, total_bytes),
+    );
+    println!(
+        "           ({} frames, {} of data; A -> B: hash lists, 32 B per block, {})",
+        c.shipped_frames,
+        size(c.shipped_plain_bytes),
+        size(c.compared_blocks * 32)
+    );
+    println!(
+        "           took {}: both servers started, the hash-diff pass, point {} acknowledged",
+        secs(took_ms),
+        sync.first_point
+    );
+    let (_, verify) = check_journal(dir, d, ReplayBase::Replicas, disk_bytes)?;
+    println!(
+        "           A's disks with their journal replayed to point {} match B's disks: {}",
+        verify.point,
+        if verify.matches { "yes" } else { "NO" }
+    );
+    ensure!(
+        verify.matches,
+        "after the reprotect, A's disks at point {} differ from B's failed-back disks",
+        verify.point
+    );
     Ok(())
 }
 
@@ -527,50 +682,115 @@ fn generate_disk(path: &Path, disk_bytes: u64, pool: &Pool, rng: &mut Rng) -> Re
 
 // ---- servers ----
 
+/// One direction of replication in the work dir: the files each server reads and
+/// writes, and which files are the protected disks and which the replicas.
+struct Direction {
+    mt_config: &'static str,
+    mt_data: &'static str,
+    mt_node: &'static str,
+    mt_log: &'static str,
+    ps_config: &'static str,
+    ps_state: &'static str,
+    ps_log: &'static str,
+    /// The process server's node id; `certs/process-server-<node>.pem` is its
+    /// certificate.
+    ps_node: &'static str,
+    /// The protected disks are `<disk_prefix><disk>.img`.
+    disk_prefix: &'static str,
+    /// The master target's replicas are `<replica_prefix><disk>.img`.
+    replica_prefix: &'static str,
+}
+
+impl Direction {
+    fn disk_file(&self, disk: &str) -> String {
+        format!("{}{disk}.img", self.disk_prefix)
+    }
+
+    fn replica_file(&self, disk: &str) -> String {
+        format!("{}{disk}.img", self.replica_prefix)
+    }
+}
+
+/// Protection: the generated disks (site A) replicate to a master target whose
+/// replicas it creates in `mt-data` (site B).
+const PROTECT: Direction = Direction {
+    mt_config: "mt.toml",
+    mt_data: "mt-data",
+    mt_node: "mt-demo",
+    mt_log: "mt.log",
+    ps_config: "ps.toml",
+    ps_state: "ps-state",
+    ps_log: "ps.log",
+    ps_node: "ps1",
+    disk_prefix: "",
+    replica_prefix: "mt-data/replica-",
+};
+
+/// Reprotect after the failback: B's failed-back replicas are the protected disks,
+/// A's disks the replicas of a new master target (fresh data dir: the files with
+/// content and an empty journal, so each replica is its copy).
+const REPROTECT: Direction = Direction {
+    mt_config: "mt-a.toml",
+    mt_data: "mt-a-data",
+    mt_node: "mt-a",
+    mt_log: "mt-a.log",
+    ps_config: "ps-b.toml",
+    ps_state: "ps-b-state",
+    ps_log: "ps-b.log",
+    ps_node: "ps2",
+    disk_prefix: "mt-data/replica-",
+    replica_prefix: "",
+};
+
 /// The config files of both servers.
 struct Configs {
     mt: PathBuf,
     ps: PathBuf,
 }
 
-/// Writes both servers' configs into `dir`: the master target listens on `mt_addr`
-/// and journals into `mt-data`; the process server serves the disks over NBD on a free
-/// loopback port, cuts a point every [`CUT_INTERVAL_MS`], runs harmless freeze/thaw
-/// hooks (a line each into `hooks.log`) and ships to `mt_addr` as node `ps1`.
-///
-/// Plain TCP on loopback for now. TLS changes only this function: run `master-target
-/// certs` here and add the `[tls]` tables to both files.
-fn write_configs(dir: &Path, disk_bytes: u64, mt_addr: SocketAddr) -> Result<Configs> {
+/// Writes both servers' configs of direction `d` into `dir`: the master target listens
+/// on `mt_addr` and journals into its data dir; the process server serves the disks over
+/// NBD on a free loopback port, cuts a point every [`CUT_INTERVAL_MS`], runs harmless
+/// freeze/thaw hooks (a line each into `hooks.log`) and ships to `mt_addr` as its node.
+/// TLS 1.3 with the certificates `master-target certs` made in `certs/`.
+fn write_configs(
+    dir: &Path,
+    d: &Direction,
+    disk_bytes: u64,
+    mt_addr: SocketAddr,
+) -> Result<Configs> {
+    let (mt_data, mt_node, ps_state, node) = (d.mt_data, d.mt_node, d.ps_state, d.ps_node);
     let mut mt = format!(
         "# master target of the blockrep demo\n\
          listen = \"{mt_addr}\"\n\
-         data_dir = \"mt-data\"\n\
-         node = \"mt-demo\"\n\n\
+         data_dir = \"{mt_data}\"\n\
+         node = \"{mt_node}\"\n\n\
          [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/master-target.pem\"\nkey = \"certs/master-target.key\"\n\n\
          [[group]]\nid = \"{GROUP}\"\n"
     );
     let mut ps = format!(
         "# process server of the blockrep demo\n\
          [nbd]\nlisten = \"127.0.0.1:0\"\n\n\
-         [tracking]\nstate_dir = \"ps-state\"\ncut_interval_ms = {CUT_INTERVAL_MS}\n\n\
-         [target]\naddress = \"{mt_addr}\"\nnode = \"ps1\"\n\
-         ca = \"certs/ca.pem\"\ncert = \"certs/process-server-ps1.pem\"\nkey = \"certs/process-server-ps1.key\"\n\n\
+         [tracking]\nstate_dir = \"{ps_state}\"\ncut_interval_ms = {CUT_INTERVAL_MS}\n\n\
+         [target]\naddress = \"{mt_addr}\"\nnode = \"{node}\"\n\
+         ca = \"certs/ca.pem\"\ncert = \"certs/process-server-{node}.pem\"\nkey = \"certs/process-server-{node}.key\"\n\n\
          [[group]]\nid = \"{GROUP}\"\n\
          freeze = \"echo freeze >> hooks.log\"\n\
          thaw = \"echo thaw >> hooks.log\"\n\
          hook_timeout_ms = 5000\n"
     );
-    for d in DISKS {
+    for disk in DISKS {
+        let (path, replica) = (d.disk_file(disk), d.replica_file(disk));
         mt.push_str(&format!(
-            "\n[[group.disk]]\nid = \"{d}\"\nsize = {disk_bytes}\nreplica = \"mt-data/replica-{d}.img\"\n"
+            "\n[[group.disk]]\nid = \"{disk}\"\nsize = {disk_bytes}\nreplica = \"{replica}\"\n"
         ));
         ps.push_str(&format!(
-            "\n[[group.disk]]\nid = \"{d}\"\npath = \"{d}.img\"\nsize = {disk_bytes}\n"
+            "\n[[group.disk]]\nid = \"{disk}\"\npath = \"{path}\"\nsize = {disk_bytes}\n"
         ));
     }
     let configs = Configs {
-        mt: dir.join("mt.toml"),
-        ps: dir.join("ps.toml"),
+        mt: dir.join(d.mt_config),
+        ps: dir.join(d.ps_config),
     };
     fs::write(&configs.mt, mt).with_context(|| format!("write {}", configs.mt.display()))?;
     fs::write(&configs.ps, ps).with_context(|| format!("write {}", configs.ps.display()))?;
@@ -662,11 +882,13 @@ struct MasterTarget {
     addr: SocketAddr,
 }
 
-/// Picks a free loopback port for the master target, writes the configs and starts
-/// it. A port taken by someone else between the pick and the bind is retried.
+/// Picks a free loopback port for the master target of direction `d`, writes the
+/// configs and starts it. A port taken by someone else between the pick and the bind
+/// is retried.
 fn start_master_target(
     bin_dir: &Path,
     dir: &Path,
+    d: &Direction,
     disk_bytes: u64,
 ) -> Result<(Configs, MasterTarget)> {
     let mut last_err = None;
@@ -674,12 +896,12 @@ fn start_master_target(
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .context("find a free loopback port")?;
-        let configs = write_configs(dir, disk_bytes, addr)?;
+        let configs = write_configs(dir, d, disk_bytes, addr)?;
         let mut cmd = Command::new(bin_dir.join("master-target"));
         cmd.args(["serve", "--config"])
             .arg(&configs.mt)
             .stdout(Stdio::piped());
-        let mut server = Server::spawn("master target", cmd, dir, "mt.log")?;
+        let mut server = Server::spawn("master target", cmd, dir, d.mt_log)?;
         // It prints `listening on ADDR` on stdout once it accepts connections.
         let stdout = server.child.stdout.take().context("master target stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -798,13 +1020,14 @@ struct ProcessServer {
 }
 
 impl ProcessServer {
-    /// Starts `process-server serve` and waits for its `listening on ADDR` log line.
-    fn start(bin_dir: &Path, dir: &Path, configs: &Configs) -> Result<Self> {
+    /// Starts `process-server serve` of direction `d` and waits for its `listening on
+    /// ADDR` log line.
+    fn start(bin_dir: &Path, dir: &Path, d: &Direction, configs: &Configs) -> Result<Self> {
         let mut cmd = Command::new(bin_dir.join("process-server"));
         cmd.args(["serve", "--config"])
             .arg(&configs.ps)
             .stdout(Stdio::null());
-        let mut server = Server::spawn("process server", cmd, dir, "ps.log")?;
+        let mut server = Server::spawn("process server", cmd, dir, d.ps_log)?;
         let mut log = LogTail::new(&server.log);
         let mut acks = Vec::new();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -903,11 +1126,21 @@ struct SyncReport {
     first_point: u64,
 }
 
-/// Waits for the initial sync: the group's state goes to `replicating`, then a
-/// consistent point is acknowledged. Shows progress on a terminal.
+/// The group's entry of a `process-server status --json`.
+fn group_status(st: &serde_json::Value) -> Result<&serde_json::Value> {
+    st["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["id"] == GROUP))
+        .with_context(|| format!("process-server status has no group {GROUP}: {st}"))
+}
+
+/// Waits for the initial sync (a full one, or the reprotect's hash-diff resync: `what`
+/// names it in messages): the group's state goes to `replicating`, then a consistent
+/// point is acknowledged. Shows progress on a terminal.
 fn wait_initial_sync(
     ps: &mut ProcessServer,
     configs: &Configs,
+    what: &str,
     total_bytes: u64,
     start_unix_ms: u64,
 ) -> Result<SyncReport> {
@@ -922,10 +1155,7 @@ fn wait_initial_sync(
         if replicating_at.is_none() && last_status.elapsed() >= Duration::from_millis(200) {
             last_status = Instant::now();
             let st = ps.status(configs)?;
-            let g = st["groups"]
-                .as_array()
-                .and_then(|gs| gs.iter().find(|g| g["id"] == GROUP))
-                .with_context(|| format!("process-server status has no group {GROUP}: {st}"))?;
+            let g = group_status(&st)?;
             let state = g["state"].as_str().unwrap_or("?");
             if state == "replicating" {
                 replicating_at = Some(now_unix_ms());
@@ -936,7 +1166,7 @@ fn wait_initial_sync(
                 let done = g["resync"]["done_bytes"].as_u64().unwrap_or(0);
                 let total = g["resync"]["total_bytes"].as_u64().unwrap_or(total_bytes);
                 print!(
-                    "\r\x1b[K  initial sync: {state}, {} of {} read",
+                    "\r\x1b[K  {what}: {state}, {} of {} read",
                     size(done),
                     size(total)
                 );
@@ -956,7 +1186,7 @@ fn wait_initial_sync(
         }
         ensure!(
             Instant::now() < deadline,
-            "the initial sync did not finish within {} s; the process server's log: {}",
+            "the {what} did not finish within {} s; the process server's log: {}",
             timeout.as_secs(),
             ps.server.log.display()
         );
@@ -973,6 +1203,8 @@ struct Tagged {
     /// blake3 roots of the disks right after the tag (the writes wait for it): the
     /// disks as they are at that point.
     disk_roots: Vec<[u8; 32]>,
+    /// Bytes the workload had written (writes and write-zeroes) when it was tagged.
+    written_bytes: u64,
 }
 
 /// What the workload did.
@@ -1096,9 +1328,12 @@ fn workload(
             // The writes stop while the app-consistent point is taken, as an
             // application quiesced by the freeze hook would.
             let mut tagged = tag_app_consistent(&ps.status_cmd, configs)?;
+            tagged.written_bytes = wl.bytes + wl.zero_bytes;
             let dir = configs.ps.parent().unwrap_or(Path::new("."));
             for d in DISKS {
-                tagged.disk_roots.push(hash(&dir.join(format!("{d}.img")))?);
+                tagged
+                    .disk_roots
+                    .push(hash(&dir.join(PROTECT.disk_file(d)))?);
             }
             wl.tags.push(tagged);
             next_tag = Instant::now() + TAG_EVERY;
@@ -1174,6 +1409,7 @@ fn tag_app_consistent(ps_bin: &Path, configs: &Configs) -> Result<Tagged> {
         id,
         consistent: p["consistent"] == true,
         disk_roots: Vec::new(),
+        written_bytes: 0,
     })
 }
 
@@ -1198,8 +1434,10 @@ struct JournalStats {
     sync_frame_bytes: u64,
 }
 
-fn open_journal(dir: &Path) -> Result<Journal> {
-    let jdir = dir.join("mt-data").join(GROUP).join("journal");
+/// The journal of direction `d`'s master target, opened offline (the server is
+/// stopped).
+fn open_journal(dir: &Path, d: &Direction) -> Result<Journal> {
+    let jdir = dir.join(d.mt_data).join(GROUP).join("journal");
     let cfg = JournalConfig {
         recovery: RecoveryMode::AbsoluteConsistency,
         ..JournalConfig::default()
@@ -1216,13 +1454,29 @@ struct Verify {
     ms: u64,
 }
 
-/// Reads every frame of the journal once (crc and blake3 are checked on the way):
-/// counts points and bytes, and replays the data frames up to the newest consistent
-/// point onto zero images, which are then compared with the disks (blake3 hash lists
-/// of 64 KiB blocks).
-fn check_journal(dir: &Path, disk_bytes: u64) -> Result<(JournalStats, Verify)> {
+/// What [`check_journal`] replays a journal onto.
+#[derive(Clone, Copy)]
+enum ReplayBase {
+    /// Zero images: the master target created its replicas blank and retention (24 h)
+    /// folded nothing into them, so its journal alone holds the disks.
+    Zero,
+    /// Copies of the master target's replica files: replicas that held a copy before
+    /// the journal began (the reprotect's, A's disks).
+    Replicas,
+}
+
+/// Reads every frame of direction `d`'s journal once (crc and blake3 are checked on
+/// the way): counts points and bytes, and replays the data frames up to the newest
+/// consistent point onto `base`, which is then compared with the protected disks
+/// (blake3 hash lists of 64 KiB blocks). The replicas themselves are not written.
+fn check_journal(
+    dir: &Path,
+    d: &Direction,
+    base: ReplayBase,
+    disk_bytes: u64,
+) -> Result<(JournalStats, Verify)> {
     let t = Instant::now();
-    let j = open_journal(dir)?;
+    let j = open_journal(dir, d)?;
     let newest = j
         .points()
         .iter()
@@ -1231,10 +1485,15 @@ fn check_journal(dir: &Path, disk_bytes: u64) -> Result<(JournalStats, Verify)> 
         .context("the journal holds no consistent point")?;
     let (point, point_seq) = (newest.record.point_id, newest.seq);
     let mut imgs = Vec::new();
-    for d in DISKS {
+    for disk in DISKS {
+        let copy_of = match base {
+            ReplayBase::Zero => None,
+            ReplayBase::Replicas => Some(dir.join(d.replica_file(disk))),
+        };
         imgs.push(Replay::create(
-            &dir.join(format!("replay-{d}.img")),
+            &dir.join(format!("replay-{disk}.img")),
             disk_bytes,
+            copy_of.as_deref(),
         )?);
     }
     let mut st = JournalStats::default();
@@ -1249,32 +1508,32 @@ fn check_journal(dir: &Path, disk_bytes: u64) -> Result<(JournalStats, Verify)> 
         match frame::decode(&bytes, &mut dec)
             .with_context(|| format!("decode journal frame {}", h.seq))?
         {
-            Frame::Data(d) => {
+            Frame::Data(f) => {
                 let i = DISKS
                     .iter()
-                    .position(|x| *x == d.meta.disk)
+                    .position(|x| *x == f.meta.disk)
                     .with_context(|| {
                         format!(
                             "journal frame {} is for unknown disk {:?}",
-                            h.seq, d.meta.disk
+                            h.seq, f.meta.disk
                         )
                     })?;
                 st.data_frames += 1;
-                st.plain_bytes += d.plain_bytes();
-                st.zero_bytes += d.zero_bytes();
-                st.payload_bytes += d.payload_bytes();
+                st.plain_bytes += f.plain_bytes();
+                st.zero_bytes += f.zero_bytes();
+                st.payload_bytes += f.payload_bytes();
                 if !synced {
-                    st.sync_plain_bytes += d.plain_bytes();
-                    st.sync_zero_bytes += d.zero_bytes();
+                    st.sync_plain_bytes += f.plain_bytes();
+                    st.sync_zero_bytes += f.zero_bytes();
                 }
                 if h.seq < point_seq {
-                    for (offset, data) in d.extents() {
+                    for (offset, data) in f.extents() {
                         imgs[i].apply(offset, &data).with_context(|| {
                             format!("replay journal frame {} onto {}", h.seq, DISKS[i])
                         })?;
                     }
                 }
-                dec.recycle(d);
+                dec.recycle(f);
             }
             Frame::Point(_, p) => {
                 synced |= p.consistent;
@@ -1284,8 +1543,8 @@ fn check_journal(dir: &Path, disk_bytes: u64) -> Result<(JournalStats, Verify)> 
         }
     }
     let mut matches = true;
-    for (img, d) in imgs.iter().zip(DISKS) {
-        matches &= hash(&img.path)? == hash(&dir.join(format!("{d}.img")))?;
+    for (img, disk) in imgs.iter().zip(DISKS) {
+        matches &= hash(&img.path)? == hash(&dir.join(d.disk_file(disk)))?;
     }
     for img in &imgs {
         let _ = fs::remove_file(&img.path);
@@ -1306,7 +1565,7 @@ static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 /// An image being replayed: a sparse file, and which of its 4 KiB blocks were ever
 /// written (a zero extent over blocks never written has nothing to do: they are
 /// holes, which read as zeros, and so most of the initial sync's zero extents cost
-/// no write).
+/// no write). An image copied from a replica counts every block as written.
 struct Replay {
     path: PathBuf,
     file: File,
@@ -1315,16 +1574,42 @@ struct Replay {
 }
 
 impl Replay {
-    /// A sparse zero image of `disk_bytes` at `path`.
-    fn create(path: &Path, disk_bytes: u64) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("create {}", path.display()))?;
-        file.set_len(disk_bytes)
-            .with_context(|| format!("size {}", path.display()))?;
+    /// An image of `disk_bytes` at `path`: a copy of `copy_of`, or sparse zeros.
+    fn create(path: &Path, disk_bytes: u64, copy_of: Option<&Path>) -> Result<Self> {
+        let words = (disk_bytes / TOUCH_BLOCK_BYTES).div_ceil(64) as usize;
+        let touched = match copy_of {
+            Some(src) => {
+                fs::copy(src, path)
+                    .with_context(|| format!("copy {} to {}", src.display(), path.display()))?;
+                vec![u64::MAX; words]
+            }
+            None => vec![0u64; words],
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(copy_of.is_none())
+            .open(path)
+            .with_context(|| format!("open {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+        match copy_of {
+            None => file
+                .set_len(disk_bytes)
+                .with_context(|| format!("size {}", path.display()))?,
+            Some(src) => ensure!(
+                len == disk_bytes,
+                "{} holds {len} bytes, not the disk's {disk_bytes}",
+                src.display()
+            ),
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
             disk_bytes,
-            touched: vec![0u64; (disk_bytes / TOUCH_BLOCK_BYTES).div_ceil(64) as usize],
+            touched,
         })
     }
 

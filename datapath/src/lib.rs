@@ -19,7 +19,8 @@
 //! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
 //! | [`failback`] | a group's failback to a point: journal through it onto every replica, undo, progress, commit |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync and verify; the diff of two hash lists, the differing parts of a read range |
-//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks; resync passes, hash-diff passes |
+//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks; resync passes, hash-diff passes; an initial sync from change lists |
+//! | [`changelist`] | which blocks of a disk may have changed since a point: the file a reprotect carries between the sites |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
 //! | [`metrics`]  | Prometheus text exposition, the HTTP exchange of a scrape, rates      |
 //!
@@ -47,6 +48,7 @@
 
 pub mod apply;
 pub mod bitmap;
+pub mod changelist;
 pub mod extent;
 pub mod failback;
 pub mod frame;

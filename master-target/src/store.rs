@@ -14,13 +14,13 @@
 //! `status` therefore never open a journal while `serve` runs: they ask the running
 //! server over its control socket, and read the files only when no server runs.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use datapath::journal::{Journal, JournalConfig, JournalRecovery};
-use datapath::storage::RealFs;
+use datapath::storage::{RealFs, try_lock_file};
 
 use crate::config::{Config, DiskConfig};
 
@@ -37,22 +37,13 @@ impl GroupLock {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("create group directory {}", dir.display()))?;
         let path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("open lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(GroupLock { _file: file }),
-            Err(TryLockError::WouldBlock) => bail!(
+        match try_lock_file(&path).with_context(|| format!("lock {}", path.display()))? {
+            Some(file) => Ok(GroupLock { _file: file }),
+            None => bail!(
                 "group {group:?} is in use by another master-target process (lock {} is \
                  held; is `master-target serve` running? stop it first)",
                 path.display()
             ),
-            Err(TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("lock {}", path.display()))
-            }
         }
     }
 }

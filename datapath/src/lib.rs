@@ -33,6 +33,7 @@
 //! |-------------------------|------------------------------------------------------------------------------|
 //! | a captured write        | hot-region log synced (only if its region was cold) -> bit set in bitmap -> write to backing disk (FUA: sync) -> spool append -> reply |
 //! | a FLUSH                 | backing disk synced -> spool synced -> reply                                 |
+//! | a disk's first protection | (from change lists: every list read through and checked) -> `initial-sync` file replaced -> bitmap file with its dirty bits (all, or the lists' union) synced -> hot-region log synced -> directory synced |
 //! | hot region evicted      | its bitmap bytes flushed (msync) -> hot-region log without it synced         |
 //! | a frame at the target   | crc + blake3 verified -> journal append -> journal segment synced (one sync per batch) -> ack |
 //! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |

@@ -263,6 +263,11 @@ fn in_file(path: &Path) -> impl FnOnce(ChangeListError) -> ChangeListError + '_ 
     }
 }
 
+/// The usual file name of `disk`'s list: `<disk>.chg`.
+pub fn file_name(disk: &str) -> String {
+    format!("{disk}{FILE_SUFFIX}")
+}
+
 /// The most entries a list of a disk of `disk_bytes` can hold: merged entries leave a
 /// block out between each two.
 pub fn extents_max(disk_bytes: u64) -> u64 {

@@ -49,11 +49,11 @@
 //!
 //! # Reading and writing
 //!
-//! [`write`] takes the extents in ascending order (any alignment: each is grown to the
+//! [`write()`] takes the extents in ascending order (any alignment: each is grown to the
 //! 4 KiB blocks it touches, overlapping or touching ones are merged), streams them to
 //! a temp file and replaces the list with [`storage::write_atomic_with`] (synced,
 //! renamed, directory synced): a crash leaves the old list or the new one.
-//! [`read`] streams a list back through a callback with every check above, in bounded
+//! [`read()`] streams a list back through a callback with every check above, in bounded
 //! memory (one chunk of entries at a time), whatever the disk's size; [`check`] reads
 //! one for a given disk and size and keeps nothing. Every error names what is wrong;
 //! nothing in a file is trusted before its check (lengths are checked against the

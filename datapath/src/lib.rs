@@ -45,7 +45,7 @@
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
 //! | failback batch          | frames read (crc) and decoded (blake3) -> per disk: apply with undo (row above) -> replica synced -> applied extents re-read and checked -> failback state (`applied_seq`) replaced |
 //! | change of point         | failback state `applying Q` + `REVERT` replaced -> every undo log replayed (replica synced) -> undo logs reset -> batches |
-//! | failback commit         | failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
+//! | failback commit         | (with change lists: journal frames after the point indexed -> one list per disk replaced, [`storage::write_atomic_with`]) -> failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
 
 pub mod apply;
 pub mod bitmap;

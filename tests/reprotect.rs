@@ -814,9 +814,10 @@ fn serve_fails(cfg: &Path) -> String {
 
 /// Proves `process-server changed` lists exactly a disk's unacknowledged writes (the
 /// whole disk while its initial sync is pending), and refuses an unknown disk and one
-/// this process server never protected; and that `serve` refuses a change list made
-/// for another disk, for another size, or damaged, naming it, and creates no tracking
-/// state for the group.
+/// this process server never protected; that `serve` refuses a change list made for
+/// another disk, for another size, or damaged, naming it, and creates no tracking
+/// state for the group; and that a start from lists towards a master target that has
+/// no copy of the disk (a blank replica) sends every block, not only the listed ones.
 #[test]
 fn change_lists_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
@@ -940,4 +941,33 @@ fn change_lists_are_checked() {
             "{says}: tracking state was created"
         );
     }
+
+    // Lists that assume a copy, and a master target without one: every block goes.
+    // The disk holds data only outside the listed blocks.
+    std::fs::copy(dir.join("x1.img"), dir.join("n.img")).unwrap();
+    let mt_cfg = mt_config(
+        dir,
+        "mt-n.toml",
+        "mt-n-data",
+        "1s",
+        &[("d0", "n-replica.img")],
+    );
+    let (mt, addr) = common::start_master_target(&mt_cfg, &dir.join("mt-n.log"), "info");
+    let cfg = ps_config_with_lists(
+        dir,
+        "ps-n.toml",
+        "sn",
+        Some(addr),
+        &[("d0", "n.img", vec![list])],
+    );
+    let ps = ProcessServer::start(&cfg, TIMEOUT);
+    wait_replicating(&ps, &cfg);
+    ps.wait_acked_after(now_unix_ms());
+    let mt_log = || std::fs::read_to_string(dir.join("mt-n.log")).unwrap_or_default();
+    wait_until("the blank replica holds the whole disk", mt_log, || {
+        read(dir, "n-replica.img") == read(dir, "n.img")
+    });
+    assert!(ps.log().contains("assume a copy"), "log:\n{}", ps.log());
+    ps.stop();
+    kill(mt);
 }

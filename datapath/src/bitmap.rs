@@ -1139,6 +1139,18 @@ impl Bitmap {
         Ok(())
     }
 
+    /// Sets every block's bit and makes the whole map durable before it returns (then
+    /// the hot set is not needed and is emptied, as in [`Bitmap::flush`]): every block
+    /// must be resynced, and no crash may forget it.
+    pub fn mark_all_durably(&mut self) -> Result<(), BitmapError> {
+        if self.poisoned {
+            return Err(BitmapError::Poisoned);
+        }
+        let blocks = self.block_count;
+        set_bit_range(self.bits_mut(), 0, blocks, true);
+        self.flush()
+    }
+
     /// Clean shutdown (rule 5): makes every bit durable, then empties the hot set, so
     /// the next open adds no dirt. The bitmap stays usable.
     pub fn flush(&mut self) -> Result<(), BitmapError> {

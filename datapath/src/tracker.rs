@@ -824,6 +824,32 @@ impl GroupTracker {
         self.disks[i].bitmap.next_dirty_run(from, max_bytes)
     }
 
+    /// Marks every block of `disk` dirty, durably, and makes a pass under way read the
+    /// disk from its start. For a disk whose initial sync started from change lists
+    /// (which assume the master target holds a copy of the disk) when the master
+    /// target turns out to have no copy at all: then every block must go, not only the
+    /// listed ones. Returns false (and changes nothing) when every block is dirty
+    /// already.
+    pub fn mark_all_dirty(&mut self, disk: &str) -> Result<bool, TrackerError> {
+        let (i, d) = self.disk(disk)?;
+        let before = d.bitmap.dirty_blocks();
+        if before == d.bitmap.block_count() {
+            return Ok(false);
+        }
+        d.bitmap
+            .mark_all_durably()
+            .map_err(|source| TrackerError::Bitmap {
+                disk: disk.to_string(),
+                source,
+            })?;
+        let added = (d.bitmap.block_count() - before) * BLOCK_BYTES;
+        if let Some(r) = self.resync.as_mut() {
+            r.cursor[i] = 0;
+            r.progress.total_bytes += added;
+        }
+        Ok(true)
+    }
+
     /// Whether `disk` has a dirty bitmap in the group directory `dir` (it was protected
     /// there), without opening anything.
     pub fn has_bitmap(fs: &dyn Storage, dir: &Path, disk: &str) -> bool {
@@ -1914,6 +1940,50 @@ mod tests {
                 assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
             },
         );
+    }
+
+    /// Proves `mark_all_dirty` (no copy at the master target after a start from
+    /// lists) makes every block dirty durably and sends the pass back to the disk's
+    /// start, and does nothing on a disk that is wholly dirty already.
+    #[test]
+    fn mark_all_dirty_restarts_the_disk() {
+        let fs = SimFs::new();
+        write_d0_lists(&fs);
+        let open_lists = |fs: &SimFs| {
+            GroupTracker::open(
+                Arc::new(fs.clone()),
+                Path::new("/g"),
+                &disks(),
+                spool_cfg(),
+                bitmap_cfg(),
+                d0_from_lists(),
+            )
+            .unwrap()
+            .0
+        };
+        let mut t = open_lists(&fs);
+        assert!(t.begin_resync().unwrap());
+        let (d, e) = t.next_resync_extent(1 << 20).unwrap();
+        assert_eq!((d.as_str(), e.offset), ("d0", 0));
+        t.record_resync("d0", e, &vec![0; e.len as usize]).unwrap();
+        assert_eq!(t.next_resync_extent(1 << 20).unwrap().1.offset, 65536);
+        assert!(t.mark_all_dirty("d0").unwrap());
+        assert!(!t.mark_all_dirty("d1").unwrap(), "d1 is wholly dirty");
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096));
+        assert_eq!(
+            t.next_resync_extent(1 << 20),
+            Some((
+                "d0".to_string(),
+                Extent {
+                    offset: 0,
+                    len: 1 << 20
+                }
+            ))
+        );
+        drop(t);
+        fs.crash(CrashMode::DropUnsynced);
+        let t = open_lists(&fs);
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096), "durable");
     }
 
     /// Proves a change list that is damaged, missing, or made for another disk or size

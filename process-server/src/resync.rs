@@ -37,7 +37,8 @@
 //!    others' dirty bits are cleared.
 //! 3. A master target that has no copy of a disk (a blank replica) says so once: that
 //!    disk is then read and recorded in full for the rest of the pass ("no copy: full
-//!    sync"), as is an extent whose hashes could not be had (the master target failed
+//!    sync"; a disk whose initial sync started from change lists, which assumed a copy,
+//!    first gets every block marked dirty and the pass reads it from its start), as is an extent whose hashes could not be had (the master target failed
 //!    to hash, no answer in time). A lost connection makes the extent wait for the
 //!    next session.
 //! 4. Counters: 64 KiB blocks compared and blocks sent, per disk, in `status`
@@ -479,6 +480,21 @@ fn compare_and_record(
             );
             pass.full.push(disk.to_string());
             pass.prefetch = None;
+            // A disk that started from change lists has only their blocks dirty, which
+            // assumed a copy: now every block must go, from the disk's start.
+            let mut t = io
+                .tracker
+                .lock()
+                .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
+            if t.mark_all_dirty(disk)? {
+                warn!(
+                    group,
+                    disk,
+                    "the disk's initial sync started from change lists, which assume a copy at \
+                     the master target, but it has none: every block is sent"
+                );
+                return Ok(true);
+            }
             None
         }
         Ok(Fetched::Refused(status)) => {

@@ -55,7 +55,7 @@
 //!
 //! | operation | order |
 //! |-----------|-------|
-//! | `create`  | bitmap file: set_len, header written, `sync_data` -> log file: set_len, slot of seq 1 (empty set), `sync_data` -> `sync_dir(dir)` -> `sync_dir` of its parent |
+//! | `create`  | bitmap file: set_len, header written, initial dirty bits written (all, or [`NewBitmap::mark`]'s, a window at a time), `sync_data` -> log file: set_len, slot of seq 1 (empty set), `sync_data` -> `sync_dir(dir)` -> `sync_dir` of its parent |
 //! | `mark`    | evicted regions' bits flushed (one `flush_range` each) -> log slot written, `sync_data` -> bits set in the map |
 //! | `clear`   | bits cleared in the map (no sync) |
 //! | `open`    | header and log read and checked -> recovered regions' bits set, generation bumped -> whole map flushed -> (if any region was recovered) empty log slot, `sync_data` |
@@ -653,6 +653,129 @@ impl std::fmt::Debug for Bitmap {
     }
 }
 
+fn create_new(fs: &dyn Storage, path: &Path) -> Result<Box<dyn StorageFile>, BitmapError> {
+    fs.open(path, OpenMode::CreateNew).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            BitmapError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            BitmapError::Io {
+                op: "create file",
+                source: e,
+            }
+        }
+    })
+}
+
+/// Bytes of bits [`NewBitmap::mark`] keeps in memory at a time (the bits of 2 GiB of
+/// disk): creating a bitmap costs this much, whatever the disk's size.
+pub const NEW_BITMAP_WINDOW_BYTES: usize = 64 << 10;
+
+/// A bitmap being created by [`Bitmap::begin_create`]: its file holds the header and
+/// the bits marked so far, nothing synced, and the hot-region log does not exist yet.
+/// Until [`NewBitmap::finish`] made both files and their names durable, what a crash
+/// leaves is an interrupted create, which the next create removes (rule: a bitmap in
+/// use always has both files). Dropping it unfinished leaves the same.
+pub struct NewBitmap<'a> {
+    fs: &'a dyn Storage,
+    dir: PathBuf,
+    file: Box<dyn StorageFile>,
+    disk_bytes: u64,
+    config: BitmapConfig,
+    /// Bytes of bits from `window_at` (offset in the bits, a multiple of the window).
+    window: Vec<u8>,
+    window_at: Option<u64>,
+    window_dirty: bool,
+}
+
+impl NewBitmap<'_> {
+    /// Marks every block `extent` touches dirty (a partial block counts whole).
+    pub fn mark(&mut self, extent: Extent) -> Result<(), BitmapError> {
+        let e = Extent::new(extent.offset, extent.len, self.disk_bytes)?;
+        let (mut from, to) = (e.offset / BLOCK_BYTES, e.end().div_ceil(BLOCK_BYTES));
+        while from < to {
+            let w = NEW_BITMAP_WINDOW_BYTES as u64;
+            let at = from / 8 / w * w;
+            self.load(at)?;
+            let until = to.min((at + self.window.len() as u64) * 8);
+            set_bit_range(&mut self.window, from - at * 8, until - at * 8, true);
+            self.window_dirty = true;
+            from = until;
+        }
+        Ok(())
+    }
+
+    /// Marks every block dirty.
+    pub fn mark_all(&mut self) -> Result<(), BitmapError> {
+        self.store()?;
+        self.window_at = None;
+        write_all_ones(self.file.as_ref(), block_count(self.disk_bytes))
+    }
+
+    /// Makes the window hold the bits from byte `at`.
+    fn load(&mut self, at: u64) -> Result<(), BitmapError> {
+        if self.window_at == Some(at) {
+            return Ok(());
+        }
+        self.store()?;
+        let bits_bytes = bitmap_file_bytes(self.disk_bytes) - HEADER_BYTES as u64;
+        let n = (bits_bytes - at).min(NEW_BITMAP_WINDOW_BYTES as u64) as usize;
+        self.window.resize(n, 0);
+        self.file
+            .read_exact_at(&mut self.window, HEADER_BYTES as u64 + at)
+            .map_err(io_err("read bitmap bits"))?;
+        self.window_at = Some(at);
+        Ok(())
+    }
+
+    /// Writes the window back if it changed.
+    fn store(&mut self) -> Result<(), BitmapError> {
+        if let (Some(at), true) = (self.window_at, self.window_dirty) {
+            self.file
+                .write_all_at(&self.window, HEADER_BYTES as u64 + at)
+                .map_err(io_err("write bitmap bits"))?;
+            self.window_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Makes the bitmap durable (bits, then the log, then both names) and opens it.
+    pub fn finish(mut self) -> Result<Bitmap, BitmapError> {
+        self.store()?;
+        self.file.sync_data().map_err(io_err("sync bitmap file"))?;
+        let (fs, dir) = (self.fs, self.dir.as_path());
+        let log = create_new(fs, &dir.join(LOG_FILE))?;
+        log.set_len(LOG_BYTES)
+            .map_err(io_err("size hot-region log"))?;
+        log.write_all_at(&encode_slot(1, &[]), slot_offset(1))
+            .map_err(io_err("write hot-region log slot"))?;
+        log.sync_data().map_err(io_err("sync hot-region log"))?;
+        fs.sync_dir(dir).map_err(io_err("sync state directory"))?;
+        // The state directory may be new: make its own name durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent)
+                .map_err(io_err("sync parent of state directory"))?;
+        }
+        let map = fs
+            .map_mut(&dir.join(BITMAP_FILE))
+            .map_err(io_err("map bitmap file"))?;
+        Ok(Bitmap {
+            map,
+            log,
+            dir: self.dir,
+            disk_bytes: self.disk_bytes,
+            block_count: block_count(self.disk_bytes),
+            config: self.config,
+            generation: 1,
+            hot: HashMap::new(),
+            tick: 0,
+            log_seq: 1,
+            poisoned: false,
+        })
+    }
+}
+
 impl Bitmap {
     /// Creates the bitmap and log files of a disk of `disk_bytes` in `dir` (created if
     /// missing), all bits clear, and makes them durable. Existing files are refused.
@@ -683,6 +806,24 @@ impl Bitmap {
         config: BitmapConfig,
         all_dirty: bool,
     ) -> Result<Self, BitmapError> {
+        let mut b = Self::begin_create(fs, dir, disk_bytes, config)?;
+        if all_dirty {
+            b.mark_all()?;
+        }
+        b.finish()
+    }
+
+    /// Starts creating the bitmap and log files of a disk of `disk_bytes` in `dir`
+    /// (created if missing) with the blocks [`NewBitmap::mark`] names dirty; made
+    /// durable, bits included, by [`NewBitmap::finish`]. Existing files are refused.
+    /// A disk protected for the first time whose replica differs from it only in
+    /// known blocks (an initial sync from change lists) starts this way.
+    pub fn begin_create<'a>(
+        fs: &'a dyn Storage,
+        dir: &Path,
+        disk_bytes: u64,
+        config: BitmapConfig,
+    ) -> Result<NewBitmap<'a>, BitmapError> {
         config
             .check()
             .map_err(|(field, why)| BitmapError::InvalidConfig { field, why })?;
@@ -692,20 +833,6 @@ impl Bitmap {
         })?;
         fs.create_dir_all(dir)
             .map_err(io_err("create state directory"))?;
-        let create_new = |path: &Path| {
-            fs.open(path, OpenMode::CreateNew).map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    BitmapError::Exists {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    BitmapError::Io {
-                        op: "create file",
-                        source: e,
-                    }
-                }
-            })
-        };
         let bitmap_path = dir.join(BITMAP_FILE);
         let log_path = dir.join(LOG_FILE);
         // A bitmap in use always has both files: one without the other is what a crash
@@ -726,44 +853,20 @@ impl Bitmap {
             config,
             generation: 1,
         };
-        {
-            let f = create_new(&bitmap_path)?;
-            f.set_len(bitmap_file_bytes(disk_bytes))
-                .map_err(io_err("size bitmap file"))?;
-            f.write_all_at(&encode_header(&header), 0)
-                .map_err(io_err("write bitmap header"))?;
-            if all_dirty {
-                write_all_ones(f.as_ref(), block_count(disk_bytes))?;
-            }
-            f.sync_data().map_err(io_err("sync bitmap file"))?;
-        }
-        let log = create_new(&log_path)?;
-        log.set_len(LOG_BYTES)
-            .map_err(io_err("size hot-region log"))?;
-        log.write_all_at(&encode_slot(1, &[]), slot_offset(1))
-            .map_err(io_err("write hot-region log slot"))?;
-        log.sync_data().map_err(io_err("sync hot-region log"))?;
-        fs.sync_dir(dir).map_err(io_err("sync state directory"))?;
-        // The state directory may be new: make its own name durable too.
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs.sync_dir(parent)
-                .map_err(io_err("sync parent of state directory"))?;
-        }
-        let map = fs
-            .map_mut(&bitmap_path)
-            .map_err(io_err("map bitmap file"))?;
-        Ok(Self {
-            map,
-            log,
+        let file = create_new(fs, &bitmap_path)?;
+        file.set_len(bitmap_file_bytes(disk_bytes))
+            .map_err(io_err("size bitmap file"))?;
+        file.write_all_at(&encode_header(&header), 0)
+            .map_err(io_err("write bitmap header"))?;
+        Ok(NewBitmap {
+            fs,
             dir: dir.to_path_buf(),
+            file,
             disk_bytes,
-            block_count: block_count(disk_bytes),
             config,
-            generation: 1,
-            hot: HashMap::new(),
-            tick: 0,
-            log_seq: 1,
-            poisoned: false,
+            window: Vec::new(),
+            window_at: None,
+            window_dirty: false,
         })
     }
 
@@ -1036,6 +1139,18 @@ impl Bitmap {
         Ok(())
     }
 
+    /// Sets every block's bit and makes the whole map durable before it returns (then
+    /// the hot set is not needed and is emptied, as in [`Bitmap::flush`]): every block
+    /// must be resynced, and no crash may forget it.
+    pub fn mark_all_durably(&mut self) -> Result<(), BitmapError> {
+        if self.poisoned {
+            return Err(BitmapError::Poisoned);
+        }
+        let blocks = self.block_count;
+        set_bit_range(self.bits_mut(), 0, blocks, true);
+        self.flush()
+    }
+
     /// Clean shutdown (rule 5): makes every bit durable, then empties the hot set, so
     /// the next open adds no dirt. The bitmap stays usable.
     pub fn flush(&mut self) -> Result<(), BitmapError> {
@@ -1279,6 +1394,56 @@ mod tests {
         );
         assert_eq!(b.next_dirty_run(13 * BLOCK_BYTES, 1 << 20), None);
         assert_eq!(b.next_dirty_run(u64::MAX - 10, 1 << 20), None);
+    }
+
+    /// Proves a bitmap created with marked extents has exactly their blocks dirty,
+    /// durably, when the marks come in any order and cross the bit windows; and that a
+    /// create a crash interrupted before `finish` synced it is made anew.
+    #[test]
+    fn create_with_marked_extents() {
+        let fs = SimFs::new();
+        let d = Path::new("/bm");
+        // 5 GiB: three windows of bits.
+        let disk = 5u64 << 30;
+        let window_blocks = NEW_BITMAP_WINDOW_BYTES as u64 * 8;
+        let marks = [
+            ext(2 * window_blocks * BLOCK_BYTES - 8192, 3 << 20),
+            ext(512, 512),
+            ext((window_blocks - 1) * BLOCK_BYTES, 2 * BLOCK_BYTES),
+            ext(disk - 4096, 4096),
+            ext(9216, 100 << 10),
+        ];
+        let mut model = std::collections::BTreeSet::new();
+        for m in &marks {
+            model.extend(m.offset / BLOCK_BYTES..m.end().div_ceil(BLOCK_BYTES));
+        }
+        let mut nb = Bitmap::begin_create(&fs, d, disk, BitmapConfig::default()).unwrap();
+        for m in marks {
+            nb.mark(m).unwrap();
+        }
+        assert!(matches!(
+            nb.mark(ext(disk, 4096)),
+            Err(BitmapError::BadExtent(_))
+        ));
+        let b = nb.finish().unwrap();
+        let got: std::collections::BTreeSet<u64> = b
+            .dirty_runs()
+            .flat_map(|e| e.offset / BLOCK_BYTES..e.end().div_ceil(BLOCK_BYTES))
+            .collect();
+        assert_eq!(got, model);
+        drop(b);
+        fs.crash(CrashMode::DropUnsynced);
+        let b = Bitmap::open(&fs, d).unwrap();
+        assert_eq!(b.dirty_blocks(), model.len() as u64);
+        // An unfinished create (marks written, nothing synced, no log) and a crash:
+        // the next create starts over.
+        let d2 = Path::new("/bm2");
+        let mut nb = Bitmap::begin_create(&fs, d2, 1 << 20, BitmapConfig::default()).unwrap();
+        nb.mark(ext(0, 8192)).unwrap();
+        drop(nb);
+        fs.crash(CrashMode::Torn { seed: 3 });
+        let b = Bitmap::create(&fs, d2, 1 << 20, BitmapConfig::default()).unwrap();
+        assert_eq!(b.dirty_blocks(), 0);
     }
 
     #[test]

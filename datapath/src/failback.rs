@@ -25,7 +25,7 @@
 //! |-------------|-------------------------------------------------------------------|---------------------|------------------|----------|
 //! | none        | the base                                                          | starts              | starts           | refused ([`FailbackError::NotFailedBack`]) |
 //! | applying P  | base + frames through `applied_seq`, maybe parts of later frames through P (or, with `revert`, anything the undo logs can take back) | resumes (or reverts first) | reverts, applies Q | refused ([`FailbackError::Unfinished`]) |
-//! | applied P   | exactly the disks at P (synced, re-read and checked)              | nothing to do ([`Outcome::already`]) | reverts, applies Q | drops undo logs and journal |
+//! | applied P   | exactly the disks at P (synced, re-read and checked)              | nothing to do ([`Outcome::already`]) | reverts, applies Q | (writes the change lists) drops undo logs and journal |
 //! | committed P | exactly the disks at P; no undo log, no journal                   | refused ([`FailbackError::Committed`]) | refused | finishes a removal a crash interrupted |
 //!
 //! **Why resuming is exact.** Frames through `applied_seq` were applied and the
@@ -81,7 +81,20 @@
 //! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: old contents appended to its undo log and synced, then the replica written ([`apply::apply_extents`]), then the replica synced, then its applied extents re-read and checked -> (every disk done) state `applying P`, `applied_seq` = the batch's last seq |
 //! | end                  | (last batch) -> state `applied P`                                     |
 //! | change of point to Q | state `applying Q`, `applied_seq` = base, `REVERT` -> every undo log replayed (newest record first; the replica synced) -> every undo log reset (truncated, synced) -> batches as above (the first clears `REVERT`) |
-//! | commit               | state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
+//! | commit               | (with lists: journal opened, the extent tables of the frames after P indexed, one change list per disk replaced with [`storage::write_atomic_with`]) -> state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
+//!
+//! # Change lists at commit
+//!
+//! A reprotect after the commit goes the other way: the other site's disks are the
+//! point plus every write made there after it. Those writes the journal still holds
+//! are the frames after P; once the journal is gone nothing knows them. So
+//! [`Failback::commit_with_lists`] first writes, per disk, a [`crate::changelist`] of
+//! the extents of every data frame after P's frame (`seq > point_seq`, read from the
+//! extent tables alone: [`PointIndex`]), into a directory the caller names (the master
+//! target's `data_dir/<group>/changed-since-point/<disk>.chg`). They are durable
+//! before the state says committed: a crash before that leaves the journal whole and a
+//! rerun writes them again; after it, they are whole, and a rerun (which must not open
+//! a half-removed journal) reports the lists it finds for this point.
 //!
 //! A batch is at most [`BATCH_PLAIN_BYTES_MAX`] of decoded data (plus one frame) or
 //! [`BATCH_FRAMES_MAX`] frames: memory stays bounded by it, and each batch costs one
@@ -108,10 +121,12 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::apply::{self, ApplyError, UndoLog};
-use crate::extent::ExtentData;
+use crate::changelist::{self, ChangeListError};
+use crate::extent::{Extent, ExtentData};
 use crate::frame::{DataFrame, Decoder, FrameError, FrameKind, PointKind};
-use crate::journal::{self, Journal, JournalError, PointEntry};
+use crate::journal::{self, FrameEntry, Journal, JournalConfig, JournalError, PointEntry};
 use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
+use crate::pointview::{PointIndex, PointViewError, ViewDisk};
 use crate::storage::{self, OpenMode, Storage, StorageFile};
 
 /// Format version of the state file.
@@ -324,6 +339,14 @@ pub enum FailbackError {
     },
     #[error("journal: {0}")]
     Journal(#[from] JournalError),
+    #[error("index the journal frames after the point: {0}")]
+    Index(#[source] PointViewError),
+    #[error("disk {disk:?}: change list: {source}")]
+    ChangeList {
+        disk: String,
+        #[source]
+        source: ChangeListError,
+    },
     #[error("journal frame seq {seq}: {source}")]
     Frame {
         seq: u64,
@@ -659,6 +682,33 @@ pub struct Committed {
     pub already: bool,
     /// Journal files removed.
     pub journal_files_removed: usize,
+    /// The change lists of the frames after the point, one per disk
+    /// ([`Failback::commit_with_lists`]; when committed already, the ones found).
+    pub lists: Vec<WrittenList>,
+}
+
+/// Where [`Failback::commit_with_lists`] writes the change lists of the journal frames
+/// after the point (see the module doc, "Change lists at commit").
+#[derive(Clone, Debug)]
+pub struct ListsOut {
+    /// The directory of the lists (created if missing): one `<disk>.chg` per disk.
+    pub dir: PathBuf,
+    /// This master target's node id, named in each list.
+    pub node: String,
+    /// How to open the journal.
+    pub journal_cfg: JournalConfig,
+    /// The time the lists carry.
+    pub created_unix_ms: u64,
+}
+
+/// A change list of one disk, written by a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenList {
+    pub disk: String,
+    pub path: PathBuf,
+    pub extent_count: u64,
+    /// 4 KiB blocks it names.
+    pub block_count: u64,
 }
 
 /// The failback of one group. See the module doc for the state machine and the order
@@ -1130,11 +1180,34 @@ impl Failback {
     /// the undo logs and the journal in `journal_dir` are removed. The caller has closed
     /// the journal. A second call finishes a removal a crash interrupted.
     pub fn commit(&self, journal_dir: &Path) -> Result<Committed, FailbackError> {
+        self.commit_inner(journal_dir, None)
+    }
+
+    /// [`Failback::commit`] that first writes, for every disk, the change list of the
+    /// journal frames after the point to `out` (module doc, "Change lists at commit"):
+    /// the blocks the other site wrote after the point, which its reprotect must
+    /// compare. The lists are durable before the state says committed, so the journal
+    /// never goes before them; a rerun before that writes them again, a rerun after it
+    /// reports the lists it finds.
+    pub fn commit_with_lists(
+        &self,
+        journal_dir: &Path,
+        out: &ListsOut,
+    ) -> Result<Committed, FailbackError> {
+        self.commit_inner(journal_dir, Some(out))
+    }
+
+    fn commit_inner(
+        &self,
+        journal_dir: &Path,
+        out: Option<&ListsOut>,
+    ) -> Result<Committed, FailbackError> {
         let Some(s) = self.state()? else {
             return Err(FailbackError::NotFailedBack {
                 group: self.group.clone(),
             });
         };
+        let mut lists = Vec::new();
         let already = match s.phase {
             Phase::Applying => {
                 return Err(FailbackError::Unfinished {
@@ -1143,13 +1216,21 @@ impl Failback {
                 });
             }
             Phase::Applied => {
+                if let Some(out) = out {
+                    lists = self.write_lists(journal_dir, &s, out)?;
+                }
                 self.store(&FailbackState {
                     phase: Phase::Committed,
                     ..s
                 })?;
                 false
             }
-            Phase::Committed => true,
+            Phase::Committed => {
+                if let Some(out) = out {
+                    lists = self.found_lists(&s, out);
+                }
+                true
+            }
         };
         let names = self
             .fs
@@ -1176,7 +1257,100 @@ impl Failback {
             point: s.point,
             already,
             journal_files_removed,
+            lists,
         })
+    }
+
+    /// Writes the change list of the frames after the point of every disk (only their
+    /// extent tables are read: [`PointIndex`]).
+    fn write_lists(
+        &self,
+        journal_dir: &Path,
+        s: &FailbackState,
+        out: &ListsOut,
+    ) -> Result<Vec<WrittenList>, FailbackError> {
+        let (journal, _) =
+            Journal::open(self.fs.clone(), journal_dir, &self.group, out.journal_cfg)?;
+        if journal.base_seq() > s.point.seq {
+            return Err(FailbackError::BaseMoved {
+                group: self.group.clone(),
+                state_base: s.base_seq,
+                journal_base: journal.base_seq(),
+            });
+        }
+        // Every frame after the point is in the index: the base is at or before it.
+        let entries: Vec<FrameEntry> = (s.point.seq + 1..=journal.write_seq())
+            .filter_map(|q| journal.entry(q).copied())
+            .collect();
+        let disks: Vec<ViewDisk> = self
+            .disks
+            .iter()
+            .map(|d| ViewDisk {
+                id: d.id.clone(),
+                size_bytes: d.size_bytes,
+            })
+            .collect();
+        let (index, _) = PointIndex::build(self.fs.as_ref(), journal_dir, &entries, &disks)
+            .map_err(FailbackError::Index)?;
+        drop(journal);
+        self.fs
+            .create_dir_all(&out.dir)
+            .map_err(io_err("create change list directory", &out.dir))?;
+        if let Some(parent) = out.dir.parent() {
+            self.fs
+                .sync_dir(parent)
+                .map_err(io_err("sync parent of change list directory", parent))?;
+        }
+        let mut written = Vec::with_capacity(self.disks.len());
+        for (i, d) in self.disks.iter().enumerate() {
+            let meta = changelist::Meta {
+                origin: changelist::Origin::FramesAfterPoint,
+                group: self.group.clone(),
+                disk: d.id.clone(),
+                node: out.node.clone(),
+                disk_bytes: d.size_bytes,
+                point_id: Some(s.point.id),
+                created_unix_ms: out.created_unix_ms,
+            };
+            let name = changelist::file_name(&d.id);
+            let ranges = index.written(i).into_iter().map(|(a, b)| Extent {
+                offset: a,
+                len: b - a,
+            });
+            let h = changelist::write(self.fs.as_ref(), &out.dir, &name, &meta, ranges).map_err(
+                |source| FailbackError::ChangeList {
+                    disk: d.id.clone(),
+                    source,
+                },
+            )?;
+            written.push(WrittenList {
+                disk: d.id.clone(),
+                path: out.dir.join(name),
+                extent_count: h.extent_count,
+                block_count: h.block_count,
+            });
+        }
+        Ok(written)
+    }
+
+    /// The lists of a commit that happened already: those in `out.dir` made for this
+    /// point (the journal they came from may be gone).
+    fn found_lists(&self, s: &FailbackState, out: &ListsOut) -> Vec<WrittenList> {
+        self.disks
+            .iter()
+            .filter_map(|d| {
+                let path = out.dir.join(changelist::file_name(&d.id));
+                let h = changelist::check(self.fs.as_ref(), &path, &d.id, d.size_bytes).ok()?;
+                (h.meta.origin == changelist::Origin::FramesAfterPoint
+                    && h.meta.point_id == Some(s.point.id))
+                .then(|| WrittenList {
+                    disk: d.id.clone(),
+                    path,
+                    extent_count: h.extent_count,
+                    block_count: h.block_count,
+                })
+            })
+            .collect()
     }
 }
 

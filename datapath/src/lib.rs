@@ -19,7 +19,8 @@
 //! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
 //! | [`failback`] | a group's failback to a point: journal through it onto every replica, undo, progress, commit |
 //! | [`hashing`]  | blake3 of 64 KiB blocks for resync and verify; the diff of two hash lists, the differing parts of a read range |
-//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks; resync passes, hash-diff passes |
+//! | [`tracker`]  | a group's change tracking: bitmaps + spool + epochs, cuts, acks; resync passes, hash-diff passes; an initial sync from change lists |
+//! | [`changelist`] | which blocks of a disk may have changed since a point: the file a reprotect carries between the sites |
 //! | [`nbd`]      | the NBD wire codec write capture speaks: handshake, requests, replies |
 //! | [`metrics`]  | Prometheus text exposition, the HTTP exchange of a scrape, rates      |
 //!
@@ -32,6 +33,7 @@
 //! |-------------------------|------------------------------------------------------------------------------|
 //! | a captured write        | hot-region log synced (only if its region was cold) -> bit set in bitmap -> write to backing disk (FUA: sync) -> spool append -> reply |
 //! | a FLUSH                 | backing disk synced -> spool synced -> reply                                 |
+//! | a disk's first protection | (from change lists: every list read through and checked) -> `initial-sync` file replaced -> bitmap file with its dirty bits (all, or the lists' union) synced -> hot-region log synced -> directory synced |
 //! | hot region evicted      | its bitmap bytes flushed (msync) -> hot-region log without it synced         |
 //! | a frame at the target   | crc + blake3 verified -> journal append -> journal segment synced (one sync per batch) -> ack |
 //! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |
@@ -43,10 +45,11 @@
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
 //! | failback batch          | frames read (crc) and decoded (blake3) -> per disk: apply with undo (row above) -> replica synced -> applied extents re-read and checked -> failback state (`applied_seq`) replaced |
 //! | change of point         | failback state `applying Q` + `REVERT` replaced -> every undo log replayed (replica synced) -> undo logs reset -> batches |
-//! | failback commit         | failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
+//! | failback commit         | (with change lists: journal frames after the point indexed -> one list per disk replaced, [`storage::write_atomic_with`]) -> failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
 
 pub mod apply;
 pub mod bitmap;
+pub mod changelist;
 pub mod extent;
 pub mod failback;
 pub mod frame;

@@ -121,16 +121,47 @@ pub trait Storage: Send + Sync {
 /// over `name`, sync the directory. After a crash at any instant the file holds either
 /// the old or the new contents, never a mix. No other code renames state files.
 pub fn write_atomic(fs: &dyn Storage, dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    write_atomic_with(fs, dir, name, |f| f.write_all_at(contents, 0))
+}
+
+/// [`write_atomic`] for contents written in pieces (a file too large to build in
+/// memory first): `write` fills the empty temp file, which is then synced, renamed over
+/// `name` and made durable with its directory. An error of `write` leaves `name` as it
+/// was (the temp file stays behind, and the next replace truncates it).
+pub fn write_atomic_with<E: From<io::Error>>(
+    fs: &dyn Storage,
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&dyn StorageFile) -> Result<(), E>,
+) -> Result<(), E> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     {
         let f = fs.open(&tmp, OpenMode::Create)?;
         f.set_len(0)?;
-        f.write_all_at(contents, 0)?;
+        write(f.as_ref())?;
         f.sync_data()?;
     }
     fs.rename(&tmp, &dst)?;
-    fs.sync_dir(dir)
+    Ok(fs.sync_dir(dir)?)
+}
+
+/// Takes an exclusive advisory lock (`flock`) on the file at `path`, creating it if
+/// missing, without waiting: `Ok(None)` when another open file holds it. The lock lasts
+/// as long as the returned file is open, and the kernel drops it when the process
+/// dies (kill -9 included), so it never goes stale. Who may open a state directory
+/// (a master target's group, a process server's state) is decided with it.
+pub fn try_lock_file(path: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Reads a whole (small) file, or `None` when it does not exist.

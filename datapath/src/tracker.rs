@@ -47,6 +47,20 @@
 //! no payload). With [`InitialSync::Skip`] new disks start clean instead (the replica is
 //! known to equal the disk, e.g. both blank).
 //!
+//! **Initial sync from change lists.** With [`InitialSync::Changed`], a new disk named
+//! there starts with only the blocks of its [`crate::changelist`] files dirty (their
+//! union) instead of every block: a reprotect after a failback, where the replica is
+//! known to differ from the disk only there (the lists' origins, and why their union
+//! covers every difference, are in that module and the README). Everything else is as
+//! above: the disk is listed in `initial-sync` before its bitmap is created, the group
+//! starts bitmap-only, and the pass (a hash-diff pass when the caller compares, which
+//! then sends only the blocks that really differ) ends the initial sync. The lists are
+//! read through and checked (each decodes; disk id and size match) before anything is
+//! written, so a bad list changes nothing; a new disk's bitmap gets its bits from them
+//! before its files are synced and named ([`Bitmap::begin_create`]), so a crash leaves
+//! either no bitmap (the disk is still listed: the next open creates it from the lists
+//! again) or the whole one. Lists of a disk that already has a bitmap are not read.
+//!
 //! **Hash-diff.** When the master target already holds a copy of a disk (a reprotect:
 //! the copy is the disk as it was at a point, plus what changed since), reading and
 //! shipping every block is a waste. The caller then reads each extent under its range
@@ -92,6 +106,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::bitmap::{self, Bitmap, BitmapConfig, BitmapError};
+use crate::changelist::{self, ChangeListError};
 use crate::extent::{Extent, ExtentError};
 use crate::spool::{Spool, SpoolConfig, SpoolEntry, SpoolError, SpoolRecordRef};
 use crate::storage::{OpenMode, Storage, write_atomic};
@@ -147,6 +162,12 @@ pub enum TrackerError {
         "disk {disk}: an extent recorded in parts outside a hash-diff pass (begin it with every record acknowledged)"
     )]
     NotHashDiff { disk: String },
+    #[error("disk {disk}: change list refused: {source}")]
+    ChangeList {
+        disk: String,
+        #[source]
+        source: ChangeListError,
+    },
 }
 
 /// One disk of the group.
@@ -169,12 +190,38 @@ pub enum TrackMode {
 }
 
 /// What [`GroupTracker::open`] does with a disk that has no bitmap yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitialSync {
     /// Every block is shipped first (the default for a disk protected the first time).
     Full,
     /// The replica already equals the disk: start with no dirty block.
     Skip,
+    /// As `Full`, except that the disks named here start with only the blocks of
+    /// these change lists dirty (see the module doc, "Initial sync from change lists").
+    Changed(BTreeMap<String, Vec<PathBuf>>),
+}
+
+impl InitialSync {
+    /// The change lists of `disk`, if it starts from lists.
+    fn lists(&self, disk: &str) -> Option<&[PathBuf]> {
+        match self {
+            InitialSync::Changed(m) => m.get(disk).map(Vec::as_slice),
+            _ => None,
+        }
+    }
+}
+
+/// A new disk whose initial sync starts from change lists, as [`GroupTracker::open`]
+/// created it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartedFromLists {
+    pub disk: String,
+    /// What each list said it was ([`changelist::Header::describe`]) and its blocks.
+    pub lists: Vec<(String, u64)>,
+    /// Blocks dirty in the new bitmap (the union).
+    pub dirty_blocks: u64,
+    /// Blocks of the disk.
+    pub disk_blocks: u64,
 }
 
 /// How far a resync pass is.
@@ -222,6 +269,8 @@ pub struct OpenReport {
     pub epoch: u64,
     /// Spool records found.
     pub spool_records: u64,
+    /// New disks whose bitmap this open made from change lists.
+    pub from_lists: Vec<StartedFromLists>,
 }
 
 struct Disk {
@@ -276,6 +325,24 @@ impl GroupTracker {
         bitmap_cfg: BitmapConfig,
         initial_sync: InitialSync,
     ) -> Result<(Self, OpenReport), TrackerError> {
+        let bitmap_dir = |d: &DiskSpec| dir.join(format!("bitmap-{}", d.id));
+        let has_bitmap = |d: &DiskSpec| Self::has_bitmap(fs.as_ref(), dir, &d.id);
+        // Disks still in their initial sync; new disks join the list BEFORE their
+        // first bitmap is created, so a crash in between cannot lose the pass.
+        let mut initial = read_initial(fs.as_ref(), dir)?;
+        initial.retain(|id| disks.iter().any(|d| &d.id == id));
+        // Every change list a bitmap will be made from is read through first: a bad
+        // one is refused before anything is written.
+        for d in disks.iter().filter(|d| !has_bitmap(d)) {
+            for path in initial_sync.lists(&d.id).unwrap_or_default() {
+                changelist::check(fs.as_ref(), path, &d.id, d.size_bytes).map_err(|source| {
+                    TrackerError::ChangeList {
+                        disk: d.id.clone(),
+                        source,
+                    }
+                })?;
+            }
+        }
         fs.create_dir_all(dir)
             .map_err(io_err(format!("create {}", dir.display())))?;
         let marker = dir.join(CLEAN_MARKER);
@@ -291,38 +358,36 @@ impl GroupTracker {
                 .map_err(io_err("remove clean marker"))?;
             fs.sync_dir(dir).map_err(io_err("sync group directory"))?;
         }
-        let bitmap_dir = |d: &DiskSpec| dir.join(format!("bitmap-{}", d.id));
-        let has_bitmap = |d: &DiskSpec| {
-            let bdir = bitmap_dir(d);
-            fs.exists(&bdir.join(bitmap::BITMAP_FILE)) && fs.exists(&bdir.join(bitmap::LOG_FILE))
-        };
-        // Disks still in their initial sync; new disks join the list BEFORE their
-        // all-dirty bitmap is created, so a crash in between cannot lose the pass.
-        let mut initial = read_initial(fs.as_ref(), dir)?;
-        initial.retain(|id| disks.iter().any(|d| &d.id == id));
         let new: Vec<String> = disks
             .iter()
             .filter(|d| !has_bitmap(d) && !initial.contains(&d.id))
             .map(|d| d.id.clone())
             .collect();
-        if initial_sync == InitialSync::Full && !new.is_empty() {
+        if initial_sync != InitialSync::Skip && !new.is_empty() {
             initial.extend(new);
             write_initial(fs.as_ref(), dir, &initial)?;
         }
         let mut opened = Vec::with_capacity(disks.len());
+        let mut from_lists = Vec::new();
         for d in disks {
             let bdir = bitmap_dir(d);
-            let bm = if has_bitmap(d) {
-                Bitmap::open_for_disk(fs.as_ref(), &bdir, d.size_bytes)
-            } else if initial.contains(&d.id) {
-                Bitmap::create_all_dirty(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg)
-            } else {
-                Bitmap::create(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg)
-            }
-            .map_err(|source| TrackerError::Bitmap {
+            let bitmap_err = |source| TrackerError::Bitmap {
                 disk: d.id.clone(),
                 source,
-            })?;
+            };
+            let bm = if has_bitmap(d) {
+                Bitmap::open_for_disk(fs.as_ref(), &bdir, d.size_bytes).map_err(bitmap_err)?
+            } else if let (true, Some(lists)) = (initial.contains(&d.id), initial_sync.lists(&d.id))
+            {
+                let (bm, started) = create_from_lists(fs.as_ref(), &bdir, d, lists, bitmap_cfg)?;
+                from_lists.push(started);
+                bm
+            } else if initial.contains(&d.id) {
+                Bitmap::create_all_dirty(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg)
+                    .map_err(bitmap_err)?
+            } else {
+                Bitmap::create(fs.as_ref(), &bdir, d.size_bytes, bitmap_cfg).map_err(bitmap_err)?
+            };
             opened.push(Disk {
                 id: d.id.clone(),
                 size_bytes: d.size_bytes,
@@ -411,6 +476,7 @@ impl GroupTracker {
             needs_resync: unclean,
             epoch: t.epoch,
             spool_records: rec.records,
+            from_lists,
         };
         Ok((t, report))
     }
@@ -750,6 +816,47 @@ impl GroupTracker {
             .map(|i| self.disks[i].bitmap.dirty_blocks())
     }
 
+    /// The first run of dirty blocks of `disk` at or after byte `from` (at most
+    /// `max_bytes`, at least a block), or `None` (no such disk, nothing dirty there).
+    /// What a resync will read next, for fetching hashes ahead of it.
+    pub fn next_dirty_run(&self, disk: &str, from: u64, max_bytes: u64) -> Option<Extent> {
+        let i = self.index(disk)?;
+        self.disks[i].bitmap.next_dirty_run(from, max_bytes)
+    }
+
+    /// Marks every block of `disk` dirty, durably, and makes a pass under way read the
+    /// disk from its start. For a disk whose initial sync started from change lists
+    /// (which assume the master target holds a copy of the disk) when the master
+    /// target turns out to have no copy at all: then every block must go, not only the
+    /// listed ones. Returns false (and changes nothing) when every block is dirty
+    /// already.
+    pub fn mark_all_dirty(&mut self, disk: &str) -> Result<bool, TrackerError> {
+        let (i, d) = self.disk(disk)?;
+        let before = d.bitmap.dirty_blocks();
+        if before == d.bitmap.block_count() {
+            return Ok(false);
+        }
+        d.bitmap
+            .mark_all_durably()
+            .map_err(|source| TrackerError::Bitmap {
+                disk: disk.to_string(),
+                source,
+            })?;
+        let added = (d.bitmap.block_count() - before) * BLOCK_BYTES;
+        if let Some(r) = self.resync.as_mut() {
+            r.cursor[i] = 0;
+            r.progress.total_bytes += added;
+        }
+        Ok(true)
+    }
+
+    /// Whether `disk` has a dirty bitmap in the group directory `dir` (it was protected
+    /// there), without opening anything.
+    pub fn has_bitmap(fs: &dyn Storage, dir: &Path, disk: &str) -> bool {
+        let bdir = dir.join(format!("bitmap-{disk}"));
+        fs.exists(&bdir.join(bitmap::BITMAP_FILE)) && fs.exists(&bdir.join(bitmap::LOG_FILE))
+    }
+
     /// The dirty runs of a disk (for a resync).
     pub fn dirty_runs(&self, disk: &str) -> Option<Vec<Extent>> {
         self.index(disk)
@@ -997,6 +1104,57 @@ impl GroupTracker {
         write_atomic(self.fs.as_ref(), &self.dir, CLEAN_MARKER, contents)
             .map_err(io_err("write clean marker"))
     }
+}
+
+/// Creates the bitmap of new disk `d` in `bdir` with the blocks of `lists` dirty
+/// (their union; the lists were checked by the caller, and are checked again as they
+/// are read).
+fn create_from_lists(
+    fs: &dyn Storage,
+    bdir: &Path,
+    d: &DiskSpec,
+    lists: &[PathBuf],
+    cfg: BitmapConfig,
+) -> Result<(Bitmap, StartedFromLists), TrackerError> {
+    let bitmap_err = |source| TrackerError::Bitmap {
+        disk: d.id.clone(),
+        source,
+    };
+    let mut nb = Bitmap::begin_create(fs, bdir, d.size_bytes, cfg).map_err(bitmap_err)?;
+    let mut described = Vec::with_capacity(lists.len());
+    for path in lists {
+        // Entries of a checked list lie inside the disk, so a mark can only fail on
+        // I/O; the first failure is kept and returned after the read.
+        let mut marked = Ok(());
+        let h = changelist::read(fs, path, &mut |e| {
+            if marked.is_ok() {
+                marked = nb.mark(e);
+            }
+        })
+        .map_err(|source| TrackerError::ChangeList {
+            disk: d.id.clone(),
+            source,
+        })?;
+        marked.map_err(bitmap_err)?;
+        if h.meta.disk != d.id || h.meta.disk_bytes != d.size_bytes {
+            return Err(TrackerError::ChangeList {
+                disk: d.id.clone(),
+                source: ChangeListError::WrongDisk {
+                    expected: d.id.clone(),
+                    found: format!("{} ({} bytes)", h.meta.disk, h.meta.disk_bytes),
+                },
+            });
+        }
+        described.push((h.describe(), h.block_count));
+    }
+    let bm = nb.finish().map_err(bitmap_err)?;
+    let started = StartedFromLists {
+        disk: d.id.clone(),
+        lists: described,
+        dirty_blocks: bm.dirty_blocks(),
+        disk_blocks: bm.block_count(),
+    };
+    Ok((bm, started))
 }
 
 /// `e` grown to the 4 KiB blocks it touches (the last one clipped to the disk).
@@ -1607,40 +1765,307 @@ mod tests {
         assert_eq!(*t.mode(), TrackMode::Spooling);
     }
 
-    /// Proves a crash at every durability step of a first protection leaves, after the
-    /// restart, both disks listed for initial sync with every block dirty: a new disk
-    /// can never start as if it were in sync.
-    #[test]
-    fn crash_during_first_open_keeps_the_initial_sync() {
-        let steps = {
-            let fs = SimFs::new();
-            open_initial(&fs);
-            fs.steps()
-        };
-        assert!(steps > 4);
-        for step in 1..=steps {
-            let fs = SimFs::new();
-            fs.crash_after(step);
-            let _ = GroupTracker::open(
+    /// Crashes a first open with `initial` at each of its durability steps (tearing
+    /// what was not synced), reopens with the same `initial`, and hands the tracker to
+    /// `check`. `prepare` puts files in place first (synced, not part of the count).
+    fn crash_every_step_of_first_open(
+        prepare: impl Fn(&SimFs),
+        initial: InitialSync,
+        check: impl Fn(&GroupTracker, u64),
+    ) {
+        let open_with = |fs: &SimFs| {
+            GroupTracker::open(
                 Arc::new(fs.clone()),
                 Path::new("/g"),
                 &disks(),
                 spool_cfg(),
                 bitmap_cfg(),
-                InitialSync::Full,
-            );
+                initial.clone(),
+            )
+        };
+        let steps = {
+            let fs = SimFs::new();
+            prepare(&fs);
+            let before = fs.steps();
+            open_with(&fs).unwrap();
+            fs.steps() - before
+        };
+        assert!(steps > 4);
+        for step in 1..=steps {
+            let fs = SimFs::new();
+            prepare(&fs);
+            fs.crash_after(step);
+            let _ = open_with(&fs);
             fs.crash(CrashMode::Torn { seed: step });
-            let (t, _) = open_initial(&fs);
-            assert_eq!(t.initial_sync_disks(), ["d0", "d1"], "crash at step {step}");
-            for d in ["d0", "d1"] {
-                assert_eq!(
-                    t.dirty_blocks(d),
-                    Some(DISK_BYTES / 4096),
-                    "step {step}: {d}"
-                );
-            }
-            assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+            let (t, _) = open_with(&fs).unwrap();
+            check(&t, step);
         }
+    }
+
+    /// Proves a crash at every durability step of a first protection leaves, after the
+    /// restart, both disks listed for initial sync with every block dirty: a new disk
+    /// can never start as if it were in sync.
+    #[test]
+    fn crash_during_first_open_keeps_the_initial_sync() {
+        crash_every_step_of_first_open(
+            |_| {},
+            InitialSync::Full,
+            |t, step| {
+                assert_eq!(t.initial_sync_disks(), ["d0", "d1"], "crash at step {step}");
+                for d in ["d0", "d1"] {
+                    assert_eq!(
+                        t.dirty_blocks(d),
+                        Some(DISK_BYTES / 4096),
+                        "step {step}: {d}"
+                    );
+                }
+                assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+            },
+        );
+    }
+
+    fn list_meta(disk: &str, origin: changelist::Origin) -> changelist::Meta {
+        changelist::Meta {
+            origin,
+            group: "g".into(),
+            disk: disk.into(),
+            node: String::new(),
+            disk_bytes: DISK_BYTES,
+            point_id: Some(7),
+            created_unix_ms: 1,
+        }
+    }
+
+    /// Two overlapping lists of d0 in `/lists` (synced): the master target's frames
+    /// after a point and the process server's unacknowledged writes.
+    fn write_d0_lists(fs: &SimFs) -> Vec<PathBuf> {
+        let dir = Path::new("/lists");
+        fs.create_dir_all(dir).unwrap();
+        let e = |offset, len| Extent { offset, len };
+        changelist::write(
+            fs,
+            dir,
+            "b-d0.chg",
+            &list_meta("d0", changelist::Origin::FramesAfterPoint),
+            [e(0, 4096), e(65536, 65536)],
+        )
+        .unwrap();
+        changelist::write(
+            fs,
+            dir,
+            "a-d0.chg",
+            &list_meta("d0", changelist::Origin::Unacknowledged),
+            [e(98304, 65536), e(DISK_BYTES - 4096, 4096)],
+        )
+        .unwrap();
+        vec![dir.join("b-d0.chg"), dir.join("a-d0.chg")]
+    }
+
+    /// The blocks of d0's two lists: 0, 16..40 (the two overlap), the last.
+    fn d0_list_runs() -> Vec<Extent> {
+        vec![
+            Extent {
+                offset: 0,
+                len: 4096,
+            },
+            Extent {
+                offset: 65536,
+                len: 98304,
+            },
+            Extent {
+                offset: DISK_BYTES - 4096,
+                len: 4096,
+            },
+        ]
+    }
+
+    fn d0_from_lists() -> InitialSync {
+        InitialSync::Changed(BTreeMap::from([(
+            "d0".to_string(),
+            vec![
+                PathBuf::from("/lists/b-d0.chg"),
+                PathBuf::from("/lists/a-d0.chg"),
+            ],
+        )]))
+    }
+
+    /// Proves a first protection from change lists starts d0 with exactly the union of
+    /// its lists dirty (d1, which has none, with every block), both listed for initial
+    /// sync, and that the pass reads only those blocks; and that a crash at every
+    /// durability step of that first open leaves the same after the restart.
+    #[test]
+    fn first_open_from_change_lists_marks_their_union() {
+        let fs = SimFs::new();
+        write_d0_lists(&fs);
+        let (mut t, rep) = GroupTracker::open(
+            Arc::new(fs.clone()),
+            Path::new("/g"),
+            &disks(),
+            spool_cfg(),
+            bitmap_cfg(),
+            d0_from_lists(),
+        )
+        .unwrap();
+        assert_eq!(t.dirty_runs("d0").unwrap(), d0_list_runs());
+        assert_eq!(t.dirty_blocks("d1"), Some(DISK_BYTES / 4096));
+        assert_eq!(t.initial_sync_disks(), ["d0", "d1"]);
+        assert_eq!(rep.from_lists.len(), 1);
+        let started = &rep.from_lists[0];
+        assert_eq!((started.disk.as_str(), started.dirty_blocks), ("d0", 26));
+        assert_eq!(started.disk_blocks, DISK_BYTES / 4096);
+        assert!(started.lists[0].0.contains("frames after point 7"));
+        assert_eq!(started.lists[1].1, 17);
+        // The pass reads the lists' runs of d0, then all of d1.
+        assert!(t.begin_resync().unwrap());
+        let mut read = Vec::new();
+        while let Some((d, e)) = t.next_resync_extent(1 << 20) {
+            let data = vec![0u8; e.len as usize];
+            t.record_resync(&d, e, &data).unwrap();
+            read.push((d, e));
+        }
+        let d0: Vec<Extent> = read.iter().filter(|r| r.0 == "d0").map(|r| r.1).collect();
+        assert_eq!(d0, d0_list_runs());
+        assert_eq!(t.finish_resync().unwrap(), ["d0", "d1"]);
+        drop(t);
+
+        crash_every_step_of_first_open(
+            |fs| {
+                write_d0_lists(fs);
+            },
+            d0_from_lists(),
+            |t, step| {
+                assert_eq!(t.initial_sync_disks(), ["d0", "d1"], "crash at step {step}");
+                assert_eq!(t.dirty_runs("d0").unwrap(), d0_list_runs(), "step {step}");
+                assert_eq!(t.dirty_blocks("d1"), Some(DISK_BYTES / 4096), "step {step}");
+                assert!(matches!(t.mode(), TrackMode::BitmapOnly { .. }));
+            },
+        );
+    }
+
+    /// Proves `mark_all_dirty` (no copy at the master target after a start from
+    /// lists) makes every block dirty durably and sends the pass back to the disk's
+    /// start, and does nothing on a disk that is wholly dirty already.
+    #[test]
+    fn mark_all_dirty_restarts_the_disk() {
+        let fs = SimFs::new();
+        write_d0_lists(&fs);
+        let open_lists = |fs: &SimFs| {
+            GroupTracker::open(
+                Arc::new(fs.clone()),
+                Path::new("/g"),
+                &disks(),
+                spool_cfg(),
+                bitmap_cfg(),
+                d0_from_lists(),
+            )
+            .unwrap()
+            .0
+        };
+        let mut t = open_lists(&fs);
+        assert!(t.begin_resync().unwrap());
+        let (d, e) = t.next_resync_extent(1 << 20).unwrap();
+        assert_eq!((d.as_str(), e.offset), ("d0", 0));
+        t.record_resync("d0", e, &vec![0; e.len as usize]).unwrap();
+        assert_eq!(t.next_resync_extent(1 << 20).unwrap().1.offset, 65536);
+        assert!(t.mark_all_dirty("d0").unwrap());
+        assert!(!t.mark_all_dirty("d1").unwrap(), "d1 is wholly dirty");
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096));
+        assert_eq!(
+            t.next_resync_extent(1 << 20),
+            Some((
+                "d0".to_string(),
+                Extent {
+                    offset: 0,
+                    len: 1 << 20
+                }
+            ))
+        );
+        drop(t);
+        fs.crash(CrashMode::DropUnsynced);
+        let t = open_lists(&fs);
+        assert_eq!(t.dirty_blocks("d0"), Some(DISK_BYTES / 4096), "durable");
+    }
+
+    /// Proves a change list that is damaged, missing, or made for another disk or size
+    /// is refused by name and nothing is created (no bitmap, no initial-sync entry);
+    /// and that the lists of a disk that already has a bitmap are not read at all.
+    #[test]
+    fn bad_change_lists_change_nothing() {
+        let open_with = |fs: &SimFs, initial: InitialSync| {
+            GroupTracker::open(
+                Arc::new(fs.clone()),
+                Path::new("/g"),
+                &disks(),
+                spool_cfg(),
+                bitmap_cfg(),
+                initial,
+            )
+        };
+        let one = |path: &str| {
+            InitialSync::Changed(BTreeMap::from([(
+                "d0".to_string(),
+                vec![PathBuf::from("/lists/b-d0.chg"), PathBuf::from(path)],
+            )]))
+        };
+        type Damage<'a> = &'a dyn Fn(&SimFs);
+        let cases: [(&str, Damage, &str); 4] = [
+            (
+                "/lists/a-d0.chg",
+                &|fs: &SimFs| fs.flip_bit(Path::new("/lists/a-d0.chg"), 289, 2),
+                "crc32",
+            ),
+            ("/lists/missing.chg", &|_: &SimFs| {}, "missing.chg"),
+            (
+                "/lists/d1.chg",
+                &|fs: &SimFs| {
+                    changelist::write(
+                        fs,
+                        Path::new("/lists"),
+                        "d1.chg",
+                        &list_meta("d1", changelist::Origin::Unacknowledged),
+                        [],
+                    )
+                    .unwrap();
+                },
+                "not \"d0\"",
+            ),
+            (
+                "/lists/small.chg",
+                &|fs: &SimFs| {
+                    let m = changelist::Meta {
+                        disk_bytes: DISK_BYTES / 2,
+                        ..list_meta("d0", changelist::Origin::Unacknowledged)
+                    };
+                    changelist::write(fs, Path::new("/lists"), "small.chg", &m, []).unwrap();
+                },
+                "disk \"d0\" has 1048576",
+            ),
+        ];
+        for (path, damage, says) in cases {
+            let fs = SimFs::new();
+            write_d0_lists(&fs);
+            damage(&fs);
+            let e = open_with(&fs, one(path)).err().expect(path).to_string();
+            assert!(
+                e.contains("disk d0: change list refused") && e.contains(says),
+                "{e}"
+            );
+            assert!(
+                fs.list_dir(Path::new("/g")).is_err(),
+                "{path}: /g was created"
+            );
+        }
+        // A disk with a bitmap already: its lists (even a missing one) are not read.
+        let fs = SimFs::new();
+        write_d0_lists(&fs);
+        open_with(&fs, InitialSync::Skip)
+            .unwrap()
+            .0
+            .shutdown()
+            .unwrap();
+        let (t, rep) = open_with(&fs, one("/lists/missing.chg")).unwrap();
+        assert!(rep.from_lists.is_empty());
+        assert_eq!(t.dirty_blocks("d0"), Some(0));
     }
 
     /// Proves a clean stop of a group that still needs a resync is clean (no unclean

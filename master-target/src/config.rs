@@ -425,6 +425,12 @@ impl Config {
         self.group_dir(group).join("failback")
     }
 
+    /// Where `commit` writes the group's change lists: the blocks written after the
+    /// point it committed, one `<disk>.chg` per disk ([`datapath::failback`]).
+    pub fn changes_dir(&self, group: &str) -> PathBuf {
+        self.group_dir(group).join("changed-since-point")
+    }
+
     /// Refuses a transport the server may not use: with `[tls]` any listen address is
     /// fine; plain TCP needs `plain_tcp_loopback = true` and a loopback address.
     pub fn check_transport(&self) -> anyhow::Result<()> {

@@ -15,7 +15,9 @@
 //! naming it are refused with `NOT_PROTECTED`) and runs the failback on its blocking
 //! pool, streaming progress to the command, which waits for the end. When no server
 //! runs, the command takes the group's lock ([`crate::store::GroupLock`]) and does the
-//! same in-process. Both call [`apply`] (and [`commit_files`]). A second failback or
+//! same in-process. Both call [`apply`] (and [`commit_files`], which first writes the
+//! change lists of the frames after the point to [`Config::changes_dir`], for a
+//! reprotect from change lists). A second failback or
 //! commit of a group while one runs is refused: the server knows, and offline the lock
 //! is held. So is a failback or commit while a test failover export of the group runs
 //! (the failback would rewrite the replicas the export reads; see [`crate::export`]).
@@ -44,7 +46,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use datapath::failback::{
-    self, Choice, Disk, Failback, FailbackError, FailbackState, Phase, Progress,
+    self, Choice, Disk, Failback, FailbackError, FailbackState, ListsOut, Phase, Progress,
 };
 use datapath::frame::PointKind;
 use datapath::journal::Journal;
@@ -178,6 +180,20 @@ pub struct CommitSummary {
     pub journal_files_removed: usize,
     /// `failed-back`: failed back, not protected.
     pub state: String,
+    /// Per disk, the change list of the journal frames after the point (the blocks
+    /// the other site wrote after it), written before the journal went; for a
+    /// reprotect from change lists (process server `initial_sync_changed`).
+    pub change_lists: Vec<ChangeListOut>,
+}
+
+/// One disk's change list, as a commit reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChangeListOut {
+    pub disk: String,
+    pub path: String,
+    pub extents: u64,
+    /// 4 KiB blocks it names.
+    pub blocks: u64,
 }
 
 fn kind_name(k: PointKind) -> &'static str {
@@ -304,12 +320,20 @@ pub fn apply(
     })
 }
 
-/// Commits group `g`'s failback: the undo logs and the journal are dropped. The caller
-/// holds the group (lock or slot) and has closed its journal.
+/// Commits group `g`'s failback: the change lists of the frames after the point are
+/// written to [`Config::changes_dir`], then the undo logs and the journal are dropped.
+/// The caller holds the group (lock or slot) and has closed its journal. Both the
+/// running server and the offline command end here.
 pub fn commit_files(cfg: &Config, g: &GroupConfig) -> anyhow::Result<CommitSummary> {
     let fb = failback_of(cfg, g)?;
+    let out = ListsOut {
+        dir: cfg.changes_dir(&g.id),
+        node: cfg.node.clone(),
+        journal_cfg: store::journal_config(cfg, &g.id),
+        created_unix_ms: crate::timefmt::now_unix_ms(),
+    };
     let c = fb
-        .commit(&cfg.journal_dir(&g.id))
+        .commit_with_lists(&cfg.journal_dir(&g.id), &out)
         .map_err(anyhow::Error::new)
         .with_context(|| format!("commit of group {:?}", g.id))?;
     Ok(CommitSummary {
@@ -319,6 +343,16 @@ pub fn commit_files(cfg: &Config, g: &GroupConfig) -> anyhow::Result<CommitSumma
         already: c.already,
         journal_files_removed: c.journal_files_removed,
         state: phase_state_name(Phase::Committed).to_string(),
+        change_lists: c
+            .lists
+            .iter()
+            .map(|l| ChangeListOut {
+                disk: l.disk.clone(),
+                path: l.path.display().to_string(),
+                extents: l.extent_count,
+                blocks: l.block_count,
+            })
+            .collect(),
     })
 }
 
@@ -519,7 +553,9 @@ pub fn commit_cmd(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&c).context("encode JSON")?
         );
-    } else if c.already {
+        return Ok(());
+    }
+    if c.already {
         println!(
             "group {}: already committed at point {} ({}); leftovers removed: failed back, not \
              protected",
@@ -531,6 +567,18 @@ pub fn commit_cmd(cfg: &Config, group: &str, json: bool) -> anyhow::Result<()> {
              failed back, not protected (reprotect to replicate again)",
             c.group, c.point_id, c.point_time, c.journal_files_removed
         );
+    }
+    if c.change_lists.is_empty() {
+        println!("  change lists: none found (a reprotect compares every block)");
+    } else {
+        println!(
+            "  change lists of the writes after point {} (for the reprotect's \
+             initial_sync_changed):",
+            c.point_id
+        );
+        for l in &c.change_lists {
+            println!("    {}: {} ({} blocks of 4 KiB)", l.disk, l.path, l.blocks);
+        }
     }
     Ok(())
 }

@@ -103,8 +103,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Make a group's failback final: its undo logs and journal are dropped; the group
-    /// is then "failed back, not protected" (replication refused until reprotect).
+    /// Make a group's failback final: first, per disk, a change list of the journal
+    /// frames after the point is written to DATA_DIR/GROUP/changed-since-point/DISK.chg
+    /// (the blocks the other site wrote after it, for a reprotect that compares only
+    /// those); then its undo logs and journal are dropped; the group is then "failed
+    /// back, not protected" (replication refused until reprotect).
     Commit {
         #[arg(long)]
         config: PathBuf,

@@ -1720,9 +1720,13 @@ impl GroupOps for Shared {
             s.journal = None;
         }
         let r = fb::commit_files(&self.cfg, &slot.cfg);
-        if r.is_ok() {
+        if let Ok(c) = &r {
             slot.metrics.forget_journal();
-            tracing::info!(group, "failback committed: undo logs and journal dropped");
+            tracing::info!(
+                group,
+                change_lists = c.change_lists.len(),
+                "failback committed: change lists of the frames after the point written, undo logs and journal dropped"
+            );
         }
         r
     }

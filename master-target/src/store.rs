@@ -5,6 +5,7 @@
 //! | `data_dir/<group>/lock`       | empty; `serve`, `points`, `status`, `failback` and `commit` hold an exclusive `flock` on it while they use the group |
 //! | `data_dir/<group>/journal/`   | the group's [`datapath::journal`], and the retention fold's intent (`retention.intent`, [`datapath::retention`]) |
 //! | `data_dir/<group>/failback/`  | the group's failback state and undo logs ([`datapath::failback`]); absent while it replicates |
+//! | `data_dir/<group>/changed-since-point/` | written by `commit`: per disk a change list (`<disk>.chg`, [`datapath::changelist`]) of the journal frames after the committed point, for a reprotect that compares only those blocks |
 //! | each disk's `replica`         | the replica image, `size` bytes (sparse when created)  |
 //!
 //! **Why a lock.** [`Journal::open`] may cut a torn tail and remove folded segments; two
@@ -14,13 +15,13 @@
 //! `status` therefore never open a journal while `serve` runs: they ask the running
 //! server over its control socket, and read the files only when no server runs.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use datapath::journal::{Journal, JournalConfig, JournalRecovery};
-use datapath::storage::RealFs;
+use datapath::storage::{RealFs, try_lock_file};
 
 use crate::config::{Config, DiskConfig};
 
@@ -37,38 +38,33 @@ impl GroupLock {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("create group directory {}", dir.display()))?;
         let path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("open lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => Ok(GroupLock { _file: file }),
-            Err(TryLockError::WouldBlock) => bail!(
+        match try_lock_file(&path).with_context(|| format!("lock {}", path.display()))? {
+            Some(file) => Ok(GroupLock { _file: file }),
+            None => bail!(
                 "group {group:?} is in use by another master-target process (lock {} is \
                  held; is `master-target serve` running? stop it first)",
                 path.display()
             ),
-            Err(TryLockError::Error(e)) => {
-                Err(e).with_context(|| format!("lock {}", path.display()))
-            }
         }
     }
 }
 
-/// Opens (creating if needed) the journal of `group`. The caller holds its [`GroupLock`].
-pub fn open_journal(cfg: &Config, group: &str) -> anyhow::Result<(Journal, JournalRecovery)> {
-    let dir = cfg.journal_dir(group);
-    let jcfg = JournalConfig {
+/// The journal config of `group`.
+pub fn journal_config(cfg: &Config, group: &str) -> JournalConfig {
+    JournalConfig {
         segment_bytes_max: cfg
             .group(group)
             .map_or(JournalConfig::default().segment_bytes_max, |g| {
                 g.journal_segment_bytes
             }),
         ..JournalConfig::default()
-    };
-    Journal::open(Arc::new(RealFs), &dir, group, jcfg)
+    }
+}
+
+/// Opens (creating if needed) the journal of `group`. The caller holds its [`GroupLock`].
+pub fn open_journal(cfg: &Config, group: &str) -> anyhow::Result<(Journal, JournalRecovery)> {
+    let dir = cfg.journal_dir(group);
+    Journal::open(Arc::new(RealFs), &dir, group, journal_config(cfg, group))
         .with_context(|| format!("open journal of group {group:?} in {}", dir.display()))
 }
 

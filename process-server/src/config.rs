@@ -26,6 +26,7 @@
 //! id = "disk0"                 # the NBD export name
 //! path = "disk0.img"           # file or block device
 //! size = "64MiB"               # created sparse if missing; if present, must match
+//! initial_sync_changed = ["b-disk0.chg", "a-disk0.chg"]  # optional, see below
 //!
 //! [target]                     # optional: without it nothing is shipped
 //! address = "127.0.0.1:10900"  # the master target
@@ -44,6 +45,17 @@
 //! target certificate signed by `ca` and valid for `server_name`. Without them it speaks
 //! plain TCP, and only to a loopback address with `plain_tcp = true`; both at once is
 //! an error.
+//!
+//! `initial_sync_changed` (a reprotect after a failback) names change lists
+//! ([`datapath::changelist`]): the master target's `commit` writes one per disk
+//! (`data_dir/<group>/changed-since-point/<disk>.chg`, the writes after the point), the
+//! old process server's `process-server changed` another (its writes the master target
+//! never acknowledged). When the disk has no dirty bitmap yet (its first protection
+//! here), its initial sync starts with only the union of the lists dirty instead of
+//! every block, and (with `hash_diff`) sends only the blocks of it that really differ.
+//! Each list must be for this disk id and size: otherwise, or when one is damaged or
+//! missing, `serve` refuses to start and creates nothing. Once the disk has a bitmap
+//! the lists are not read again. Not with `initial_sync = false`.
 //!
 //! `size` takes an integer (bytes) or a string with a suffix `B`, `KiB`, `MiB`, `GiB`,
 //! `TiB`. It may be left out when the path exists: the disk then has its current size.
@@ -124,6 +136,8 @@ struct FileDisk {
     id: String,
     path: PathBuf,
     size: Option<SizeSpec>,
+    #[serde(default)]
+    initial_sync_changed: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,6 +261,10 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Required size; `None`: whatever the existing file or device has.
     pub size_bytes: Option<u64>,
+    /// Change lists (absolute) whose union is all the first initial sync must compare
+    /// (`initial_sync_changed`; see [`datapath::tracker`], "Initial sync from change
+    /// lists"); empty: every block. Read only while the disk has no dirty bitmap yet.
+    pub initial_sync_changed: Vec<PathBuf>,
 }
 
 /// Parses a size: an integer of bytes with an optional binary suffix.
@@ -361,10 +379,27 @@ impl Config {
                 if d.path.as_os_str().is_empty() {
                     bail!("{field}.path: empty");
                 }
+                if !d.initial_sync_changed.is_empty() && !tracking.initial_sync {
+                    bail!(
+                        "{field}.initial_sync_changed: change lists narrow the initial sync, \
+                         which tracking.initial_sync = false turns off; drop one of them"
+                    );
+                }
+                if d.initial_sync_changed
+                    .iter()
+                    .any(|p| p.as_os_str().is_empty())
+                {
+                    bail!("{field}.initial_sync_changed: an empty path");
+                }
                 disks.push(DiskConfig {
                     id: d.id,
                     path: dir.join(d.path),
                     size_bytes,
+                    initial_sync_changed: d
+                        .initial_sync_changed
+                        .iter()
+                        .map(|p| dir.join(p))
+                        .collect(),
                 });
             }
             let hooks = Hooks {
@@ -715,6 +750,33 @@ size = 4096
         }
     }
 
+    /// Proves `initial_sync_changed` lists resolve against the config's directory, and
+    /// are refused with `initial_sync = false` or an empty path, naming the field.
+    #[test]
+    fn initial_sync_changed_lists() {
+        let text = GOOD.replace(
+            "size = \"1MiB\"",
+            "size = \"1MiB\"\ninitial_sync_changed = [\"b.chg\", \"/abs/a.chg\"]",
+        );
+        let c = Config::parse(&text, Path::new("/etc/ps")).unwrap();
+        let d = &c.groups[0].disks[0];
+        assert_eq!(
+            d.initial_sync_changed,
+            [Path::new("/etc/ps/b.chg"), Path::new("/abs/a.chg")]
+        );
+        assert!(c.groups[0].disks[1].initial_sync_changed.is_empty());
+        let off = format!("[tracking]\ninitial_sync = false\n{text}");
+        let err = format!("{:#}", Config::parse(&off, Path::new("/")).unwrap_err());
+        assert!(
+            err.contains("group[0].disk[0].initial_sync_changed")
+                && err.contains("initial_sync = false"),
+            "{err}"
+        );
+        let empty = text.replace("\"b.chg\"", "\"\"");
+        let err = format!("{:#}", Config::parse(&empty, Path::new("/")).unwrap_err());
+        assert!(err.contains("empty path"), "{err}");
+    }
+
     /// Proves sizes parse with and without suffixes and overflow is refused.
     #[test]
     fn sizes() {
@@ -735,6 +797,7 @@ size = 4096
             id: "d".into(),
             path: dir.path().join("d.img"),
             size_bytes: Some(1 << 20),
+            initial_sync_changed: Vec::new(),
         };
         assert_eq!(d.open().unwrap().1, 1 << 20);
         assert_eq!(d.open().unwrap().1, 1 << 20);

@@ -311,6 +311,38 @@ impl Prefetch {
         &self.disk
     }
 
+    /// Asks for at most one request's worth of `want` blocks from `from` (= `next`),
+    /// and moves `next` past them; on an error, forgets everything (the reader is at
+    /// `reader`).
+    fn ask(
+        &mut self,
+        broker: &HashBroker,
+        from: u64,
+        want: u64,
+        reader: u64,
+    ) -> Result<(), Unavailable> {
+        let n = want
+            .min(HASH_REQUEST_BLOCKS.into())
+            .min(self.disk_blocks - from)
+            .max(1) as u32;
+        match broker.ask(&self.group, &self.disk, self.of, from, n) {
+            Ok(id) => {
+                self.ranges.push_back(Range {
+                    first: from,
+                    count: n,
+                    id,
+                    answer: None,
+                });
+                self.next = from + u64::from(n);
+                Ok(())
+            }
+            Err(e) => {
+                self.reset(broker, reader);
+                Err(e)
+            }
+        }
+    }
+
     /// Forgets every request in flight.
     pub fn reset(&mut self, broker: &HashBroker, next: u64) {
         for r in self.ranges.drain(..) {
@@ -322,12 +354,31 @@ impl Prefetch {
     }
 
     /// The hashes of blocks `first..first + count` (inside the disk), asking ahead for
-    /// the blocks after them.
+    /// the blocks after them: a reader that walks the whole disk.
     pub fn get(
         &mut self,
         broker: &HashBroker,
         first: u64,
         count: u64,
+    ) -> Result<Fetched, Unavailable> {
+        let blocks = self.disk_blocks;
+        self.get_planned(broker, first, count, &mut |from| {
+            (from < blocks).then_some((from, blocks - from))
+        })
+    }
+
+    /// [`Prefetch::get`] for a reader that reads only some ranges (the dirty blocks of
+    /// an initial sync from change lists): `plan(b)` names the next run of blocks it
+    /// will read at or after block `b` (first block, count), `None` when nothing
+    /// follows; only those are asked ahead, so the master target hashes no block the
+    /// reader skips. The plan is a hint: blocks asked for that the plan missed are
+    /// fetched anyway.
+    pub fn get_planned(
+        &mut self,
+        broker: &HashBroker,
+        first: u64,
+        count: u64,
+        plan: &mut dyn FnMut(u64) -> Option<(u64, u64)>,
     ) -> Result<Fetched, Unavailable> {
         let end = first.saturating_add(count).min(self.disk_blocks);
         // Ranges wholly behind the reader are done with.
@@ -342,32 +393,41 @@ impl Prefetch {
                 broker.cancel(r.id);
             }
         }
-        // A jump back before what was asked, or past what was asked: start over there.
-        let known_from = self.ranges.front().map_or(self.next, |r| r.first);
-        if first < known_from || first > self.next {
+        // What is asked already covers `first` onwards up to `covered`; a gap before
+        // `end` that is not simply the end of what was asked means a jump: start over.
+        let mut covered = first;
+        for r in &self.ranges {
+            if r.first > covered {
+                break;
+            }
+            covered = covered.max(r.first + u64::from(r.count));
+        }
+        if covered < end && covered != self.next {
             self.reset(broker, first);
         }
-        // Ask until the ranges cover `end`, and keep the window ahead full.
-        while self.next < end
-            || (self.ranges.len() < HASH_REQUESTS_AHEAD && self.next < self.disk_blocks)
-        {
-            let n = (self.disk_blocks - self.next).min(HASH_REQUEST_BLOCKS.into()) as u32;
-            let id = match broker.ask(&self.group, &self.disk, self.of, self.next, n) {
-                Ok(id) => id,
-                Err(e) => {
-                    self.reset(broker, first);
-                    return Err(e);
-                }
+        // The blocks the reader needs now, as far as its planned run goes.
+        while self.next < end {
+            let want = match plan(self.next) {
+                Some((s, len)) if s == self.next => len.max(end - self.next),
+                _ => end - self.next,
             };
-            self.ranges.push_back(Range {
-                first: self.next,
-                count: n,
-                id,
-                answer: None,
-            });
-            self.next += u64::from(n);
+            self.ask(broker, self.next, want, first)?;
         }
-        // The ranges are contiguous from at most `first` to at least `end`.
+        // Keep the window ahead full, along the plan.
+        while self.ranges.len() < HASH_REQUESTS_AHEAD && self.next < self.disk_blocks {
+            let Some((s, len)) = plan(self.next) else {
+                break;
+            };
+            let s_end = s.saturating_add(len).min(self.disk_blocks);
+            let s = s.max(self.next);
+            if s >= s_end {
+                break;
+            }
+            self.next = s;
+            self.ask(broker, s, s_end - s, first)?;
+        }
+        // The ranges cover `first..end` without a gap (the ones after `end` may have
+        // gaps, and are not looked at).
         let mut out = Vec::with_capacity((end - first) as usize);
         for k in 0..self.ranges.len() {
             let r = &mut self.ranges[k];
@@ -504,6 +564,62 @@ mod tests {
         let firsts: Vec<u64> = seen.iter().map(|q| q.first_block).collect();
         assert_eq!(&firsts[..4], &[0, 256, 512, 768]);
         assert!(firsts.contains(&1800), "{firsts:?}");
+    }
+
+    /// Proves a planned prefetch asks only for the runs the plan names (so the master
+    /// target hashes nothing else), ahead of the reader, with each block's own hash;
+    /// and that a read the plan missed is fetched anyway.
+    #[test]
+    fn planned_prefetch_asks_only_the_plan() {
+        let broker = std::sync::Arc::new(HashBroker::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let gen_ = broker.attach(HASH_PROTOCOL_VERSION, tx);
+        let fake = serve(broker.clone(), rx, u64::MAX);
+        let runs = [(10u64, 20u64), (500, 300), (1500, 1)];
+        let mut plan = |from: u64| {
+            runs.iter().find(|(s, n)| s + n > from).map(|&(s, n)| {
+                if s < from {
+                    (from, n - (from - s))
+                } else {
+                    (s, n)
+                }
+            })
+        };
+        let mut p = Prefetch::new("g1", "d0", 2100 * HASH_BLOCK_BYTES, HashOf::Latest);
+        let check = |f: Fetched, at: u64, n: usize| {
+            let Fetched::Hashes(h) = f else {
+                panic!("no hashes at {at}")
+            };
+            assert_eq!(h.len(), n);
+            for (i, x) in h.iter().enumerate() {
+                assert_eq!(
+                    u64::from_le_bytes(x[..8].try_into().unwrap()),
+                    at + i as u64
+                );
+            }
+        };
+        check(p.get_planned(&broker, 10, 16, &mut plan).unwrap(), 10, 16);
+        check(p.get_planned(&broker, 26, 4, &mut plan).unwrap(), 26, 4);
+        for at in (500..800).step_by(16) {
+            let n = 16.min(800 - at);
+            check(
+                p.get_planned(&broker, at, n, &mut plan).unwrap(),
+                at,
+                n as usize,
+            );
+        }
+        check(p.get_planned(&broker, 1500, 1, &mut plan).unwrap(), 1500, 1);
+        // Off the plan.
+        check(p.get_planned(&broker, 2000, 2, &mut plan).unwrap(), 2000, 2);
+        p.reset(&broker, 0);
+        broker.detach(gen_);
+        let seen = fake.join().unwrap();
+        let asked: Vec<(u64, u32)> = seen.iter().map(|q| (q.first_block, q.count)).collect();
+        assert_eq!(
+            asked,
+            [(10, 20), (500, 256), (756, 44), (1500, 1), (2000, 2)],
+            "only the planned runs, in requests of at most 256 blocks"
+        );
     }
 
     /// Proves an answer that does not match its request is refused, an unknown one is

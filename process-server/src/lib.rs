@@ -4,10 +4,11 @@
 //! | module           | owns                                                              |
 //! |------------------|-------------------------------------------------------------------|
 //! | [`config`]       | the TOML config file: listen address, groups, disks               |
+//! | [`changed`]      | `changed`: a disk's unacknowledged writes as a change list (offline) |
 //! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
 //! | [`nbd_server`]   | the NBD server: handshake, transmission, write-through to disks   |
 //! | [`control`]      | the control socket: `tag` (with freeze/thaw hooks) and `status`   |
-//! | [`tracking`]     | the capture hook to each group's change tracker, and the cutter   |
+//! | [`tracking`]     | the capture hook to each group's change tracker, the cutter, the state lock |
 //! | [`resync`]       | reading dirty blocks back into the spool: resync and initial sync |
 //! | [`hashes`]       | hash requests to the master target (protocol 3), fetched ahead    |
 //! | [`verify`]       | the online verify: the disk against the master target's hashes    |
@@ -17,6 +18,7 @@
 //! | [`tls`]          | the connection to the master target: TLS 1.3 or plain TCP         |
 
 pub mod capture;
+pub mod changed;
 pub mod config;
 pub mod control;
 pub mod hashes;

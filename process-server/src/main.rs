@@ -68,6 +68,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a disk's change list: the blocks whose writes the master target has not
+    /// acknowledged (its dirty bitmap), for a reprotect in the other direction after a
+    /// failback there (`initial_sync_changed` of the other site's process server).
+    /// Offline: refused while `serve` runs with this config. Run it after this process
+    /// server stopped for good.
+    Changed {
+        /// The process server's TOML config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The disk.
+        #[arg(long, value_name = "D")]
+        disk: String,
+        /// Where the list goes (replaced durably if it exists).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare a disk with the master target's copy at its newest consistent point, by
     /// 64 KiB block hashes, while both run (an online verify); prints the ranges that
     /// differ. Blocks changed since the last acknowledged point are reported as in
@@ -110,12 +129,15 @@ fn init_logging(level: &str) {
 }
 
 async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    // Held until the process ends: no second server and no offline command opens this
+    // state meanwhile.
+    let _state_lock = tracking::StateLock::acquire(&config.tracking.state_dir)?;
     let exports = Exports::open(&config)
         .with_context(|| format!("open the disks of {}", config_path.display()))?;
     for e in exports.iter() {
         info!(group = %e.group, disk = %e.id, size_bytes = e.size_bytes, "export ready");
     }
-    let (tracking, reports) = Tracking::open(&exports, &config.tracking)?;
+    let (tracking, reports) = Tracking::open(&exports, &config)?;
     tracking::log_open_reports(&reports, &config.tracking.state_dir);
     let tracking = Arc::new(tracking);
     let mut hash_broker = None;
@@ -326,6 +348,18 @@ fn tag(config: PathBuf, group: String, app: bool, as_json: bool) -> anyhow::Resu
     Ok(())
 }
 
+/// `changed`: a disk's unacknowledged writes as a change list.
+fn changed(config: PathBuf, disk: String, out: PathBuf, as_json: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(&config)?;
+    let w = process_server::changed::run(&cfg, &disk, &out)?;
+    if as_json {
+        println!("{}", serde_json::to_string(&w).context("encode JSON")?);
+    } else {
+        print!("{}", process_server::changed::text(&w));
+    }
+    Ok(())
+}
+
 /// `status`: the running server's groups and disks.
 fn status(config: PathBuf, as_json: bool) -> anyhow::Result<()> {
     let cfg = Config::load(&config)?;
@@ -518,6 +552,12 @@ fn main() -> ExitCode {
             json,
         }) => tag(config, group, app_consistent, json),
         Some(Cmd::Status { config, json }) => status(config, json),
+        Some(Cmd::Changed {
+            config,
+            disk,
+            out,
+            json,
+        }) => changed(config, disk, out, json),
         Some(Cmd::Verify { config, disk, json }) => match verify(config, disk, json) {
             Ok(true) => return ExitCode::from(2),
             Ok(false) => Ok(()),

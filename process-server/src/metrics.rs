@@ -689,7 +689,7 @@ mod tests {
         )
         .unwrap();
         let exports = crate::nbd_server::Exports::open(&cfg).unwrap();
-        let (t, _) = Tracking::open(&exports, &cfg.tracking).unwrap();
+        let (t, _) = Tracking::open(&exports, &cfg).unwrap();
         t.before_write("disk0", 4096, 8192).unwrap();
         t.after_write("disk0", 4096, ExtentData::Bytes(&[7u8; 8192]))
             .unwrap();

@@ -26,16 +26,19 @@
 //! 1. It starts only once every record spooled before it is acknowledged
 //!    ([`GroupTracker::begin_hash_diff_resync`]); until a session with the master
 //!    target exists, the initial sync waits for one.
-//! 2. Per extent (at most 1 MiB, whole 64 KiB blocks): the master target's hashes of
-//!    the blocks are fetched first, outside every lock, by a [`Prefetch`] that keeps
-//!    [`crate::hashes::HASH_REQUESTS_AHEAD`] requests of 16 MiB in flight ahead of
-//!    the reader; then, under the range lock, the extent is read, its 64 KiB blocks
+//! 2. Per extent (at most 1 MiB, grown to whole 64 KiB blocks): the master target's
+//!    hashes of the blocks are fetched first, outside every lock, by a [`Prefetch`]
+//!    that keeps [`crate::hashes::HASH_REQUESTS_AHEAD`] requests of up to 16 MiB in
+//!    flight ahead of the reader, for the dirty runs the pass will read next (all of
+//!    the disk in a full initial sync; only the change lists' union in an initial
+//!    sync from lists, so the master target hashes nothing else); then, under the range lock, the extent is read, its 64 KiB blocks
 //!    hashed and compared ([`datapath::hashing::differing_parts`]), and only the
 //!    differing blocks are recorded ([`GroupTracker::record_resync_parts`]); the
 //!    others' dirty bits are cleared.
 //! 3. A master target that has no copy of a disk (a blank replica) says so once: that
 //!    disk is then read and recorded in full for the rest of the pass ("no copy: full
-//!    sync"), as is an extent whose hashes could not be had (the master target failed
+//!    sync"; a disk whose initial sync started from change lists, which assumed a copy,
+//!    first gets every block marked dirty and the pass reads it from its start), as is an extent whose hashes could not be had (the master target failed
 //!    to hash, no answer in time). A lost connection makes the extent wait for the
 //!    next session.
 //! 4. Counters: 64 KiB blocks compared and blocks sent, per disk, in `status`
@@ -408,6 +411,23 @@ fn blocks_touched(e: Extent) -> u64 {
     (e.end() - 1) / HASH_BLOCK_BYTES - e.offset / HASH_BLOCK_BYTES + 1
 }
 
+/// The longest dirty run one look ahead of the hash prefetch takes (a request's worth).
+const PLAN_RUN_BYTES_MAX: u64 = 16 << 20;
+
+/// `e` grown to the 64 KiB blocks it touches (the last one clipped to the disk).
+fn hash_blocks_around(e: Extent, disk_bytes: u64) -> Extent {
+    let offset = e.offset / HASH_BLOCK_BYTES * HASH_BLOCK_BYTES;
+    let end = e
+        .end()
+        .div_ceil(HASH_BLOCK_BYTES)
+        .saturating_mul(HASH_BLOCK_BYTES)
+        .min(disk_bytes);
+    Extent {
+        offset,
+        len: end - offset,
+    }
+}
+
 /// The hash-diff form of [`read_and_record`] (see the module doc): the master
 /// target's hashes of the blocks of `ext` first, then, under the range lock, the read,
 /// the comparison and the record of the differing parts. False (nothing done) while
@@ -426,6 +446,10 @@ fn compare_and_record(
         .get(disk)
         .ok_or_else(|| anyhow::anyhow!("group {group}: no export for disk {disk}"))?;
     let size = export.size_bytes;
+    // Whole 64 KiB blocks, so that every block the extent touches is compared (a run
+    // of dirty 4 KiB blocks need not be aligned; reading clean blocks around it too is
+    // a true copy of them, as every resync read is).
+    let ext = hash_blocks_around(ext, size);
     if pass.prefetch.as_ref().is_none_or(|p| p.disk() != disk) {
         if let Some(mut old) = pass.prefetch.take() {
             old.reset(broker, 0);
@@ -438,7 +462,16 @@ fn compare_and_record(
         .prefetch
         .as_mut()
         .ok_or_else(|| anyhow::anyhow!("no prefetch"))?;
-    let theirs = match prefetch.get(broker, first, count) {
+    // Hashes are asked ahead only for the blocks the pass will read: the dirty runs
+    // from here on (all of the disk in a full initial sync, the change lists' union in
+    // one from lists), so the master target hashes nothing else.
+    let mut plan = |from_block: u64| {
+        let t = io.tracker.lock().ok()?;
+        let run = t.next_dirty_run(disk, from_block * HASH_BLOCK_BYTES, PLAN_RUN_BYTES_MAX)?;
+        let e = hash_blocks_around(run, size);
+        Some((e.offset / HASH_BLOCK_BYTES, blocks_touched(e)))
+    };
+    let theirs = match prefetch.get_planned(broker, first, count, &mut plan) {
         Ok(Fetched::Hashes(h)) => Some(h),
         Ok(Fetched::NoCopy) => {
             info!(
@@ -447,6 +480,21 @@ fn compare_and_record(
             );
             pass.full.push(disk.to_string());
             pass.prefetch = None;
+            // A disk that started from change lists has only their blocks dirty, which
+            // assumed a copy: now every block must go, from the disk's start.
+            let mut t = io
+                .tracker
+                .lock()
+                .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
+            if t.mark_all_dirty(disk)? {
+                warn!(
+                    group,
+                    disk,
+                    "the disk's initial sync started from change lists, which assume a copy at \
+                     the master target, but it has none: every block is sent"
+                );
+                return Ok(true);
+            }
             None
         }
         Ok(Fetched::Refused(status)) => {

@@ -7,9 +7,9 @@
 //! makes a cut crash-consistent across all disks of the group. Writes to different
 //! groups do not wait for each other.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use anyhow::Context;
 use datapath::bitmap::BitmapConfig;
 use datapath::extent::ExtentData;
 use datapath::spool::SpoolConfig;
-use datapath::storage::{RealFs, Storage};
+use datapath::storage::RealFs;
 use datapath::tracker::{
     CutPoint, DiskSpec, GroupTracker, InitialSync, OpenReport, ResyncProgress, TrackMode,
     TrackerError,
@@ -25,7 +25,7 @@ use datapath::tracker::{
 use tracing::{error, info, warn};
 
 use crate::capture::{Capture, WriteData};
-use crate::config::TrackingConfig;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nbd_server::Exports;
 
@@ -53,14 +53,85 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens (or creates) the change tracking of group `group` (its disks `disks`, sizes
+/// from the backing files) under `state_dir/<group>`, as `serve` does: an unclean end's
+/// recovery applied, new disks' initial sync set up (from their
+/// `initial_sync_changed` lists, if any). The caller holds the [`StateLock`].
+pub fn open_group(
+    config: &Config,
+    group: &str,
+    disks: &[DiskSpec],
+) -> anyhow::Result<(GroupTracker, OpenReport)> {
+    let cfg = &config.tracking;
+    let spool_cfg = SpoolConfig {
+        segment_bytes_max: cfg.spool_segment_bytes,
+        spool_bytes_max: cfg.spool_bytes_max,
+    };
+    let lists: BTreeMap<String, Vec<PathBuf>> = config
+        .groups
+        .iter()
+        .filter(|g| g.id == group)
+        .flat_map(|g| &g.disks)
+        .filter(|d| !d.initial_sync_changed.is_empty())
+        .map(|d| (d.id.clone(), d.initial_sync_changed.clone()))
+        .collect();
+    let initial = match (cfg.initial_sync, lists.is_empty()) {
+        (false, _) => InitialSync::Skip,
+        (true, true) => InitialSync::Full,
+        (true, false) => InitialSync::Changed(lists),
+    };
+    let dir = cfg.state_dir.join(group);
+    GroupTracker::open(
+        Arc::new(RealFs),
+        &dir,
+        disks,
+        spool_cfg,
+        BitmapConfig::default(),
+        initial,
+    )
+    .with_context(|| format!("group {group}: open change tracking in {}", dir.display()))
+}
+
+/// The exclusive hold of a process server's `state_dir` (`state_dir/lock`): `serve`
+/// keeps it while it runs, offline commands (`changed`) take it, so they never open
+/// a group's tracking under a running server. Released on drop or process exit (an
+/// advisory `flock`; see [`datapath::storage::try_lock_file`]).
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Name of the lock file in `state_dir`.
+pub const STATE_LOCK_FILE: &str = "lock";
+
+impl StateLock {
+    /// Takes the lock without waiting; an error says who holds it.
+    pub fn acquire(state_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("create state directory {}", state_dir.display()))?;
+        let path = state_dir.join(STATE_LOCK_FILE);
+        match datapath::storage::try_lock_file(&path)
+            .with_context(|| format!("lock {}", path.display()))?
+        {
+            Some(file) => Ok(Self { _file: file }),
+            None => anyhow::bail!(
+                "state directory {} is in use by another process-server (lock {} is held: is \
+                 `process-server serve` running with this config? stop it first)",
+                state_dir.display(),
+                path.display()
+            ),
+        }
+    }
+}
+
 impl Tracking {
     /// Opens (or creates) the tracking state of every group of `exports` under
-    /// `cfg.state_dir/<group>`. Returns it with what each group's open found.
+    /// `state_dir/<group>` ([`open_group`]). Returns it with what each group's open
+    /// found. The caller holds the [`StateLock`].
     pub fn open(
         exports: &Exports,
-        cfg: &TrackingConfig,
+        config: &Config,
     ) -> anyhow::Result<(Self, Vec<(String, OpenReport)>)> {
-        let fs: Arc<dyn Storage> = Arc::new(RealFs);
         let mut by_group: HashMap<String, Vec<DiskSpec>> = HashMap::new();
         let mut disk_group = HashMap::new();
         for e in exports.iter() {
@@ -70,10 +141,6 @@ impl Tracking {
             });
             disk_group.insert(e.id.clone(), e.group.clone());
         }
-        let spool_cfg = SpoolConfig {
-            segment_bytes_max: cfg.spool_segment_bytes,
-            spool_bytes_max: cfg.spool_bytes_max,
-        };
         let mut groups = HashMap::new();
         let mut reports = Vec::new();
         let mut names: Vec<_> = by_group.keys().cloned().collect();
@@ -81,20 +148,7 @@ impl Tracking {
         let mut specs = Vec::new();
         for g in names {
             specs.push((g.clone(), by_group[&g].clone()));
-            let dir = cfg.state_dir.join(&g);
-            let (t, rep) = GroupTracker::open(
-                fs.clone(),
-                &dir,
-                &by_group[&g],
-                spool_cfg,
-                BitmapConfig::default(),
-                if cfg.initial_sync {
-                    InitialSync::Full
-                } else {
-                    InitialSync::Skip
-                },
-            )
-            .with_context(|| format!("group {g}: open change tracking in {}", dir.display()))?;
+            let (t, rep) = open_group(config, &g, &by_group[&g])?;
             groups.insert(g.clone(), Arc::new(Mutex::new(t)));
             reports.push((g, rep));
         }
@@ -306,6 +360,18 @@ pub fn log_open_reports(reports: &[(String, OpenReport)], state_dir: &Path) {
             warn!(
                 group = %g,
                 "previous run did not shut down cleanly: dirty blocks need a resync before the next consistent point"
+            );
+        }
+        for s in &rep.from_lists {
+            for (list, blocks) in &s.lists {
+                info!(group = %g, disk = %s.disk, blocks, "change list: {list}");
+            }
+            info!(
+                group = %g,
+                disk = %s.disk,
+                dirty_blocks = s.dirty_blocks,
+                disk_blocks = s.disk_blocks,
+                "initial sync from change lists: only the blocks of their union are compared"
             );
         }
         info!(

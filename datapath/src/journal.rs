@@ -164,7 +164,7 @@ use crate::frame::{self, FrameError, FrameHeader, FrameKind, PointKind, PointRec
 use crate::storage::{self, OpenMode, Storage, StorageFile};
 
 pub mod segindex;
-use segindex::IndexBuilder;
+use segindex::{Detail, IndexBuilder};
 
 /// Format version of the segment header and the state file.
 pub const VERSION: u16 = 1;
@@ -829,10 +829,11 @@ impl Journal {
         let sealed: Vec<u64> = scans.iter().rev().skip(1).map(|(s, _)| *s).collect();
         let active = scans.last().map(|(s, _)| *s);
         j.remove_stray_indexes(&names, &sealed, active, &mut rec);
-        j.index = scans
-            .last_mut()
-            .and_then(|(_, s)| s.index.take())
-            .unwrap_or_default();
+        j.index = match scans.last_mut() {
+            Some((_, s)) if s.index.is_some() => s.index.take().unwrap_or_default(),
+            Some((first_seq, _)) => j.active_records(*first_seq)?,
+            None => IndexBuilder::default(),
+        };
         if scans.is_empty() {
             if let TailFix::Remove = fix {
                 j.fs.sync_dir(dir)
@@ -903,8 +904,22 @@ impl Journal {
         )?
         .ok_or_else(|| "missing".to_string())?;
         let mut latest = *latest_point_id;
+        let mut frames = Vec::with_capacity(index.frame_count() as usize);
         let mut points = Vec::new();
-        for (seq, record) in segindex::points(&index, &self.group)? {
+        for f in index.frames() {
+            frames.push(f.entry);
+            let Detail::Point(body) = f.detail else {
+                continue;
+            };
+            let seq = f.entry.seq;
+            let record =
+                frame::decode_point_body(body).map_err(|e| format!("point of frame {seq}: {e}"))?;
+            if record.group != self.group {
+                return Err(format!(
+                    "point of frame {seq} is of group {:?}",
+                    record.group
+                ));
+            }
             if latest.is_some_and(|l| record.point_id <= l) {
                 return Err(format!(
                     "point id {} of frame {seq} does not rise above {}",
@@ -917,13 +932,39 @@ impl Journal {
         }
         *latest_point_id = latest;
         Ok(SegmentScan {
-            frames: index.frames().map(|f| f.entry).collect(),
+            frames,
             points,
             last_seq: index.last_seq(),
             valid_bytes: index.segment_bytes(),
             file_bytes: index.segment_bytes(),
-            index: Some(IndexBuilder::from_index(&index)),
+            // Needed only when this segment turns out to be the active one: see
+            // `active_records`.
+            index: None,
         })
+    }
+
+    /// The index records of segment `first_seq`, which was read through its index and
+    /// now is the active one (the segment after it had no header and was removed):
+    /// from its index again, or from its frames.
+    fn active_records(&self, first_seq: u64) -> Result<IndexBuilder, JournalError> {
+        let path = self.segment_path(first_seq);
+        let f = self
+            .fs
+            .open(&path, OpenMode::ReadOnly)
+            .map_err(io_err("open segment", &path))?;
+        let loaded = segindex::load(
+            self.fs.as_ref(),
+            &self.dir,
+            &self.group,
+            first_seq,
+            f.as_ref(),
+        );
+        if let Ok(Some(index)) = loaded {
+            return Ok(IndexBuilder::from_index(&index));
+        }
+        // Its points rise (checked when it was read through its index).
+        let scan = self.scan_segment(first_seq, &path, false, &mut None)?;
+        Ok(scan.and_then(|s| s.index).unwrap_or_default())
     }
 
     /// Writes the index of the sealed segment `first_seq` from the records of `scan`
@@ -2818,6 +2859,37 @@ mod tests {
             drop(j);
             check_indexes(&fs, &what);
         }
+    }
+
+    /// Proves that when the last segment has no header (a crash while it was created)
+    /// and the one before, read through its index, becomes the active segment again,
+    /// that segment loses its index (appends will change it), keeps taking frames, and
+    /// gets the index its frames give when it is sealed again.
+    #[test]
+    fn sealed_segment_that_becomes_active_again() {
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let fs = SimFs::new();
+        build(&fs, c, 6, 300);
+        let segs = segment_files(&fs);
+        let last = *segs.last().unwrap();
+        let (j, _) = open(&fs, c).unwrap();
+        let next = j.next_seq();
+        drop(j);
+        // A full last segment, sealed: the next segment's file exists, header-less.
+        put_file(&fs, &idx_path(last), &expected_index(&fs, last));
+        put_file(&fs, &seg_path(next), &[]);
+        let (mut j, rec) = open(&fs, c).unwrap();
+        assert_eq!(rec.segments_indexed, segs.len());
+        assert!(!fs.exists(&seg_path(next)) && !fs.exists(&idx_path(last)));
+        for seq in next..next + 6 {
+            j.append(&data_frame(seq, &[seq as u8; 300])).unwrap();
+        }
+        j.commit().unwrap();
+        assert!(segment_files(&fs).len() > segs.len() + 1);
+        drop(j);
+        check_indexes(&fs, "sealed again");
+        let (j, _) = open(&fs, c).unwrap();
+        assert_eq!(read_all(&j).len() as u64, next + 5);
     }
 
     /// Proves an index goes with its segment: a drop removes the indexes of the

@@ -263,9 +263,14 @@ pub fn build(
         })
         .collect();
     let fs = Arc::new(RealFs);
-    let (index, stats) =
-        PointIndex::build(fs.as_ref(), &cfg.journal_dir(&group.id), frames, &disks)
-            .with_context(|| format!("group {:?}: index the journal", group.id))?;
+    let (index, stats) = PointIndex::build(
+        fs.as_ref(),
+        &cfg.journal_dir(&group.id),
+        &group.id,
+        frames,
+        &disks,
+    )
+    .with_context(|| format!("group {:?}: index the journal", group.id))?;
     let replicas: Vec<PathBuf> = group.disks.iter().map(|d| d.replica.clone()).collect();
     let view = Arc::new(Mutex::new(
         PointView::new(index, fs, &replicas).with_context(|| format!("group {:?}", group.id))?,
@@ -422,6 +427,8 @@ where
         data_frames = live.exports.stats.data_frames,
         extents = live.exports.stats.extents,
         folded_frames = live.exports.stats.folded_frames,
+        indexed_frames = live.exports.stats.indexed_frames,
+        peeked_frames = live.exports.stats.peeked_frames,
         overlay = %live.exports.dir().display(),
         ready_ms,
         "export ready while replication goes on: writes go to a throwaway overlay"
@@ -675,6 +682,8 @@ pub fn run_offline(
             point = point.id,
             data_frames = px.stats.data_frames,
             extents = px.stats.extents,
+            indexed_frames = px.stats.indexed_frames,
+            peeked_frames = px.stats.peeked_frames,
             ready_ms = t0.elapsed().as_millis() as u64,
             "export ready (no server runs: served by this process): writes go to a throwaway overlay"
         );

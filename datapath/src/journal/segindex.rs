@@ -58,7 +58,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::frame::{self, FrameHeader, FrameKind, MAX_BODY_BYTES, MAX_EXTENTS, PointRecord};
+use crate::frame::{self, FrameHeader, FrameKind, MAX_BODY_BYTES, MAX_EXTENTS};
 use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 use crate::storage::{self, OpenMode, Storage, StorageFile};
 
@@ -101,14 +101,14 @@ pub(super) fn parse_index_name(name: &str) -> Option<u64> {
 
 /// The records of one segment's frames, built as they are appended or scanned.
 #[derive(Debug, Default)]
-pub(super) struct IndexBuilder {
+pub(crate) struct IndexBuilder {
     records: Vec<u8>,
     frames: u64,
 }
 
 impl IndexBuilder {
     /// Adds the record of `frame` (whole, its crc verified), whose header is `h`.
-    pub(super) fn push(&mut self, frame: &[u8], h: &FrameHeader) {
+    pub(crate) fn push(&mut self, frame: &[u8], h: &FrameHeader) {
         let r = &mut self.records;
         r.push(h.kind as u8);
         r.extend_from_slice(&(frame.len() as u32).to_le_bytes());
@@ -149,7 +149,7 @@ impl IndexBuilder {
     }
 
     /// The index file of segment `first_seq` of `group`, `segment_bytes` long.
-    pub(super) fn encode(&self, group: &str, first_seq: u64, segment_bytes: u64) -> Vec<u8> {
+    pub(crate) fn encode(&self, group: &str, first_seq: u64, segment_bytes: u64) -> Vec<u8> {
         let mut b = encode_fixed(INDEX_MAGIC, first_seq, group, INDEX_HEADER_BYTES);
         b[OFF_FRAMES..OFF_FRAMES + 8].copy_from_slice(&self.frames.to_le_bytes());
         b[OFF_SEGMENT_BYTES..OFF_SEGMENT_BYTES + 8].copy_from_slice(&segment_bytes.to_le_bytes());
@@ -276,7 +276,7 @@ impl SegmentIndex {
         let mut last = None;
         let mut n = 0u64;
         while !it.rest.is_empty() {
-            let f = it.next_checked()?;
+            let f = it.next_record(true)?;
             last = Some((f.entry, f.crc));
             n += 1;
         }
@@ -304,6 +304,11 @@ impl SegmentIndex {
         self.first_seq
     }
 
+    /// Frames listed.
+    pub fn frame_count(&self) -> u64 {
+        self.frames
+    }
+
     /// Seq of the segment's last frame.
     pub fn last_seq(&self) -> u64 {
         self.first_seq + self.frames - 1
@@ -322,10 +327,10 @@ impl SegmentIndex {
             offset: SEGMENT_HEADER_BYTES as u64,
             segment: self.first_seq,
         };
-        // Every record was checked by `decode`.
+        // Every record was checked by `decode`: only its fields are read again.
         std::iter::from_fn(move || {
             (!it.rest.is_empty())
-                .then(|| it.next_checked().ok())
+                .then(|| it.next_record(false).ok())
                 .flatten()
         })
     }
@@ -407,8 +412,8 @@ impl<'a> Records<'a> {
         Ok(a)
     }
 
-    /// The next record, checked.
-    fn next_checked(&mut self) -> Result<IndexedFrame<'a>, String> {
+    /// The next record; with `check`, every field of it is checked (else it was before).
+    fn next_record(&mut self, check: bool) -> Result<IndexedFrame<'a>, String> {
         let seq = self.seq;
         let bad = |why: String| format!("record of frame {seq}: {why}");
         let fixed = self.take(9, "kind, frame_len, frame_crc")?;
@@ -421,7 +426,7 @@ impl<'a> Records<'a> {
             return Err(bad(format!("frame_len {len} is not a frame's")));
         }
         let detail = match kind {
-            Some(FrameKind::Data) => Detail::Data(self.table(seq)?),
+            Some(FrameKind::Data) => Detail::Data(self.table(seq, check)?),
             Some(FrameKind::Point) => {
                 Detail::Point(self.take(len as usize - frame::HEADER_BYTES, "point body")?)
             }
@@ -441,7 +446,7 @@ impl<'a> Records<'a> {
         Ok(IndexedFrame { entry, crc, detail })
     }
 
-    fn table(&mut self, seq: u64) -> Result<Option<Table<'a>>, String> {
+    fn table(&mut self, seq: u64, check: bool) -> Result<Option<Table<'a>>, String> {
         let bad = |why: String| format!("record of frame {seq}: {why}");
         match self.take(1, "table")?[0] {
             0 => return Ok(None),
@@ -451,7 +456,7 @@ impl<'a> Records<'a> {
         let disk_len = self.take(1, "disk_len")?[0] as usize;
         let disk = std::str::from_utf8(self.take(disk_len, "disk")?)
             .ok()
-            .filter(|d| crate::valid_id(d))
+            .filter(|d| !check || crate::valid_id(d))
             .ok_or_else(|| bad("the disk is not a disk id".into()))?;
         let count = le_u16(self.take(2, "extent_count")?, 0) as usize;
         if count == 0 || count > MAX_EXTENTS as usize {
@@ -461,6 +466,9 @@ impl<'a> Records<'a> {
         }
         let raw = self.take(count * INDEX_EXTENT_BYTES, "extents")?;
         let table = Table { disk, raw };
+        if !check {
+            return Ok(Some(table));
+        }
         let mut end = 0u64;
         for (i, (c, e)) in raw
             .chunks_exact(INDEX_EXTENT_BYTES)
@@ -512,25 +520,6 @@ pub fn load(
     let index = SegmentIndex::decode(bytes, group, first_seq)?;
     index.check_segment(seg, group)?;
     Ok(Some(index))
-}
-
-/// The points an index lists, decoded, with the group of each checked.
-pub(super) fn points(index: &SegmentIndex, group: &str) -> Result<Vec<(u64, PointRecord)>, String> {
-    let mut out = Vec::new();
-    for f in index.frames() {
-        if let Detail::Point(body) = f.detail {
-            let record = frame::decode_point_body(body)
-                .map_err(|e| format!("point of frame {}: {e}", f.entry.seq))?;
-            if record.group != group {
-                return Err(format!(
-                    "point of frame {} is of group {:?}",
-                    f.entry.seq, record.group
-                ));
-            }
-            out.push((f.entry.seq, record));
-        }
-    }
-    Ok(out)
 }
 
 /// Writes the index file `bytes` of segment `first_seq` durably and whole

@@ -15,8 +15,10 @@
 //! cuts a point first when one is wanted).
 //!
 //! **Reads** come from a [`PointView`] (the replica with the journal's frames through the
-//! point laid over it: an index of extent tables, not a copy, so the export is ready in
-//! the time it takes to read one small table per frame). **Writes** from the test machine
+//! point laid over it: an index of extent tables, not a copy, taken from the index file
+//! of each sealed journal segment and the heads of the open segment's frames, so the
+//! export is ready in well under a second whatever the journal's size: see
+//! [`datapath::pointview`] for the measurements). **Writes** from the test machine
 //! go to a sparse overlay file per disk in `data_dir/<group>/export-<pid>-<n>/` (`n`
 //! numbers the exports of the process), and a map of the byte ranges written sends later
 //! reads of them there. The overlay is throwaway: it is removed when the export ends,

@@ -597,7 +597,7 @@ pub struct Journal {
     failed: Option<String>,
     /// The records of the active segment's frames, written as its index when it is
     /// sealed ([`segindex`]). At most the segment's size (a record is smaller than its
-    /// frame), ~60 bytes a frame for small frames.
+    /// frame), a few dozen bytes a frame.
     index: IndexBuilder,
     /// The last failure to write or remove an index since [`Journal::take_index_error`]:
     /// derived data, so it does not stop the journal.

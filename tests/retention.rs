@@ -246,9 +246,10 @@ fn pair_hash(imgs: &[&[u8]; 2]) -> blake3::Hash {
 /// every consistent point must be one of the states, in order, and the end the final
 /// state. Returns (base seq, consistent points checked).
 fn check_replicas_and_journal(dir: &Path, states: &States) -> (u64, usize) {
-    let (j, _) = Journal::open(
+    let jdir = dir.join("mt-data/g1/journal");
+    let (j, rec) = Journal::open(
         Arc::new(RealFs),
-        &dir.join("mt-data/g1/journal"),
+        &jdir,
         "g1",
         JournalConfig {
             segment_bytes_max: 1 << 20,
@@ -256,6 +257,25 @@ fn check_replicas_and_journal(dir: &Path, states: &States) -> (u64, usize) {
         },
     )
     .expect("open journal");
+    // The server indexed every segment it sealed, and the folds took each index with
+    // its segment: the sealed segments, and only they, have one.
+    assert!(rec.indexes_rebuilt.is_empty(), "{:?}", rec.indexes_rebuilt);
+    let stems = |ext: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(&jdir)
+            .expect("journal dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(ext).map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    };
+    let segs = stems(".seg");
+    assert_eq!(
+        stems(".idx"),
+        segs[..segs.len() - 1],
+        "indexes of the sealed segments"
+    );
+    assert_eq!(rec.segments_indexed, segs.len() - 1);
     let mut imgs: Vec<Vec<u8>> = DISKS
         .iter()
         .map(|d| std::fs::read(dir.join(format!("mt-data/replica-{d}.img"))).expect("replica"))

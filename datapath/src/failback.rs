@@ -1290,8 +1290,9 @@ impl Failback {
                 size_bytes: d.size_bytes,
             })
             .collect();
-        let (index, _) = PointIndex::build(self.fs.as_ref(), journal_dir, &entries, &disks)
-            .map_err(FailbackError::Index)?;
+        let (index, _) =
+            PointIndex::build(self.fs.as_ref(), journal_dir, &self.group, &entries, &disks)
+                .map_err(FailbackError::Index)?;
         drop(journal);
         self.fs
             .create_dir_all(&out.dir)

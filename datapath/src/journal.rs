@@ -6,7 +6,8 @@
 //! that remembers how far the caller has folded the journal into the replicas (the
 //! *base*). In memory it keeps an index only: one small [`FrameEntry`] per frame and one
 //! [`PointEntry`] per recovery point, never frame data (except the frames appended since
-//! the last [`Journal::commit`], see below).
+//! the last [`Journal::commit`], see below), and the records of the active segment's
+//! index ([`segindex`]: a few dozen bytes a frame, at most the segment's size).
 //!
 //! # Sequence rule
 //!
@@ -26,8 +27,10 @@
 //! | name                                   | what                                              |
 //! |----------------------------------------|---------------------------------------------------|
 //! | `journal-<first_seq, 20 digits>.seg`   | a segment: header, then frames back to back       |
+//! | `journal-<first_seq, 20 digits>.idx`   | a sealed segment's index ([`segindex`]): derived, written when the segment is sealed |
 //! | `journal.state`                        | the base seq, replaced with [`storage::write_atomic`] |
 //! | `journal.state.tmp`                    | a leftover of an interrupted replace; ignored     |
+//! | `journal-<first_seq>.idx.tmp`          | a leftover of an interrupted index write; removed on open |
 //!
 //! Other names in the directory are ignored, among them the retention fold's intent
 //! `retention.intent` ([`crate::retention`]).
@@ -83,10 +86,10 @@
 //! |--------------------|--------------------------------------------------------------------------|
 //! | append             | frame verified -> written at the end of the active segment (not synced)  |
 //! | commit             | the segment header rewritten with `synced_seq` = the durable seq *before* this commit -> ONE `sync_data` of the segment, covering every frame appended since the last commit |
-//! | roll (new segment) | commit of the old segment -> new file created -> header (`synced_seq` = `first_seq - 1`) written -> `sync_data` -> `sync_dir` |
-//! | drop_through(seq)  | state file replaced ([`storage::write_atomic`]) -> whole segments <= seq removed -> `sync_dir` |
-//! | open               | every segment verified (nothing changed yet) -> segments wholly <= base removed -> torn tail cut (`set_len`) -> `sync_data` of the last segment -> `sync_dir` |
-//! | [`remove_all`]     | (the caller's durable record that the journal is dropped) -> every segment (newest first), the state file and its temp removed -> `sync_dir` |
+//! | roll (new segment) | commit of the old segment -> its index written ([`storage::write_atomic`], best effort) -> new file created -> header (`synced_seq` = `first_seq - 1`) written -> `sync_data` -> `sync_dir` |
+//! | drop_through(seq)  | state file replaced ([`storage::write_atomic`]) -> whole segments <= seq removed, each after its index -> `sync_dir` |
+//! | open               | every segment verified (a sealed one through its index when it has a usable one, see below; an index found missing or unusable is written anew once its segment is verified) -> segments wholly <= base removed -> torn tail cut (`set_len`) -> stray indexes removed -> `sync_data` of the last segment -> `sync_dir` |
+//! | [`remove_all`]     | (the caller's durable record that the journal is dropped) -> every segment and index (newest first), the state file and its temp removed -> `sync_dir` |
 //!
 //! **Why the header carries a mark.** A crash may keep any subset of the writes issued
 //! since the last sync, and of the pages of one write: the page cache writes a large
@@ -110,8 +113,17 @@
 //!
 //! # Recovery policy
 //!
-//! [`Journal::open`] verifies every frame header, length and crc of every segment not
-//! wholly folded, then applies [`RecoveryMode`]:
+//! [`Journal::open`] verifies every frame header, length and crc of the last segment,
+//! and of every sealed segment not wholly folded that has no usable index, then applies
+//! [`RecoveryMode`]. A sealed segment with a usable index ([`segindex::load`]: the
+//! index whole by its crcs, and agreeing with the segment's length, header and last
+//! frame header) is not read: its frames and points come from the index. So opening
+//! reads one small file per sealed segment plus the last segment, whatever the
+//! journal's bytes; rot inside a sealed segment's frames is then found when the frame
+//! is read back ([`Journal::read`] re-verifies every crc; so do the fold, a failback
+//! and a recovery-point view), not on open. The index is written before the next
+//! segment exists, so a crash never leaves a sealed segment without one; a journal
+//! from before indexes, or one whose index could not be written, gets them on open.
 //!
 //! - In both modes, every frame of every segment but the last, and every frame of the
 //!   last segment up to its header's `synced_seq`, must be intact: damage there is a
@@ -137,7 +149,9 @@
 //! A disk that tears inside a 512-byte sector could tear the header; that is outside
 //! the model (see above), and a torn header is refused, never silently trusted.
 //!
-//! Every error on open is raised before anything on disk is changed.
+//! Every error on open is raised before anything on disk is changed, apart from the
+//! indexes written for sealed segments verified until then (derived files, correct
+//! whatever follows).
 
 use std::collections::VecDeque;
 use std::io;
@@ -148,6 +162,9 @@ use thiserror::Error;
 
 use crate::frame::{self, FrameError, FrameHeader, FrameKind, PointKind, PointRecord};
 use crate::storage::{self, OpenMode, Storage, StorageFile};
+
+pub mod segindex;
+use segindex::{Detail, IndexBuilder};
 
 /// Format version of the segment header and the state file.
 pub const VERSION: u16 = 1;
@@ -234,6 +251,15 @@ pub struct JournalRecovery {
     pub truncated_bytes: u64,
     /// Segments removed because every frame in them was folded (an interrupted drop).
     pub segments_deleted: usize,
+    /// Sealed segments whose frames and points came from their index file
+    /// ([`segindex`]), without reading the frames.
+    pub segments_indexed: usize,
+    /// Sealed segments without a usable index (first seq, why: missing, stale,
+    /// corrupt): their frames were verified and the index written anew.
+    pub indexes_rebuilt: Vec<(u64, String)>,
+    /// Index files that could not be written or removed (the journal works without
+    /// them; the next open tries again).
+    pub index_errors: Vec<String>,
 }
 
 /// Where one frame lives.
@@ -569,6 +595,13 @@ pub struct Journal {
     /// Set by the first failed write or sync: the state on disk is then unknown (a failed
     /// fsync may have dropped pages), so the journal refuses changes until reopened.
     failed: Option<String>,
+    /// The records of the active segment's frames, written as its index when it is
+    /// sealed ([`segindex`]). At most the segment's size (a record is smaller than its
+    /// frame), a few dozen bytes a frame.
+    index: IndexBuilder,
+    /// The last failure to write or remove an index since [`Journal::take_index_error`]:
+    /// derived data, so it does not stop the journal.
+    index_error: Option<String>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -594,6 +627,9 @@ struct SegmentScan {
     valid_bytes: u64,
     /// Bytes in the file.
     file_bytes: u64,
+    /// The records of its valid frames (kept only for the newest segment scanned: it
+    /// may be the active one).
+    index: Option<IndexBuilder>,
 }
 
 /// A change planned on open, applied only after everything was verified.
@@ -665,6 +701,8 @@ impl Journal {
             durable_seq: base_seq,
             write_seq: base_seq,
             failed: None,
+            index: IndexBuilder::default(),
+            index_error: None,
         };
         let mut rec = JournalRecovery::default();
 
@@ -706,17 +744,43 @@ impl Journal {
                 }
                 _ => {}
             }
-            let tolerate = last && cfg.recovery == RecoveryMode::TolerateTailCorruption;
-            let scan = j.scan_segment(first_seq, &path, tolerate, &mut latest_point_id)?;
-            let Some(scan) = scan else {
-                // A last segment whose header never reached the disk.
-                fix = TailFix::Remove;
-                break;
+            // A sealed segment is read from its index when it has a usable one; the
+            // last is always scanned (its tail may be torn).
+            let indexed = if last {
+                Err(String::new())
+            } else {
+                j.segment_from_index(first_seq, &path, &mut latest_point_id)
+            };
+            let scan = match indexed {
+                Ok(scan) => {
+                    rec.segments_indexed += 1;
+                    scan
+                }
+                Err(why) => {
+                    let tolerate = last && cfg.recovery == RecoveryMode::TolerateTailCorruption;
+                    let scan = j.scan_segment(first_seq, &path, tolerate, &mut latest_point_id)?;
+                    let Some(scan) = scan else {
+                        // A last segment whose header never reached the disk.
+                        fix = TailFix::Remove;
+                        break;
+                    };
+                    if !last {
+                        // Verified whole: its index is rebuilt now (derived data; a
+                        // failure costs only the next open's scan).
+                        j.write_index(first_seq, &scan, &mut rec);
+                        rec.indexes_rebuilt.push((first_seq, why));
+                    }
+                    scan
+                }
             };
             if scan.valid_bytes < scan.file_bytes {
                 fix = TailFix::Truncate(scan.valid_bytes);
             }
             expected = Some(scan.last_seq + 1);
+            // Only the newest segment's records can be the active segment's.
+            if let Some((_, prev)) = scans.last_mut() {
+                prev.index = None;
+            }
             scans.push((first_seq, scan));
         }
 
@@ -759,6 +823,17 @@ impl Journal {
             j.fs.remove_file(&p)
                 .map_err(io_err("remove header-less segment", &p))?;
         }
+        // Only sealed segments keep an index: the active one (appends make it stale),
+        // folded ones, orphans and temps of an interrupted write go. Made durable by
+        // the directory sync below (a removal that does not last is harmless).
+        let sealed: Vec<u64> = scans.iter().rev().skip(1).map(|(s, _)| *s).collect();
+        let active = scans.last().map(|(s, _)| *s);
+        j.remove_stray_indexes(&names, &sealed, active, &mut rec);
+        j.index = match scans.last_mut() {
+            Some((_, s)) if s.index.is_some() => s.index.take().unwrap_or_default(),
+            Some((first_seq, _)) => j.active_records(*first_seq)?,
+            None => IndexBuilder::default(),
+        };
         if scans.is_empty() {
             if let TailFix::Remove = fix {
                 j.fs.sync_dir(dir)
@@ -805,6 +880,143 @@ impl Journal {
         rec.points = j.points.len();
         j.check_invariants();
         Ok((j, rec))
+    }
+
+    /// A sealed segment's frames and points from its index ([`segindex`]), checked
+    /// against the segment and the points before it; `Err(why)` when it has no usable
+    /// index (then `latest_point_id` is unchanged and the caller scans the frames).
+    fn segment_from_index(
+        &self,
+        first_seq: u64,
+        path: &Path,
+        latest_point_id: &mut Option<u64>,
+    ) -> Result<SegmentScan, String> {
+        let f = self
+            .fs
+            .open(path, OpenMode::ReadOnly)
+            .map_err(|e| format!("open the segment: {e}"))?;
+        let index = segindex::load(
+            self.fs.as_ref(),
+            &self.dir,
+            &self.group,
+            first_seq,
+            f.as_ref(),
+        )?
+        .ok_or_else(|| "missing".to_string())?;
+        let mut latest = *latest_point_id;
+        let mut frames = Vec::with_capacity(index.frame_count() as usize);
+        let mut points = Vec::new();
+        for f in index.frames() {
+            frames.push(f.entry);
+            let Detail::Point(body) = f.detail else {
+                continue;
+            };
+            let seq = f.entry.seq;
+            let record =
+                frame::decode_point_body(body).map_err(|e| format!("point of frame {seq}: {e}"))?;
+            if record.group != self.group {
+                return Err(format!(
+                    "point of frame {seq} is of group {:?}",
+                    record.group
+                ));
+            }
+            if latest.is_some_and(|l| record.point_id <= l) {
+                return Err(format!(
+                    "point id {} of frame {seq} does not rise above {}",
+                    record.point_id,
+                    latest.unwrap_or(0)
+                ));
+            }
+            latest = Some(record.point_id);
+            points.push(PointEntry { record, seq });
+        }
+        *latest_point_id = latest;
+        Ok(SegmentScan {
+            frames,
+            points,
+            last_seq: index.last_seq(),
+            valid_bytes: index.segment_bytes(),
+            file_bytes: index.segment_bytes(),
+            // Needed only when this segment turns out to be the active one: see
+            // `active_records`.
+            index: None,
+        })
+    }
+
+    /// The index records of segment `first_seq`, which was read through its index and
+    /// now is the active one (the segment after it had no header and was removed):
+    /// from its index again, or from its frames.
+    fn active_records(&self, first_seq: u64) -> Result<IndexBuilder, JournalError> {
+        let path = self.segment_path(first_seq);
+        let f = self
+            .fs
+            .open(&path, OpenMode::ReadOnly)
+            .map_err(io_err("open segment", &path))?;
+        let loaded = segindex::load(
+            self.fs.as_ref(),
+            &self.dir,
+            &self.group,
+            first_seq,
+            f.as_ref(),
+        );
+        if let Ok(Some(index)) = loaded {
+            return Ok(IndexBuilder::from_index(&index));
+        }
+        // Its points rise (checked when it was read through its index).
+        let scan = self.scan_segment(first_seq, &path, false, &mut None)?;
+        Ok(scan.and_then(|s| s.index).unwrap_or_default())
+    }
+
+    /// Writes the index of the sealed segment `first_seq` from the records of `scan`
+    /// (best effort: the journal works without it; a failure is reported in `rec`).
+    fn write_index(&self, first_seq: u64, scan: &SegmentScan, rec: &mut JournalRecovery) {
+        let Some(b) = &scan.index else {
+            return;
+        };
+        let bytes = b.encode(&self.group, first_seq, scan.valid_bytes);
+        if let Err(e) = segindex::write(self.fs.as_ref(), &self.dir, first_seq, &bytes) {
+            rec.index_errors.push(format!(
+                "write segment index {}: {e}",
+                self.dir.join(segindex::index_name(first_seq)).display()
+            ));
+        }
+    }
+
+    /// Removes every index file among `names` (the directory as open found it) that is
+    /// not the index of one of the `sealed` segments, every temp of one, and the
+    /// active segment's (best effort, reported in `rec`).
+    fn remove_stray_indexes(
+        &self,
+        names: &[String],
+        sealed: &[u64],
+        active: Option<u64>,
+        rec: &mut JournalRecovery,
+    ) {
+        let mut stray: Vec<String> = names
+            .iter()
+            .filter(|n| {
+                segindex::parse_index_name(n)
+                    .is_some_and(|s| n.ends_with(".tmp") || !sealed.contains(&s))
+            })
+            .cloned()
+            .collect();
+        // One written by this open for a segment that then turned out to be the active one.
+        if let Some(active) = active {
+            let name = segindex::index_name(active);
+            if !stray.contains(&name) {
+                stray.push(name);
+            }
+        }
+        for name in stray {
+            let p = self.dir.join(&name);
+            match self.fs.remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => rec
+                    .index_errors
+                    .push(format!("remove {}: {e}", p.display())),
+            }
+        }
     }
 
     /// Creates the first segment of an empty journal, at seq `base_seq + 1`.
@@ -897,6 +1109,7 @@ impl Journal {
             last_seq: first_seq - 1,
             valid_bytes: SEGMENT_HEADER_BYTES as u64,
             file_bytes,
+            index: Some(IndexBuilder::default()),
         };
         let mut offset = SEGMENT_HEADER_BYTES as u64;
         let mut buf = Vec::new();
@@ -952,6 +1165,9 @@ impl Journal {
                         len: h.frame_len() as u32,
                         kind: h.kind,
                     });
+                    if let Some(b) = scan.index.as_mut() {
+                        b.push(&buf, &h);
+                    }
                     scan.last_seq = h.seq;
                     offset += h.frame_len() as u64;
                     scan.valid_bytes = offset;
@@ -1147,6 +1363,7 @@ impl Journal {
             .expect("a journal always has an active segment");
         seg.len_bytes += len;
         seg.frames += 1;
+        self.index.push(frame, &h);
         self.frames.push_back(FrameEntry {
             seq: h.seq,
             segment,
@@ -1201,6 +1418,7 @@ impl Journal {
     /// whose first frame will be `first_seq`.
     fn roll(&mut self, first_seq: u64) -> Result<(), JournalError> {
         self.flush()?;
+        self.seal_index();
         let f = self.create_segment(first_seq)?;
         self.active = f;
         self.segments.push_back(Segment {
@@ -1208,7 +1426,35 @@ impl Journal {
             len_bytes: SEGMENT_HEADER_BYTES as u64,
             frames: 0,
         });
+        self.index = IndexBuilder::default();
         Ok(())
+    }
+
+    /// Writes the index of the active segment, whose frames were just synced, before
+    /// it is sealed (best effort: see [`Journal::take_index_error`]).
+    fn seal_index(&mut self) {
+        let Some(seg) = self.segments.back() else {
+            return;
+        };
+        assert_eq!(
+            self.index.frames(),
+            seg.frames,
+            "the active segment's index lists every frame of it"
+        );
+        let bytes = self.index.encode(&self.group, seg.first_seq, seg.len_bytes);
+        if let Err(e) = segindex::write(self.fs.as_ref(), &self.dir, seg.first_seq, &bytes) {
+            self.index_error = Some(format!(
+                "write segment index {}: {e}",
+                self.dir.join(segindex::index_name(seg.first_seq)).display()
+            ));
+        }
+    }
+
+    /// The last failure to write or remove a segment index since the previous call.
+    /// The journal works on without it (a reader then reads the segment's frames, and
+    /// the next open writes it); the caller logs it.
+    pub fn take_index_error(&mut self) -> Option<String> {
+        self.index_error.take()
     }
 
     /// Records that the caller folded every frame up to `seq` into the replicas: the
@@ -1245,6 +1491,14 @@ impl Journal {
             let Some(s) = self.segments.pop_front() else {
                 break;
             };
+            // The index first: it never outlives its segment (an orphan a crash
+            // leaves is removed on open).
+            let ip = self.dir.join(segindex::index_name(s.first_seq));
+            match self.fs.remove_file(&ip) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => self.index_error = Some(format!("remove {}: {e}", ip.display())),
+            }
             let p = self.segment_path(s.first_seq);
             self.fs
                 .remove_file(&p)
@@ -1356,7 +1610,10 @@ pub fn remove_all(fs: &dyn Storage, dir: &Path) -> Result<usize, JournalError> {
     // Newest segment first: a journal cut short from its end is what a torn tail
     // looks like, should anything ever read a half-removed one.
     for name in names.iter().rev() {
-        let ours = parse_segment_name(name).is_some() || *name == STATE_FILE || *name == tmp;
+        let ours = parse_segment_name(name).is_some()
+            || segindex::parse_index_name(name).is_some()
+            || *name == STATE_FILE
+            || *name == tmp;
         if !ours {
             continue;
         }
@@ -1553,6 +1810,62 @@ mod tests {
 
     fn seg_path(first_seq: u64) -> PathBuf {
         dir().join(segment_name(first_seq))
+    }
+
+    fn idx_path(first_seq: u64) -> PathBuf {
+        dir().join(segindex::index_name(first_seq))
+    }
+
+    /// The index a segment's frames give: its bytes walked frame by frame (apart from
+    /// the journal's open), each frame's record pushed.
+    fn expected_index(fs: &SimFs, first_seq: u64) -> Vec<u8> {
+        let seg = storage::read_whole(fs, &seg_path(first_seq))
+            .unwrap()
+            .unwrap();
+        let mut b = IndexBuilder::default();
+        let mut at = SEGMENT_HEADER_BYTES;
+        while at < seg.len() {
+            let head: [u8; frame::HEADER_BYTES] =
+                seg[at..at + frame::HEADER_BYTES].try_into().unwrap();
+            let h = FrameHeader::parse(&head).unwrap();
+            let f = &seg[at..at + h.frame_len()];
+            frame::verify(f).unwrap();
+            b.push(f, &h);
+            at += h.frame_len();
+        }
+        b.encode(GROUP, first_seq, seg.len() as u64)
+    }
+
+    /// Checks that exactly the sealed segments (all but the last) have an index, each
+    /// the one their frames give, and that no temp of one is left.
+    fn check_indexes(fs: &SimFs, what: &str) {
+        let segs = segment_files(fs);
+        let names = fs.list_dir(&dir()).unwrap();
+        assert!(
+            !names.iter().any(|n| n.ends_with(".idx.tmp")),
+            "{what}: a temp is left: {names:?}"
+        );
+        let indexed: Vec<u64> = names
+            .iter()
+            .filter_map(|n| segindex::parse_index_name(n))
+            .collect();
+        assert_eq!(
+            indexed,
+            segs[..segs.len().saturating_sub(1)],
+            "{what}: the sealed segments and only they have an index"
+        );
+        for s in indexed {
+            let got = storage::read_whole(fs, &idx_path(s)).unwrap().unwrap();
+            assert!(got == expected_index(fs, s), "{what}: index of segment {s}");
+        }
+    }
+
+    /// What a reopened journal holds: every frame, point and entry.
+    fn contents(j: &Journal) -> (Vec<Vec<u8>>, Vec<PointEntry>, Vec<FrameEntry>) {
+        let entries = (j.base_seq() + 1..=j.write_seq())
+            .map(|s| *j.entry(s).unwrap())
+            .collect();
+        (read_all(j), j.points().to_vec(), entries)
     }
 
     fn segment_files(fs: &SimFs) -> Vec<u64> {
@@ -2070,12 +2383,15 @@ mod tests {
 
     /// Proves that a crash at every durability step of a random workload, torn in several
     /// ways, reopens to every frame up to the last commit byte for byte, nothing after the
-    /// last append, the base of the last or the pending drop, and the model's points; and
-    /// that the recovered journal keeps working.
+    /// last append, the base of the last or the pending drop, and the model's points,
+    /// with exactly the sealed segments indexed, each index what its frames give (one is
+    /// durable before the next segment exists, so no crash leaves a sealed segment
+    /// without it); and that the recovered journal keeps working.
     #[test]
     fn crash_at_every_step_keeps_committed_frames() {
         const OPS: usize = 100;
         let mut tails_cut = 0;
+        let (mut indexed, mut rebuilt) = (0, 0);
         let mut runs = 0;
         for wseed in [3u64, 8, 21, 40] {
             let fs = SimFs::new();
@@ -2100,7 +2416,15 @@ mod tests {
                     let (mut j, rec) = open(&fs, tolerate(CRASH_SEGMENT_BYTES))
                         .unwrap_or_else(|e| panic!("{what}: reopen: {e}"));
                     check_recovered(&j, &rec, &m, &what);
+                    assert!(
+                        rec.index_errors.is_empty(),
+                        "{what}: {:?}",
+                        rec.index_errors
+                    );
+                    check_indexes(&fs, &what);
                     tails_cut += usize::from(rec.truncated_bytes > 0);
+                    indexed += usize::from(rec.segments_indexed > 0);
+                    rebuilt += rec.indexes_rebuilt.len();
                     runs += 1;
                     // The recovered journal takes the next frame and keeps it.
                     let seq = j.next_seq();
@@ -2117,10 +2441,20 @@ mod tests {
                 }
             }
         }
-        eprintln!("{runs} crashes, {tails_cut} torn tails cut");
+        eprintln!(
+            "{runs} crashes, {tails_cut} torn tails cut, {indexed} opens read indexes, {rebuilt} indexes rebuilt"
+        );
         assert!(
             tails_cut > 0,
             "no crash tore a tail: the test proves too little"
+        );
+        assert!(
+            indexed > 0,
+            "no reopen read an index: the test proves too little"
+        );
+        assert_eq!(
+            rebuilt, 0,
+            "a sealed segment always has its index: it is durable before the next segment exists"
         );
     }
 
@@ -2377,8 +2711,9 @@ mod tests {
         assert!(refused > 0 && cut > 0);
     }
 
-    /// Proves every bit flip in an earlier segment (header or frames) is an error in both
-    /// modes and changes nothing.
+    /// Proves every bit flip in an earlier segment without its index (header or frames)
+    /// is an error in both modes and changes nothing: its frames are scanned, and the
+    /// scan is the authority wherever no index vouches for the segment.
     #[test]
     fn bit_flips_in_earlier_segment() {
         let c = tolerate(SEGMENT_BYTES_MIN);
@@ -2386,6 +2721,8 @@ mod tests {
         build(&fs, c, 8, 300);
         let segs = segment_files(&fs);
         assert!(segs.len() >= 2);
+        fs.remove_file(&idx_path(segs[0])).unwrap();
+        fs.sync_dir(&dir()).unwrap();
         let path = seg_path(segs[0]);
         let clean = fs.durable_contents(&path).unwrap();
         let mut rng = Rng(77);
@@ -2403,6 +2740,265 @@ mod tests {
             fs.flip_bit(&path, bit / 8, (bit % 8) as u8);
         }
         assert!(open(&fs, c).is_ok());
+    }
+
+    /// Proves that with its index, a bit flip in an earlier segment's header or in its
+    /// last frame's header makes the index unusable (the scan then refuses the segment
+    /// in both modes and nothing changes), and a flip anywhere else is found when the
+    /// frame is read back, a Corruption at that frame: the index lists the frames, it
+    /// never vouches for their bytes.
+    #[test]
+    fn bit_flips_in_earlier_segment_with_its_index() {
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let fs = SimFs::new();
+        build(&fs, c, 8, 300);
+        let segs = segment_files(&fs);
+        assert!(segs.len() >= 2);
+        let (j, rec) = open(&fs, c).unwrap();
+        assert_eq!(rec.segments_indexed, segs.len() - 1);
+        let entries: Vec<FrameEntry> = (1..=j.write_seq())
+            .map(|s| *j.entry(s).unwrap())
+            .filter(|e| e.segment == segs[0])
+            .collect();
+        drop(j);
+        let last = entries.last().unwrap().offset as usize;
+        let path = seg_path(segs[0]);
+        let clean = fs.durable_contents(&path).unwrap();
+        let mut rng = Rng(78);
+        let (mut refused, mut found_on_read) = (0, 0);
+        for bit in (0..clean.len() * 8).filter(|&b| b < 1024 || rng.below(4) == 0) {
+            let byte = bit / 8;
+            fs.flip_bit(&path, byte, (bit % 8) as u8);
+            let checked =
+                byte < SEGMENT_HEADER_BYTES || (last..last + frame::HEADER_BYTES).contains(&byte);
+            if checked {
+                let before = snapshot(&fs);
+                for mode in [c, absolute(SEGMENT_BYTES_MIN)] {
+                    assert!(open(&fs, mode).is_err(), "bit {bit}");
+                    assert_eq!(snapshot(&fs), before, "bit {bit}");
+                }
+                refused += 1;
+            } else {
+                let (j, rec) = open(&fs, c).unwrap_or_else(|e| panic!("bit {bit}: {e}"));
+                assert_eq!(rec.segments_indexed, segs.len() - 1, "bit {bit}");
+                let hit = entries.iter().rfind(|e| e.offset as usize <= byte).unwrap();
+                let r = j.read(hit.seq, hit.seq).unwrap().next().unwrap();
+                assert!(
+                    matches!(r, Err(JournalError::Corruption { offset, .. }) if offset == hit.offset),
+                    "bit {bit}: {r:?}"
+                );
+                found_on_read += 1;
+            }
+            fs.flip_bit(&path, byte, (bit % 8) as u8);
+        }
+        assert!(refused > 0 && found_on_read > 0);
+        assert_eq!(read_all(&open(&fs, c).unwrap().0).len(), 8);
+    }
+
+    /// Proves a truncated, bit-flipped, random, foreign, misplaced, stale or oversized
+    /// index of a sealed segment is never used: open gives exactly what a scan of the
+    /// frames gives, names the segment in `indexes_rebuilt`, and writes the right index
+    /// back.
+    #[test]
+    fn bad_index_is_ignored_and_rebuilt() {
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let fs = SimFs::new();
+        build(&fs, c, 12, 300);
+        let segs = segment_files(&fs);
+        assert!(segs.len() >= 3);
+        let s0 = segs[0];
+        let good = expected_index(&fs, s0);
+        check_indexes(&fs, "built");
+        let want = contents(&open(&fs, c).unwrap().0);
+        let mut bad: Vec<(String, Vec<u8>)> = Vec::new();
+        for n in 0..good.len() {
+            bad.push((format!("cut to {n} bytes"), good[..n].to_vec()));
+        }
+        let mut rng = Rng(11);
+        for bit in (0..good.len() * 8).filter(|&b| b < 2048 || rng.below(3) == 0) {
+            let mut b = good.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            bad.push((format!("bit {bit} flipped"), b));
+        }
+        for i in 0..32 {
+            let n = rng.below(2 * good.len() as u64) as usize;
+            bad.push((format!("random {i}"), rng.bytes(n)));
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        bad.push(("a byte longer".into(), longer));
+        bad.push(("the next segment's".into(), expected_index(&fs, segs[1])));
+        let decoded = segindex::SegmentIndex::decode(good.clone(), GROUP, s0).unwrap();
+        let records = IndexBuilder::from_index(&decoded);
+        bad.push((
+            "another group's".into(),
+            records.encode("g2", s0, decoded.segment_bytes()),
+        ));
+        bad.push((
+            "a shorter segment's".into(),
+            records.encode(GROUP, s0, decoded.segment_bytes() - 1),
+        ));
+        // A journal started again with frames of the same lengths but other bytes.
+        let mut stale = IndexBuilder::default();
+        for f in decoded.frames() {
+            let body_len = f.entry.len as usize - frame::HEADER_BYTES;
+            let other = data_frame(f.entry.seq, &vec![0xee; body_len]);
+            stale.push(&other, &frame::verify(&other).unwrap());
+        }
+        bad.push((
+            "stale".into(),
+            stale.encode(GROUP, s0, decoded.segment_bytes()),
+        ));
+        for (what, bytes) in bad {
+            put_file(&fs, &idx_path(s0), &bytes);
+            let (j, rec) = open(&fs, c).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(contents(&j), want, "{what}");
+            assert_eq!(rec.indexes_rebuilt.len(), 1, "{what}");
+            assert_eq!(rec.indexes_rebuilt[0].0, s0, "{what}");
+            assert_eq!(rec.segments_indexed, segs.len() - 2, "{what}");
+            drop(j);
+            check_indexes(&fs, &what);
+        }
+    }
+
+    /// Proves that when the last segment has no header (a crash while it was created)
+    /// and the one before, read through its index, becomes the active segment again,
+    /// that segment loses its index (appends will change it), keeps taking frames, and
+    /// gets the index its frames give when it is sealed again.
+    #[test]
+    fn sealed_segment_that_becomes_active_again() {
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let fs = SimFs::new();
+        build(&fs, c, 6, 300);
+        let segs = segment_files(&fs);
+        let last = *segs.last().unwrap();
+        let (j, _) = open(&fs, c).unwrap();
+        let next = j.next_seq();
+        drop(j);
+        // A full last segment, sealed: the next segment's file exists, header-less.
+        put_file(&fs, &idx_path(last), &expected_index(&fs, last));
+        put_file(&fs, &seg_path(next), &[]);
+        let (mut j, rec) = open(&fs, c).unwrap();
+        assert_eq!(rec.segments_indexed, segs.len());
+        assert!(!fs.exists(&seg_path(next)) && !fs.exists(&idx_path(last)));
+        for seq in next..next + 6 {
+            j.append(&data_frame(seq, &[seq as u8; 300])).unwrap();
+        }
+        j.commit().unwrap();
+        assert!(segment_files(&fs).len() > segs.len() + 1);
+        drop(j);
+        check_indexes(&fs, "sealed again");
+        let (j, _) = open(&fs, c).unwrap();
+        assert_eq!(read_all(&j).len() as u64, next + 5);
+    }
+
+    /// Proves an index goes with its segment: a drop removes the indexes of the
+    /// segments it removes; open removes an orphan index, a temp of one and an index of
+    /// the active segment; remove_all leaves no index or temp.
+    #[test]
+    fn indexes_go_with_their_segments() {
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let fs = SimFs::new();
+        build(&fs, c, 12, 300);
+        check_indexes(&fs, "built");
+        let (mut j, _) = open(&fs, c).unwrap();
+        let before = segment_files(&fs);
+        assert!(j.drop_through(5).unwrap() > 0);
+        assert!(segment_files(&fs)[0] > before[0]);
+        check_indexes(&fs, "after a drop");
+        drop(j);
+        let segs = segment_files(&fs);
+        let active = *segs.last().unwrap();
+        put_file(&fs, &idx_path(1), b"orphan");
+        put_file(
+            &fs,
+            &dir().join(format!("{}.tmp", segindex::index_name(segs[0]))),
+            b"t",
+        );
+        put_file(&fs, &idx_path(active), &expected_index(&fs, active));
+        let (j, rec) = open(&fs, c).unwrap();
+        assert!(rec.index_errors.is_empty(), "{:?}", rec.index_errors);
+        check_indexes(&fs, "after open");
+        drop(j);
+        put_file(
+            &fs,
+            &dir().join(format!("{}.tmp", segindex::index_name(segs[0]))),
+            b"t",
+        );
+        assert!(remove_all(&fs, &dir()).unwrap() > 0);
+        assert_eq!(fs.list_dir(&dir()).unwrap(), Vec::<String>::new());
+    }
+
+    /// Proves the index a segment gets when it is sealed decodes to its frames: every
+    /// entry and point the journal lists, data frames of this build with their disk and
+    /// extent table, frames it cannot parse without one.
+    #[test]
+    fn index_lists_frames_tables_and_points() {
+        let c = tolerate(SEGMENT_BYTES_MIN * 2);
+        let fs = SimFs::new();
+        let (mut j, _) = open(&fs, c).unwrap();
+        let mut enc = frame::Encoder::new(1);
+        let mut out = Vec::new();
+        let mut tables = Vec::new();
+        for seq in 1..=40u64 {
+            match seq % 3 {
+                0 => {
+                    let p = point_record(seq, seq * 10, PointKind::App);
+                    j.append(&point_frame(seq, &p)).unwrap();
+                }
+                1 => {
+                    let meta = frame::DataFrameMeta {
+                        group: GROUP.into(),
+                        disk: format!("d{}", seq % 2),
+                        epoch: seq,
+                    };
+                    let bytes = vec![seq as u8; 512];
+                    let extents = [
+                        (seq * 4096, crate::extent::ExtentData::Bytes(&bytes)),
+                        (seq * 4096 + 1024, crate::extent::ExtentData::Zero(2048)),
+                    ];
+                    enc.encode_data(&meta, seq, &extents, &mut out).unwrap();
+                    j.append(&out).unwrap();
+                    tables.push((seq, meta.disk));
+                }
+                _ => {
+                    j.append(&data_frame(seq, &[seq as u8; 40])).unwrap();
+                }
+            }
+        }
+        j.commit().unwrap();
+        let segs = segment_files(&fs);
+        assert!(segs.len() >= 2);
+        let mut seen = 0;
+        for &s in &segs[..segs.len() - 1] {
+            let f = fs.open(&seg_path(s), OpenMode::ReadOnly).unwrap();
+            let idx = segindex::load(&fs, &dir(), GROUP, s, f.as_ref())
+                .unwrap()
+                .unwrap();
+            for fr in idx.frames() {
+                assert_eq!(Some(&fr.entry), j.entry(fr.entry.seq));
+                let seq = fr.entry.seq;
+                match (seq % 3, fr.detail) {
+                    (0, segindex::Detail::Point(body)) => {
+                        let p = frame::decode_point_body(body).unwrap();
+                        assert_eq!(j.point_by_id(seq).unwrap().record, p);
+                    }
+                    (1, segindex::Detail::Data(Some(t))) => {
+                        let disk = &tables.iter().find(|(s, _)| *s == seq).unwrap().1;
+                        assert_eq!(t.disk, disk);
+                        let ex: Vec<_> = t.extents().map(|e| (e.offset, e.len, e.zero)).collect();
+                        assert_eq!(
+                            ex,
+                            vec![(seq * 4096, 512, false), (seq * 4096 + 1024, 2048, true)]
+                        );
+                    }
+                    (2, segindex::Detail::Data(None)) => {}
+                    (_, d) => panic!("frame {seq}: {d:?}"),
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen > 10);
     }
 
     /// Proves a well-formed header with a foreign group, an unknown version, a bad magic or
@@ -2807,6 +3403,77 @@ mod tests {
         fn sync_dir(&self, dir: &Path) -> io::Result<()> {
             self.0.sync_dir(dir)
         }
+    }
+
+    /// A storage that refuses to create index temps (a full or failing disk, for the
+    /// derived files only).
+    struct NoIndexWrites(SimFs);
+    impl Storage for NoIndexWrites {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+            if path.to_string_lossy().ends_with(".idx.tmp") {
+                return Err(io::Error::other("no space left for an index"));
+            }
+            self.0.open(path, mode)
+        }
+        fn map_mut(&self, path: &Path) -> io::Result<Box<dyn crate::storage::MappedFile>> {
+            self.0.map_mut(path)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.0.create_dir_all(path)
+        }
+        fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+            self.0.list_dir(dir)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.0.exists(path)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.0.remove_file(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+    }
+
+    /// Proves a segment index that cannot be written does not stop the journal: it
+    /// rolls on and says so once ([`Journal::take_index_error`]), an open that cannot
+    /// write them reports it and still opens, and the next open that can rebuilds every
+    /// missing index.
+    #[test]
+    fn failed_index_write_does_not_stop_the_journal() {
+        let fs = SimFs::new();
+        let failing: Arc<dyn Storage> = Arc::new(NoIndexWrites(fs.clone()));
+        let c = tolerate(SEGMENT_BYTES_MIN);
+        let (mut j, _) = Journal::open(failing.clone(), &dir(), GROUP, c).unwrap();
+        for seq in 1..=8 {
+            j.append(&data_frame(seq, &[seq as u8; 300])).unwrap();
+        }
+        j.commit().unwrap();
+        let e = j
+            .take_index_error()
+            .expect("the roll says it could not write");
+        assert!(e.contains(".idx") && e.contains("no space left"), "{e}");
+        assert_eq!(j.take_index_error(), None);
+        let want = contents(&j);
+        drop(j);
+        let sealed = segment_files(&fs).len() - 1;
+        assert!(sealed >= 2);
+        let (j, rec) = Journal::open(failing, &dir(), GROUP, c).unwrap();
+        assert_eq!(contents(&j), want);
+        assert_eq!(rec.indexes_rebuilt.len(), sealed);
+        assert_eq!(rec.index_errors.len(), sealed, "{:?}", rec.index_errors);
+        drop(j);
+        let (j, rec) = open(&fs, c).unwrap();
+        assert_eq!(contents(&j), want);
+        assert_eq!(rec.indexes_rebuilt.len(), sealed);
+        assert!(rec.indexes_rebuilt.iter().all(|(_, why)| why == "missing"));
+        assert!(rec.index_errors.is_empty());
+        drop(j);
+        check_indexes(&fs, "rebuilt");
+        assert_eq!(open(&fs, c).unwrap().1.segments_indexed, sealed);
     }
 
     /// Proves a state file longer than the format is refused by its length, before a

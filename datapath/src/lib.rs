@@ -13,7 +13,7 @@
 //! | [`bitmap`]   | the persistent dirty bitmap (4 KiB blocks) and its hot-region log     |
 //! | [`frame`]    | the frame codec shared by wire and journal                            |
 //! | [`spool`]    | the process server's bounded on-disk queue of captured writes         |
-//! | [`journal`]  | the master target's per-group log of frames and recovery points       |
+//! | [`journal`]  | the master target's per-group log of frames and recovery points; each sealed segment's index (`journal::segindex`) |
 //! | [`apply`]    | applying extents to a replica, with an undo log to go back            |
 //! | [`pointview`] | a recovery point as a readable disk: the replica with the journal laid over it |
 //! | [`retention`] | the retention fold: which point, bounded steps, intent, pins         |
@@ -36,7 +36,7 @@
 //! | a disk's first protection | (from change lists: every list read through and checked) -> `initial-sync` file replaced -> bitmap file with its dirty bits (all, or the lists' union) synced -> hot-region log synced -> directory synced |
 //! | hot region evicted      | its bitmap bytes flushed (msync) -> hot-region log without it synced         |
 //! | a frame at the target   | crc + blake3 verified -> journal append -> journal segment synced (one sync per batch) -> ack |
-//! | a new journal segment   | file created, header written and synced -> directory synced -> first frame   |
+//! | a new journal segment   | the old one committed -> its index replaced ([`storage::write_atomic`]) -> file created, header written and synced -> directory synced -> first frame |
 //! | spool release           | target ack received -> segments wholly below it removed -> directory synced  |
 //! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
 //! | hash-diff resync extent | every earlier record acked (at the pass's start) -> target's hashes fetched -> range lock -> read -> differing parts spooled -> matching blocks' bits cleared (unless a write to them is unacked) -> range unlocked |

@@ -15,8 +15,10 @@
 //! cuts a point first when one is wanted).
 //!
 //! **Reads** come from a [`PointView`] (the replica with the journal's frames through the
-//! point laid over it: an index of extent tables, not a copy, so the export is ready in
-//! the time it takes to read one small table per frame). **Writes** from the test machine
+//! point laid over it: an index of extent tables, not a copy, taken from the index file
+//! of each sealed journal segment and the heads of the open segment's frames, so the
+//! export is ready in well under a second whatever the journal's size: see
+//! [`datapath::pointview`] for the measurements). **Writes** from the test machine
 //! go to a sparse overlay file per disk in `data_dir/<group>/export-<pid>-<n>/` (`n`
 //! numbers the exports of the process), and a map of the byte ranges written sends later
 //! reads of them there. The overlay is throwaway: it is removed when the export ends,
@@ -263,9 +265,14 @@ pub fn build(
         })
         .collect();
     let fs = Arc::new(RealFs);
-    let (index, stats) =
-        PointIndex::build(fs.as_ref(), &cfg.journal_dir(&group.id), frames, &disks)
-            .with_context(|| format!("group {:?}: index the journal", group.id))?;
+    let (index, stats) = PointIndex::build(
+        fs.as_ref(),
+        &cfg.journal_dir(&group.id),
+        &group.id,
+        frames,
+        &disks,
+    )
+    .with_context(|| format!("group {:?}: index the journal", group.id))?;
     let replicas: Vec<PathBuf> = group.disks.iter().map(|d| d.replica.clone()).collect();
     let view = Arc::new(Mutex::new(
         PointView::new(index, fs, &replicas).with_context(|| format!("group {:?}", group.id))?,
@@ -422,6 +429,8 @@ where
         data_frames = live.exports.stats.data_frames,
         extents = live.exports.stats.extents,
         folded_frames = live.exports.stats.folded_frames,
+        indexed_frames = live.exports.stats.indexed_frames,
+        peeked_frames = live.exports.stats.peeked_frames,
         overlay = %live.exports.dir().display(),
         ready_ms,
         "export ready while replication goes on: writes go to a throwaway overlay"
@@ -675,6 +684,8 @@ pub fn run_offline(
             point = point.id,
             data_frames = px.stats.data_frames,
             extents = px.stats.extents,
+            indexed_frames = px.stats.indexed_frames,
+            peeked_frames = px.stats.peeked_frames,
             ready_ms = t0.elapsed().as_millis() as u64,
             "export ready (no server runs: served by this process): writes go to a throwaway overlay"
         );

@@ -179,7 +179,7 @@ impl HashSources {
                 let more = entries(journal, through.max(journal.base_seq()) + 1, durable)?;
                 let mut view = view;
                 view.index_mut()
-                    .extend(&RealFs, journal.dir(), &more)
+                    .extend(&RealFs, &more)
                     .map_err(|e| anyhow::anyhow!("index the journal: {e}"))?;
                 &mut self
                     .latest
@@ -270,7 +270,7 @@ fn new_view(
             size_bytes: d.size_bytes,
         })
         .collect();
-    let (index, _) = PointIndex::build(&RealFs, journal.dir(), frames, &disks)
+    let (index, _) = PointIndex::build(&RealFs, journal.dir(), journal.group(), frames, &disks)
         .map_err(|e| anyhow::anyhow!("index the journal: {e}"))?;
     let replicas: Vec<PathBuf> = group.disks.iter().map(|d| d.replica.clone()).collect();
     PointView::new(index, Arc::new(RealFs), &replicas)

@@ -304,6 +304,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 frames = rec.frames,
                 points = rec.points,
                 truncated_bytes = rec.truncated_bytes,
+                segments_indexed = rec.segments_indexed,
                 "journal opened"
             );
             // A fold never runs while a group fails back (the failback takes the
@@ -1217,6 +1218,9 @@ impl ConnState {
             };
             match j.commit() {
                 Ok(durable_seq) => {
+                    if let Some(e) = j.take_index_error() {
+                        tracing::warn!(group = %g.id, "journal segment index: {e} (the journal works without it; the next open rebuilds it)");
+                    }
                     g.slot.metrics.journaled(appended[i].0, appended[i].1);
                     g.slot.metrics.publish(j);
                     acks.push(Ack {

@@ -64,8 +64,37 @@ pub fn journal_config(cfg: &Config, group: &str) -> JournalConfig {
 /// Opens (creating if needed) the journal of `group`. The caller holds its [`GroupLock`].
 pub fn open_journal(cfg: &Config, group: &str) -> anyhow::Result<(Journal, JournalRecovery)> {
     let dir = cfg.journal_dir(group);
-    Journal::open(Arc::new(RealFs), &dir, group, journal_config(cfg, group))
-        .with_context(|| format!("open journal of group {group:?} in {}", dir.display()))
+    let (j, rec) = Journal::open(Arc::new(RealFs), &dir, group, journal_config(cfg, group))
+        .with_context(|| format!("open journal of group {group:?} in {}", dir.display()))?;
+    log_indexes(group, &rec);
+    Ok((j, rec))
+}
+
+/// Logs what opening a journal did with its segment indexes (derived files: a missing
+/// or unusable one was rebuilt from its segment's frames, one that could not be written
+/// costs a later reader a scan of that segment).
+fn log_indexes(group: &str, rec: &JournalRecovery) {
+    for (first_seq, why) in &rec.indexes_rebuilt {
+        if why == "missing" {
+            tracing::info!(
+                group,
+                segment = first_seq,
+                "journal segment had no index: rebuilt from its frames"
+            );
+        } else {
+            tracing::warn!(
+                group,
+                segment = first_seq,
+                "journal segment index ignored ({why}): rebuilt from its frames"
+            );
+        }
+    }
+    for e in &rec.index_errors {
+        tracing::warn!(
+            group,
+            "journal segment index: {e} (the journal works without it)"
+        );
+    }
 }
 
 /// Creates a missing replica (sparse, `size` bytes, durably named) or checks the size of

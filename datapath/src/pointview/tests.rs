@@ -1,7 +1,7 @@
 use super::*;
 use crate::frame::{DataFrameMeta, Encoder, Frame, PointKind, PointRecord};
 use crate::journal::{Journal, JournalConfig, RecoveryMode};
-use crate::storage::{OpenMode, SimFs};
+use crate::storage::{self, OpenMode, SimFs};
 use crate::testutil::Rng;
 
 const DISK_BYTES: u64 = 1 << 20;
@@ -121,6 +121,7 @@ fn view(fs: &SimFs, j: &Journal, point_id: u64) -> PointView {
     let (idx, stats) = PointIndex::build(
         fs,
         &p("/mt/journal"),
+        "g",
         &entries_through(j, point_id),
         &view_disks(),
     )
@@ -219,7 +220,7 @@ fn index_from_entries_a_fold_overtook() {
         let stale = entries_through(&j, pid);
         fold_through(&fs, &mut j, 5);
         let (idx, stats) =
-            PointIndex::build(&fs, &p("/mt/journal"), &stale, &view_disks()).unwrap();
+            PointIndex::build(&fs, &p("/mt/journal"), "g", &stale, &view_disks()).unwrap();
         assert!(stats.folded_frames > 0, "point {pid}: {stats:?}");
         assert!(stats.data_frames > 0, "point {pid}: {stats:?}");
         let reps: Vec<PathBuf> = DISKS.iter().map(|d| replica_path(d)).collect();
@@ -285,7 +286,7 @@ fn extended_view_follows_every_point() {
         let fs = SimFs::new();
         let (j, states) = journal(&fs, seed);
         let reps: Vec<PathBuf> = DISKS.iter().map(|d| replica_path(d)).collect();
-        let (idx, _) = PointIndex::build(&fs, &p("/mt/journal"), &[], &view_disks()).unwrap();
+        let (idx, _) = PointIndex::build(&fs, &p("/mt/journal"), "g", &[], &view_disks()).unwrap();
         assert!(!idx.touches(0) && !idx.touches(1));
         let mut v = PointView::new(idx, Arc::new(fs.clone()), &reps).unwrap();
         let mut through = j.base_seq();
@@ -293,7 +294,7 @@ fn extended_view_follows_every_point() {
             let upto = j.point_by_id(*id).unwrap().seq;
             let more: Vec<FrameEntry> =
                 (through + 1..=upto).map(|s| *j.entry(s).unwrap()).collect();
-            v.index_mut().extend(&fs, &p("/mt/journal"), &more).unwrap();
+            v.index_mut().extend(&fs, &more).unwrap();
             through = upto;
             for (d, want) in disks.iter().enumerate() {
                 let mut got = vec![0u8; DISK_BYTES as usize];
@@ -302,5 +303,207 @@ fn extended_view_follows_every_point() {
             }
         }
         assert!(v.index().touches(0) || v.index().touches(1));
+    }
+}
+
+/// The journal's segment files, oldest first.
+fn segments(fs: &SimFs) -> Vec<u64> {
+    let mut s: Vec<u64> = fs
+        .list_dir(&p("/mt/journal"))
+        .unwrap()
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("journal-")?
+                .strip_suffix(".seg")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    s.sort_unstable();
+    s
+}
+
+fn index_path(first_seq: u64) -> PathBuf {
+    p("/mt/journal").join(segindex::index_name(first_seq))
+}
+
+/// Replaces (or creates) a file's contents durably.
+fn put(fs: &SimFs, path: &Path, bytes: &[u8]) {
+    let f = fs.open(path, OpenMode::Create).unwrap();
+    f.set_len(0).unwrap();
+    f.write_all_at(bytes, 0).unwrap();
+    f.sync_data().unwrap();
+}
+
+fn build_at(fs: &SimFs, entries: &[FrameEntry]) -> (PointIndex, IndexStats) {
+    PointIndex::build(fs, &p("/mt/journal"), "g", entries, &view_disks()).unwrap()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// Proves, over random journals, that the index a point gets from the segments'
+    /// index files is the one its frames give (every point, the sealed segments'
+    /// tables taken from the files), and that unusable files (cut short) are ignored
+    /// and give that same index.
+    #[test]
+    fn index_files_give_the_index_the_frames_give(seed in proptest::prelude::any::<u64>()) {
+        let fs = SimFs::new();
+        let (j, states) = journal(&fs, seed);
+        let segs = segments(&fs);
+        proptest::prop_assert!(segs.len() >= 3, "the journal must seal segments");
+        let mut from_files = Vec::new();
+        for (pid, _) in &states {
+            let (idx, stats) = build_at(&fs, &entries_through(&j, *pid));
+            proptest::prop_assert_eq!(stats.indexed_frames + stats.peeked_frames, stats.data_frames);
+            proptest::prop_assert_eq!(stats.indexes_ignored, 0);
+            from_files.push((idx, stats));
+        }
+        proptest::prop_assert!(from_files.last().unwrap().1.indexed_frames > 0);
+        for &s in &segs[..segs.len() - 1] {
+            let mut b = storage::read_whole(&fs, &index_path(s)).unwrap().unwrap();
+            b.truncate(b.len() - 1);
+            put(&fs, &index_path(s), &b);
+        }
+        for ((pid, _), (want, stats)) in states.iter().zip(&from_files) {
+            let (idx, st) = build_at(&fs, &entries_through(&j, *pid));
+            proptest::prop_assert_eq!(st.indexed_frames, 0);
+            proptest::prop_assert_eq!(st.peeked_frames, st.data_frames);
+            proptest::prop_assert_eq!(st.data_frames, stats.data_frames);
+            proptest::prop_assert!(idx == *want, "point {}: the frames give another index", pid);
+        }
+    }
+}
+
+/// Re-encodes data frame `seq` of `j` with its extents moved by `delta` bytes or on
+/// disk `disk`: the same length, other contents.
+fn forged(j: &Journal, seq: u64, delta: i64, disk: &str) -> Vec<u8> {
+    let bytes = j.read(seq, seq).unwrap().next().unwrap().unwrap().1;
+    let f = Decoder::new().decode_data(&bytes).unwrap();
+    let extents: Vec<(u64, ExtentData<'_>)> = f
+        .extents()
+        .map(|(o, d)| (o.checked_add_signed(delta).unwrap(), d))
+        .collect();
+    let meta = DataFrameMeta {
+        disk: disk.into(),
+        ..f.meta.clone()
+    };
+    let mut out = Vec::new();
+    Encoder::new(1)
+        .encode_data(&meta, seq, &extents, &mut out)
+        .unwrap();
+    assert_eq!(
+        out.len(),
+        bytes.len(),
+        "the forgery keeps the frame's length"
+    );
+    out
+}
+
+/// Proves an index file that lies about a frame yet is whole and agrees with its
+/// segment (crcs right, lengths, header and last frame as they are) never decides a
+/// byte: a read of what it claims reads the frame, finds it elsewhere or of another
+/// disk, and fails naming the frame, instead of serving its bytes.
+#[test]
+fn a_lying_index_file_is_caught_on_read() {
+    let fs = SimFs::new();
+    let (j, _) = journal(&fs, 5);
+    let segs = segments(&fs);
+    let all: Vec<FrameEntry> = (1..=j.write_seq()).map(|s| *j.entry(s).unwrap()).collect();
+    // A data frame of a sealed segment, not its last frame (whose header is checked).
+    let seg_of = |s: u64| all.iter().filter(move |e| e.segment == s);
+    let (seg, x) = segs[..segs.len() - 1]
+        .iter()
+        .find_map(|&s| {
+            let n = seg_of(s).count();
+            let x = seg_of(s).take(n - 1).find(|e| e.kind == FrameKind::Data)?;
+            Some((s, *x))
+        })
+        .expect("a sealed segment with a data frame before its last");
+    let bytes = j.read(x.seq, x.seq).unwrap().next().unwrap().unwrap().1;
+    let info = frame::peek_data(&bytes).unwrap();
+    let d = DISKS.iter().position(|n| *n == info.meta.disk).unwrap();
+    let last_end = info.entries.last().unwrap().end();
+    let delta: i64 = if last_end + 512 <= DISK_BYTES {
+        512
+    } else {
+        -512
+    };
+    let other = DISKS[1 - d];
+    for (what, lie, read_disk, shift) in [
+        (
+            "moved extents",
+            forged(&j, x.seq, delta, DISKS[d]),
+            d,
+            delta,
+        ),
+        ("another disk", forged(&j, x.seq, 0, other), 1 - d, 0),
+    ] {
+        let mut b = crate::journal::segindex::IndexBuilder::default();
+        for e in seg_of(seg) {
+            let f = if e.seq == x.seq {
+                lie.clone()
+            } else {
+                j.read(e.seq, e.seq).unwrap().next().unwrap().unwrap().1
+            };
+            b.push(&f, &frame::verify(&f).unwrap());
+        }
+        let seg_len = fs
+            .open(
+                &p("/mt/journal").join(segment_name(seg)),
+                OpenMode::ReadOnly,
+            )
+            .unwrap()
+            .len()
+            .unwrap();
+        put(&fs, &index_path(seg), &b.encode("g", seg, seg_len));
+        let through: Vec<FrameEntry> = all.iter().take_while(|e| e.seq <= x.seq).copied().collect();
+        let (idx, stats) = build_at(&fs, &through);
+        assert!(
+            stats.indexed_frames > 0,
+            "{what}: the file was used: {stats:?}"
+        );
+        let reps: Vec<PathBuf> = DISKS.iter().map(|d| replica_path(d)).collect();
+        let mut v = PointView::new(idx, Arc::new(fs.clone()), &reps).unwrap();
+        let e = &info.entries[0];
+        let mut buf = vec![0u8; e.len as usize];
+        let r = v.read(
+            read_disk,
+            e.offset.checked_add_signed(shift).unwrap(),
+            &mut buf,
+        );
+        assert!(
+            matches!(r, Err(PointViewError::IndexMismatch { seq, .. }) if seq == x.seq),
+            "{what}: {r:?}"
+        );
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// Proves laying many ranges at once over a map (one sweep) gives exactly the map
+    /// that inserting them one after the other gives, over a map that already holds
+    /// split ranges, with ranges that nest, touch, repeat and are empty.
+    #[test]
+    fn insert_all_is_inserting_in_turn(
+        held in proptest::collection::vec((0u64..2000, 0u64..300), 0..60),
+        items in proptest::collection::vec((0u64..2000, 0u64..300), 0..400),
+    ) {
+        let mut one_by_one: RangeMap<u32> = RangeMap::default();
+        for (i, (s, l)) in held.iter().enumerate() {
+            one_by_one.insert(*s, s + l, i as u32);
+        }
+        let mut at_once = one_by_one.clone();
+        let items: Vec<(u64, u64, u32)> = items
+            .iter()
+            .enumerate()
+            .map(|(i, (s, l))| (*s, s + l, 1000 + i as u32))
+            .collect();
+        for (s, e, v) in &items {
+            one_by_one.insert(*s, *e, *v);
+        }
+        at_once.insert_all(items);
+        proptest::prop_assert_eq!(at_once, one_by_one);
     }
 }

@@ -8,27 +8,32 @@
 //!
 //! | phase | what is timed | peer |
 //! |-------|---------------|------|
-//! | capture | `--size` of sequential 64 KiB writes and a flush through the process server, while it tracks and ships to a master target | the same writes to `qemu-nbd` serving the same file |
-//! | replication | the same writes, realistic and incompressible data, unthrottled: from the first write until the master target acknowledged a point cut after the last | - |
-//! | incremental | 5% of the 64 KiB blocks changed at random places through NBD, the replica a copy of the disk: until durable at the master target | `rsync --inplace --no-whole-file -I` of the same change between two local files |
-//! | resync | a replica differing in 5% of its blocks, a fresh process server: from its start until the hash-diff initial sync is done and a point after it acknowledged | rsync of the same pair |
-//! | rpo | 100 MB/s of writes for `--rpo-seconds`, 1 s cuts: every 100 ms the age of the newest acknowledged point | - |
-//! | failback | `master-target failback --json` of the realistic replication's journal: bytes applied per second | - |
-//! | memory | process server peak RSS with a 1 GiB and a 16 GiB sparse disk under the same writes | - |
+//! | capture | `--size` of sequential 64 KiB writes and a flush through the process server, while it tracks and ships to a master target (the realistic replication's writes) | the same writes to `qemu-nbd -f raw --cache=writeback` serving the same file |
+//! | replication | those writes over the whole disk, realistic and incompressible data, unthrottled: from the first write until the master target acknowledged a point cut after the last (`tag`, then its acknowledgement); wire bytes, CPU seconds per GB and peak RSS of each server | - |
+//! | failback | `master-target failback --json` of the realistic replication's journal onto its blank replica (offline): bytes applied per second, as the command reports them | - |
+//! | incremental | the replica equal to the disk (the failed-back one, checked by hash; else a copy), `initial_sync = false`: 5% of the 64 KiB blocks changed at random places through NBD, until durable at the master target | `rsync --inplace --no-whole-file -I` of the same change between two local files (DST the old copy) |
+//! | resync | the replica with 5% of its blocks damaged, a fresh process server state: from its start until the hash-diff initial sync is done and a point after it acknowledged | rsync of the same pair |
+//! | rpo | 100 MB/s of writes for `--rpo-seconds`, 1 s cuts: every 100 ms the age of the newest acknowledged consistent point (now minus its cut time), p50 and p99 | - |
+//! | memory | process server peak RSS (`VmHWM`) with a 1 GiB and a 16 GiB sparse disk under the same writes (at most 512 MiB at random places, at 50 MB/s); the bitmap files' size beside | - |
 //!
 //! The realistic data is this machine's files under /usr ([`workload::realistic_bytes`])
 //! in 64 KiB blocks, one in [`ZERO_ONE_IN`] a zero block; the incompressible data is a
-//! seeded random stream. Both are generated before any timing starts, so the writer
-//! costs the same for both peers. Each figure goes into the JSON (`--json FILE`) and
-//! into a table of ours, the peer, the ratio and the target, ok or MISS; the
-//! JSON's `machine` says where it ran (cpu, cores, memory, kernel, load).
+//! seeded random stream. Both are made before any timing starts and written from
+//! memory, so the writer costs the same for every server. Each figure goes into the
+//! JSON (`--json FILE`) and into a table of ours, the peer, the ratio and the issue's
+//! target, ok or MISS (a figure not measured, with `--only`, says "not run"); the
+//! JSON's `machine` says where it ran (cpu, cores, memory, kernel, load at the start
+//! and the end) and `phase_seconds` how long each phase took.
 //!
 //! The replication, rpo and memory phases start with blank replicas and
-//! `initial_sync = false` (they time the changes, not a first copy); the capture,
-//! incremental, resync, rpo and replication phases write onto one generated disk of
-//! `--size` in the work dir, so that both NBD servers overwrite allocated blocks.
-//! The order of phases keeps the disk space low: the disk lives until the replication
-//! ends, the realistic journal until the failback has applied it.
+//! `initial_sync = false` (they time the changes, not a first copy). Every phase but
+//! memory writes onto one generated disk of `--size` in the work dir, every block
+//! allocated, so that both NBD servers overwrite allocated blocks. The phases run in
+//! the order of the table, which keeps the disk space low (at the default 4 GiB, at
+//! most about 12 GiB: disk, spool and journal of the incompressible replication): the
+//! disk lives until the rpo phase ends, the realistic journal until the failback has
+//! applied it. `--only capture` and `--only failback` run the realistic replication
+//! too; incremental and resync copy the disk when the failback did not run.
 //!
 //! Run: `cargo run --release --bin bench [-- --size 4G --json FILE --only PHASES --keep DIR]`.
 //! rsync and qemu-nbd are installed with apt-get when missing (as root).
@@ -84,6 +89,9 @@ const MEMORY_SMALL_BYTES: u64 = 1 << 30;
 const MEMORY_LARGE_BYTES: u64 = 16 << 30;
 /// Bytes written in the memory phase (at most; never more than `--size`).
 const MEMORY_WRITE_BYTES_MAX: u64 = 512 << 20;
+/// The memory phase's write rate, the same for both disks, so that both runs hold
+/// epochs of the same size.
+const MEMORY_RATE_BYTES_PER_S: u64 = 50_000_000;
 /// Spool room beyond what a phase writes, so that it never overflows.
 const SPOOL_MARGIN_BYTES: u64 = 256 << 20;
 /// Time the master target has to acknowledge a point after the last write.
@@ -100,11 +108,11 @@ const GB: f64 = 1e9;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 enum Phase {
     Capture,
+    Replication,
+    Failback,
     Incremental,
     Resync,
     Rpo,
-    Replication,
-    Failback,
     Memory,
 }
 
@@ -1237,7 +1245,16 @@ impl Bench<'_> {
         let stop = AtomicBool::new(false);
         let start = Instant::now();
         let (written, samples) = std::thread::scope(|scope| -> Result<(u64, Vec<u64>)> {
-            let writer = scope.spawn(|| paced_writes(&mut client, &writes, start, &stop));
+            let writer = scope.spawn(|| {
+                paced_writes(
+                    &mut client,
+                    &writes,
+                    start,
+                    RPO_RATE_BYTES_PER_S,
+                    &stop,
+                    &|_| {},
+                )
+            });
             let samples = sample_rpo(&mut pair.ps, start, secs, &bar);
             stop.store(true, Ordering::SeqCst);
             let written = writer
@@ -1387,7 +1404,10 @@ impl Bench<'_> {
     }
 
     /// Phase 7: the process server's peak RSS with a 1 GiB and a 16 GiB sparse disk
-    /// under the same writes (64 KiB at random places over the disk).
+    /// under the same writes: 64 KiB at random places over the disk, at
+    /// [`MEMORY_RATE_BYTES_PER_S`]. The process server holds an epoch's data in memory
+    /// while it ships it, so an unpaced writer would measure how fast each run happened
+    /// to write rather than what the disk's size costs.
     fn memory(&mut self) -> Result<()> {
         let write_bytes = MEMORY_WRITE_BYTES_MAX.min(self.args.size);
         for (disk_bytes, name) in [(MEMORY_SMALL_BYTES, "1g"), (MEMORY_LARGE_BYTES, "16g")] {
@@ -1414,7 +1434,15 @@ impl Bench<'_> {
                 ),
                 write_bytes,
             );
-            write_through(&mut client, &writes, &bar).context("the memory phase's writes")?;
+            paced_writes(
+                &mut client,
+                &writes,
+                Instant::now(),
+                MEMORY_RATE_BYTES_PER_S,
+                &AtomicBool::new(false),
+                &|done| bar.set(done),
+            )
+            .context("the memory phase's writes")?;
             pair.durable_now()?;
             let rss = pair.ps.server.usage()?.peak_rss_bytes;
             let bitmap = bitmap_bytes(&dir.join(SHARED_DISK.ps_state), disk_bytes);
@@ -1501,13 +1529,16 @@ fn write_through(client: &mut NbdClient, writes: &[(u64, &[u8])], bar: &Bar) -> 
     Ok(t.elapsed())
 }
 
-/// Writes `writes` at [`RPO_RATE_BYTES_PER_S`] from `start` until `stop` is set or
-/// they are all written, flushing every second. Returns the bytes written.
+/// Writes `writes` at `rate_bytes_per_s` from `start` until `stop` is set or they are
+/// all written, flushing every second; `progress` is told the bytes written so far.
+/// Returns the bytes written.
 fn paced_writes(
     client: &mut NbdClient,
     writes: &[(u64, &[u8])],
     start: Instant,
+    rate_bytes_per_s: u64,
     stop: &AtomicBool,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
     let mut written = 0u64;
     let mut next_flush = start + Duration::from_secs(1);
@@ -1519,11 +1550,12 @@ fn paced_writes(
             .write_many(batch.iter().copied(), WRITE_DEPTH)
             .context("NBD writes")?;
         written += bytes_of(batch);
+        progress(written);
         if Instant::now() >= next_flush {
             client.flush().context("NBD flush")?;
             next_flush += Duration::from_secs(1);
         }
-        let due = start + Duration::from_secs_f64(written as f64 / RPO_RATE_BYTES_PER_S as f64);
+        let due = start + Duration::from_secs_f64(written as f64 / rate_bytes_per_s as f64);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);

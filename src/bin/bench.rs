@@ -661,7 +661,9 @@ impl Report {
             );
         }
         println!(
-            "bitmaps: {} (1 GiB disk), {} (16 GiB disk)",
+            "RPO load: {} MB/s written of the 100 MB/s asked; bitmaps: {} (1 GiB disk), {} (16 GiB disk)",
+            self.num("rpo_write_mb_s")
+                .map_or("-".into(), |v| format!("{v:.0}")),
             m("ps_bitmap_1g_bytes"),
             m("ps_bitmap_16g_bytes")
         );

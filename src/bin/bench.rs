@@ -421,7 +421,7 @@ impl Bar {
             let pb = ProgressBar::new(total_bytes);
             pb.set_style(
                 ProgressStyle::with_template(
-                    "  {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+                    "  {msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
@@ -993,7 +993,7 @@ impl Bench<'_> {
     fn generate_disk(&self) -> Result<()> {
         let size = self.args.size;
         let path = self.disk_path();
-        let bar = self.bar(format!("generating {}", path.display()), size);
+        let bar = self.bar(format!("generating the disk {DISK}.img"), size);
         let mut rng = Rng::new(self.args.seed);
         let blocks = self
             .data

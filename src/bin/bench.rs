@@ -131,8 +131,9 @@ struct Args {
     /// Write every figure (and the machine) to FILE as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Run only these phases (comma-separated); failback also runs the realistic
-    /// replication, whose journal it applies.
+    /// Run only these phases (comma-separated): capture, replication, failback,
+    /// incremental, resync, rpo, memory. Capture and failback also run the realistic
+    /// replication (its writes are capture's, its journal is failback's).
     #[arg(long, value_delimiter = ',', value_name = "PHASES")]
     only: Vec<Phase>,
     /// Work in DIR (created; must be empty if it exists) and keep its configs and logs.
@@ -147,25 +148,11 @@ struct Args {
     seed: u64,
 }
 
-/// `4G`, `64M`, `512MiB`, `65536`: bytes (binary units).
+/// `4G`, `64M`, `512MiB`, `65536`: bytes with a binary unit, as the process server's
+/// config reads them, on the 64 KiB grid from 16 MiB to 1 TiB.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4G, 64M)"))?;
-    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
-        "" => 0,
-        "K" | "k" => 10,
-        "M" | "m" => 20,
-        "G" | "g" => 30,
-        "T" | "t" => 40,
-        _ => return Err(format!("{s:?}: unknown unit (K, M, G, T)")),
-    };
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too big"))?;
+    let bytes = process_server::config::parse_size(s)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4G, 64M, 512MiB)"))?;
     if bytes < 16 << 20 || bytes % BLOCK_BYTES != 0 || bytes > 1 << 40 {
         return Err(format!(
             "{s:?}: the size must be a multiple of 64 KiB from 16M to 1T"

@@ -2,8 +2,11 @@
 //!
 //! The product lives in `datapath` (library) and the two binaries; this small crate
 //! holds what its benches, demos and tests share: the data they write
-//! ([`workload`]) and a blocking NBD client to write it with ([`nbd_client`]). The
-//! networked demo (`src/bin/demo.rs`) is its binary.
+//! ([`workload`]), a blocking NBD client to write it with ([`nbd_client`]), and the
+//! machinery that runs the two servers from a program ([`harness`]). Its binaries are
+//! the networked demo (`src/bin/demo.rs`) and the throughput benchmark
+//! (`src/bin/bench.rs`).
 
+pub mod harness;
 pub mod nbd_client;
 pub mod workload;

@@ -23,23 +23,28 @@
 //! target's journal over a copy of A's files, which must equal B's byte for byte.
 //!
 //! The two directions differ only in names ([`Direction`]: [`PROTECT`], [`REPROTECT`]);
-//! configs, servers, the status polling and the journal check are shared.
+//! configs, servers and the status polling come from [`blockrep::harness`] (shared with
+//! the throughput benchmark), the journal check is the demo's own.
 //!
 //! Run: `cargo run --release --bin demo [-- --disk-mib 256 --seconds 10 --rate-mib 100 --keep DIR]`.
 //! Any failure ends it with a non-zero exit and a message naming what failed and the
 //! log to read; the directory is then kept.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use blockrep::harness::{
+    self, Ack, Configs, Direction, Options, POLL, ProcessServer, STOP_TIMEOUT, Setup, SyncReport,
+    WorkDir, ensure_server_binaries, fmt_secs as secs, fmt_size as size, group_status, now_unix_ms,
+    read_acks, run_ok, start_master_target, wait_initial_sync,
+};
 use blockrep::nbd_client::NbdClient;
 use blockrep::workload::{Rng, random_bytes, realistic_bytes};
 use clap::Parser;
@@ -81,16 +86,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const TAG_EVERY: Duration = Duration::from_secs(3);
 /// The process server's crash-consistent cut interval.
 const CUT_INTERVAL_MS: u64 = 1000;
-/// Time a server has to start listening.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time the initial sync may take per GiB of disks (plus a minute).
-const SYNC_TIMEOUT_PER_GIB: Duration = Duration::from_secs(60);
 /// Time the master target has to acknowledge a point after the last write.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
-/// Time a server has to exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the demo looks at logs and status while it waits.
-const POLL: Duration = Duration::from_millis(50);
 /// Points of `master-target points` printed (the newest).
 const POINTS_SHOWN: usize = 6;
 
@@ -121,62 +118,14 @@ struct Args {
     rate_mib: u64,
 }
 
-/// Set by Ctrl-C; every wait checks it.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Catches Ctrl-C on a thread of its own so that the demo stops its servers and
-/// removes its temp dir instead of dying on the spot.
-fn catch_ctrl_c() {
-    let _ = std::thread::Builder::new().name("ctrl-c".into()).spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
-            INTERRUPTED.store(true, Ordering::SeqCst);
-        }
-    });
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Bytes with a binary unit: `96.0 KiB`, `812.4 MiB`, `1.21 GiB`.
-fn size(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
-fn secs(ms: u64) -> String {
-    format!("{:.2} s", ms as f64 / 1000.0)
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    catch_ctrl_c();
+    harness::catch_ctrl_c();
     let mut kept = None;
     let result = run(&args, &mut kept);
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+        Err(_) if harness::interrupted() => {
             eprintln!("demo interrupted: both servers stopped");
             ExitCode::from(130)
         }
@@ -202,21 +151,6 @@ fn log_names() -> String {
         .join(", ")
 }
 
-/// The work directory: a temp dir removed at the end, or `--keep DIR`.
-enum WorkDir {
-    Temp(tempfile::TempDir),
-    Kept(PathBuf),
-}
-
-impl WorkDir {
-    fn path(&self) -> &Path {
-        match self {
-            Self::Temp(t) => t.path(),
-            Self::Kept(p) => p,
-        }
-    }
-}
-
 /// Runs the demo; on failure a temp work dir is kept and named in `kept`.
 fn run(args: &Args, kept: &mut Option<PathBuf>) -> Result<()> {
     ensure!(
@@ -228,30 +162,7 @@ fn run(args: &Args, kept: &mut Option<PathBuf>) -> Result<()> {
         "--seconds must be more than 0 and at most 3600"
     );
     let bin_dir = ensure_server_binaries()?;
-    let work = match &args.keep {
-        Some(dir) => {
-            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-            let dir = dir
-                .canonicalize()
-                .with_context(|| format!("resolve {}", dir.display()))?;
-            let empty = fs::read_dir(&dir)
-                .with_context(|| format!("list {}", dir.display()))?
-                .next()
-                .is_none();
-            ensure!(
-                empty,
-                "--keep {}: the directory is not empty",
-                dir.display()
-            );
-            WorkDir::Kept(dir)
-        }
-        None => WorkDir::Temp(
-            tempfile::Builder::new()
-                .prefix("blockrep-demo-")
-                .tempdir()
-                .context("create a temp dir")?,
-        ),
-    };
+    let work = WorkDir::new(args.keep.as_deref(), "blockrep-demo-")?;
     let result = demo(args, &bin_dir, work.path());
     match (result, work) {
         (Ok(()), WorkDir::Kept(dir)) => {
@@ -263,62 +174,12 @@ fn run(args: &Args, kept: &mut Option<PathBuf>) -> Result<()> {
             Ok(())
         }
         (Ok(()), WorkDir::Temp(_)) => Ok(()),
-        (Err(e), WorkDir::Temp(t)) if !INTERRUPTED.load(Ordering::SeqCst) => {
-            *kept = Some(t.keep());
+        (Err(e), work @ WorkDir::Temp(_)) if !harness::interrupted() => {
+            *kept = Some(work.keep());
             Err(e)
         }
         (Err(e), _) => Err(e),
     }
-}
-
-/// Makes sure `process-server` and `master-target` sit next to this executable and are
-/// not older than it; builds them with the cargo that ran us (same profile) otherwise.
-/// Returns their directory.
-fn ensure_server_binaries() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("find the demo's own executable")?;
-    let dir = exe
-        .parent()
-        .context("the demo's executable has no directory")?
-        .to_path_buf();
-    let built = |p: &Path| fs::metadata(p).and_then(|m| m.modified());
-    let exe_time = built(&exe).with_context(|| format!("stat {}", exe.display()))?;
-    let stale = ["process-server", "master-target"]
-        .iter()
-        .any(|b| built(&dir.join(b)).map_or(true, |t| t < exe_time));
-    if !stale {
-        return Ok(dir);
-    }
-    let release = !cfg!(debug_assertions);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!(
-        "building process-server and master-target ({}) next to {}",
-        if release { "release" } else { "debug" },
-        exe.display()
-    );
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "process-server", "-p", "master-target"])
-        .arg("--manifest-path")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-    if release {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .with_context(|| format!("run {} build", Path::new(&cargo).display()))?;
-    ensure!(
-        status.success(),
-        "cargo build of the servers failed ({status})"
-    );
-    for b in ["process-server", "master-target"] {
-        ensure!(
-            dir.join(b).exists(),
-            "cargo built {b}, but not into {} (another target dir or profile?); build it \
-             there, e.g. `cargo build {}-p process-server -p master-target`",
-            dir.display(),
-            if release { "--release " } else { "" }
-        );
-    }
-    Ok(dir)
 }
 
 /// The whole demo in `dir`.
@@ -351,40 +212,29 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
     // TLS 1.3 with mutual certificates, as a deployment would run it: one CA, one
     // certificate for the master targets (loopback names, both directions) and one per
     // process server node.
-    let out = Command::new(bin_dir.join("master-target"))
-        .args(["certs", "--out", "certs"])
-        .args(["--process-server", PROTECT.ps_node])
-        .args(["--process-server", REPROTECT.ps_node])
-        .current_dir(dir)
-        .output()
-        .context("run master-target certs")?;
-    if !out.status.success() {
-        bail!(
-            "master-target certs failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    harness::make_certs(bin_dir, dir, &[PROTECT.ps_node, REPROTECT.ps_node])?;
     println!("  certificates for TLS 1.3 (mutual) made with `master-target certs` in certs/");
-    let (configs, mt) = start_master_target(bin_dir, dir, &PROTECT, disk_bytes)?;
+    let setup = setup(dir, &PROTECT, disk_bytes);
+    let (configs, mt) = start_master_target(bin_dir, &setup)?;
     println!(
         "  master target listening on {} (TLS, log {})",
         mt.addr, PROTECT.mt_log
     );
     let ps_start_ms = now_unix_ms();
-    let mut ps = ProcessServer::start(bin_dir, dir, &PROTECT, &configs)?;
+    let mut ps = ProcessServer::start(bin_dir, &setup, &configs)?;
     println!(
         "  process server: NBD on {}, a point every {CUT_INTERVAL_MS} ms, shipping to {} (log {})",
         ps.nbd_addr, mt.addr, PROTECT.ps_log
     );
 
-    let sync = wait_initial_sync(&mut ps, &configs, "initial sync", total_bytes, ps_start_ms)?;
+    let sync = wait_sync(&mut ps, "initial sync", total_bytes, ps_start_ms)?;
     println!(
         "  initial sync done in {} (first consistent point {} acknowledged)",
         secs(sync.done_ms),
         sync.first_point
     );
 
-    let wl = run_workload(args, &mut ps, &configs, disk_bytes, &pool, &mut rng)?;
+    let wl = run_workload(args, &mut ps, dir, disk_bytes, &pool, &mut rng)?;
     println!(
         "  workload done: {} writes, {} captured in {:.1} s; {} app-consistent points tagged",
         wl.writes,
@@ -400,7 +250,7 @@ fn demo(args: &Args, bin_dir: &Path, dir: &Path) -> Result<()> {
         last.point,
         t.elapsed().as_millis()
     );
-    let ps_log = ps.log.path.clone();
+    let ps_log = ps.server.log.clone();
     ps.server.stop(STOP_TIMEOUT)?;
     mt.server.stop(STOP_TIMEOUT)?;
     println!("  stopped both servers (SIGTERM, clean exit)");
@@ -524,7 +374,7 @@ impl ReprotectCounters {
     /// From a `process-server status --json`: the group's shipping totals and its
     /// disks' hash-diff counters.
     fn from_status(st: &serde_json::Value) -> Result<Self> {
-        let g = group_status(st)?;
+        let g = group_status(st, GROUP)?;
         let num = |v: &serde_json::Value, key: &str| {
             v[key]
                 .as_u64()
@@ -572,12 +422,13 @@ fn reprotect(
         size(written_after_bytes)
     );
     let t = Instant::now();
-    let (configs, mt) = start_master_target(bin_dir, dir, d, disk_bytes)?;
+    let setup = setup(dir, d, disk_bytes);
+    let (configs, mt) = start_master_target(bin_dir, &setup)?;
     let start_ms = now_unix_ms();
-    let mut ps = ProcessServer::start(bin_dir, dir, d, &configs)?;
-    let sync = wait_initial_sync(&mut ps, &configs, "reprotect", total_bytes, start_ms)?;
+    let mut ps = ProcessServer::start(bin_dir, &setup, &configs)?;
+    let sync = wait_sync(&mut ps, "reprotect", total_bytes, start_ms)?;
     let took_ms = t.elapsed().as_millis() as u64;
-    let c = ReprotectCounters::from_status(&ps.status(&configs)?)?;
+    let c = ReprotectCounters::from_status(&ps.status()?)?;
     ensure!(
         c.compared_blocks > 0,
         "the reprotect compared no block: its initial sync was not a hash-diff resync; \
@@ -682,35 +533,6 @@ fn generate_disk(path: &Path, disk_bytes: u64, pool: &Pool, rng: &mut Rng) -> Re
 
 // ---- servers ----
 
-/// One direction of replication in the work dir: the files each server reads and
-/// writes, and which files are the protected disks and which the replicas.
-struct Direction {
-    mt_config: &'static str,
-    mt_data: &'static str,
-    mt_node: &'static str,
-    mt_log: &'static str,
-    ps_config: &'static str,
-    ps_state: &'static str,
-    ps_log: &'static str,
-    /// The process server's node id; `certs/process-server-<node>.pem` is its
-    /// certificate.
-    ps_node: &'static str,
-    /// The protected disks are `<disk_prefix><disk>.img`.
-    disk_prefix: &'static str,
-    /// The master target's replicas are `<replica_prefix><disk>.img`.
-    replica_prefix: &'static str,
-}
-
-impl Direction {
-    fn disk_file(&self, disk: &str) -> String {
-        format!("{}{disk}.img", self.disk_prefix)
-    }
-
-    fn replica_file(&self, disk: &str) -> String {
-        format!("{}{disk}.img", self.replica_prefix)
-    }
-}
-
 /// Protection: the generated disks (site A) replicate to a master target whose
 /// replicas it creates in `mt-data` (site B).
 const PROTECT: Direction = Direction {
@@ -742,456 +564,48 @@ const REPROTECT: Direction = Direction {
     replica_prefix: "",
 };
 
-/// The config files of both servers.
-struct Configs {
-    mt: PathBuf,
-    ps: PathBuf,
-}
-
-/// Writes both servers' configs of direction `d` into `dir`: the master target listens
-/// on `mt_addr` and journals into its data dir; the process server serves the disks over
-/// NBD on a free loopback port, cuts a point every [`CUT_INTERVAL_MS`], runs harmless
-/// freeze/thaw hooks (a line each into `hooks.log`) and ships to `mt_addr` as its node.
-/// TLS 1.3 with the certificates `master-target certs` made in `certs/`.
-fn write_configs(
-    dir: &Path,
-    d: &Direction,
-    disk_bytes: u64,
-    mt_addr: SocketAddr,
-) -> Result<Configs> {
-    let (mt_data, mt_node, ps_state, node) = (d.mt_data, d.mt_node, d.ps_state, d.ps_node);
-    let mut mt = format!(
-        "# master target of the blockrep demo\n\
-         listen = \"{mt_addr}\"\n\
-         data_dir = \"{mt_data}\"\n\
-         node = \"{mt_node}\"\n\n\
-         [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/master-target.pem\"\nkey = \"certs/master-target.key\"\n\n\
-         [[group]]\nid = \"{GROUP}\"\n"
-    );
-    let mut ps = format!(
-        "# process server of the blockrep demo\n\
-         [nbd]\nlisten = \"127.0.0.1:0\"\n\n\
-         [tracking]\nstate_dir = \"{ps_state}\"\ncut_interval_ms = {CUT_INTERVAL_MS}\n\n\
-         [target]\naddress = \"{mt_addr}\"\nnode = \"{node}\"\n\
-         ca = \"certs/ca.pem\"\ncert = \"certs/process-server-{node}.pem\"\nkey = \"certs/process-server-{node}.key\"\n\n\
-         [[group]]\nid = \"{GROUP}\"\n\
-         freeze = \"echo freeze >> hooks.log\"\n\
-         thaw = \"echo thaw >> hooks.log\"\n\
-         hook_timeout_ms = 5000\n"
-    );
-    for disk in DISKS {
-        let (path, replica) = (d.disk_file(disk), d.replica_file(disk));
-        mt.push_str(&format!(
-            "\n[[group.disk]]\nid = \"{disk}\"\nsize = {disk_bytes}\nreplica = \"{replica}\"\n"
-        ));
-        ps.push_str(&format!(
-            "\n[[group.disk]]\nid = \"{disk}\"\npath = \"{path}\"\nsize = {disk_bytes}\n"
-        ));
-    }
-    let configs = Configs {
-        mt: dir.join(d.mt_config),
-        ps: dir.join(d.ps_config),
-    };
-    fs::write(&configs.mt, mt).with_context(|| format!("write {}", configs.mt.display()))?;
-    fs::write(&configs.ps, ps).with_context(|| format!("write {}", configs.ps.display()))?;
-    Ok(configs)
-}
-
-/// A server process with its log file; killed on drop unless it was stopped.
-struct Server {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn spawn(name: &'static str, mut cmd: Command, dir: &Path, log: &str) -> Result<Self> {
-        let log = dir.join(log);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("open {}", log.display()))?;
-        let child = cmd
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        Ok(Self { name, child, log })
-    }
-
-    /// Fails (naming the log) if the process has exited.
-    fn check_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait().context("wait")? {
-            bail!(
-                "{} exited ({status}); its log: {}",
-                self.name,
-                self.log.display()
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, and waits for a clean exit.
-    fn stop(mut self, timeout: Duration) -> Result<()> {
-        let pid = self.child.id().to_string();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .context("run kill")?;
-        ensure!(st.success(), "kill -TERM {pid} ({}) failed", self.name);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().context("wait")? {
-                ensure!(
-                    status.success(),
-                    "{} exited with {status} after SIGTERM; its log: {}",
-                    self.name,
-                    self.log.display()
-                );
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not exit within {} s of SIGTERM; its log: {}",
-                    self.name,
-                    timeout.as_secs(),
-                    self.log.display()
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+/// The demo's replication pair of direction `d` in `dir`: group [`GROUP`] of the
+/// [`DISKS`], a crash-consistent cut every [`CUT_INTERVAL_MS`], harmless freeze/thaw
+/// hooks, an initial sync (a hash-diff one where the replicas hold a copy).
+fn setup<'a>(dir: &'a Path, d: &'a Direction, disk_bytes: u64) -> Setup<'a> {
+    Setup {
+        dir,
+        direction: d,
+        group: GROUP,
+        disks: &DISKS,
+        disk_bytes,
+        options: Options {
+            cut_interval_ms: CUT_INTERVAL_MS,
+            hooks: true,
+            ..Options::default()
+        },
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The running master target.
-struct MasterTarget {
-    server: Server,
-    addr: SocketAddr,
-}
-
-/// Picks a free loopback port for the master target of direction `d`, writes the
-/// configs and starts it. A port taken by someone else between the pick and the bind
-/// is retried.
-fn start_master_target(
-    bin_dir: &Path,
-    dir: &Path,
-    d: &Direction,
-    disk_bytes: u64,
-) -> Result<(Configs, MasterTarget)> {
-    let mut last_err = None;
-    for _ in 0..3 {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("find a free loopback port")?;
-        let configs = write_configs(dir, d, disk_bytes, addr)?;
-        let mut cmd = Command::new(bin_dir.join("master-target"));
-        cmd.args(["serve", "--config"])
-            .arg(&configs.mt)
-            .stdout(Stdio::piped());
-        let mut server = Server::spawn("master target", cmd, dir, d.mt_log)?;
-        // It prints `listening on ADDR` on stdout once it accepts connections.
-        let stdout = server.child.stdout.take().context("master target stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.trim().strip_prefix("listening on ") {
-                    let _ = tx.send(a.to_owned());
-                }
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let listening = loop {
-            check_interrupt()?;
-            if let Ok(a) = rx.recv_timeout(POLL) {
-                break Some(a);
-            }
-            if server.check_running().is_err() || Instant::now() > deadline {
-                break None;
-            }
-        };
-        match listening.map(|a| a.parse::<SocketAddr>()) {
-            Some(Ok(addr)) => return Ok((configs, MasterTarget { server, addr })),
-            Some(Err(e)) => bail!("master target announced a bad address: {e}"),
-            None => {
-                let log = fs::read_to_string(&server.log).unwrap_or_default();
-                let e = anyhow::anyhow!(
-                    "master target did not start within {} s; its log: {}",
-                    START_TIMEOUT.as_secs(),
-                    server.log.display()
-                );
-                if !log.contains("in use") {
-                    return Err(e);
-                }
-                last_err = Some(e);
-            }
-        }
-    }
-    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("master target did not start")))
-}
-
-/// One `point acknowledged` line of the process server's log.
-#[derive(Clone, Copy, Debug)]
-struct Ack {
-    point: u64,
-    point_time_unix_ms: u64,
-    consistent: bool,
-    /// Time from the cut to the acknowledgement.
-    rpo_ms: u64,
-}
-
-/// The value of ` name=` in a log line, up to the next space.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!(" {name}=");
-    let at = line.find(&key)? + key.len();
-    line[at..].split_whitespace().next()
-}
-
-fn parse_ack(line: &str) -> Option<Ack> {
-    if !line.contains("point acknowledged") {
-        return None;
-    }
-    Some(Ack {
-        point: field(line, "point")?.parse().ok()?,
-        point_time_unix_ms: field(line, "point_time_unix_ms")?.parse().ok()?,
-        consistent: field(line, "consistent")? == "true",
-        rpo_ms: field(line, "rpo_ms")?.parse().ok()?,
-    })
-}
-
-fn read_acks(log: &Path) -> Result<Vec<Ack>> {
-    let text = fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
-    Ok(text.lines().filter_map(parse_ack).collect())
-}
-
-/// Follows a growing log file line by line.
-struct LogTail {
-    path: PathBuf,
-    pos: u64,
-    partial: String,
-}
-
-impl LogTail {
-    fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            pos: 0,
-            partial: String::new(),
-        }
-    }
-
-    /// The complete lines appended since the last call.
-    fn new_lines(&mut self) -> Result<Vec<String>> {
-        let mut f =
-            File::open(&self.path).with_context(|| format!("open {}", self.path.display()))?;
-        f.seek(SeekFrom::Start(self.pos))
-            .with_context(|| format!("seek {}", self.path.display()))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .with_context(|| format!("read {}", self.path.display()))?;
-        self.pos += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let mut lines: Vec<String> = self.partial.split('\n').map(str::to_owned).collect();
-        self.partial = lines.pop().unwrap_or_default();
-        Ok(lines)
-    }
-}
-
-/// The running process server, with its log followed for acknowledgements.
-struct ProcessServer {
-    server: Server,
-    nbd_addr: SocketAddr,
-    log: LogTail,
-    acks: Vec<Ack>,
-    status_cmd: PathBuf,
-}
-
-impl ProcessServer {
-    /// Starts `process-server serve` of direction `d` and waits for its `listening on
-    /// ADDR` log line.
-    fn start(bin_dir: &Path, dir: &Path, d: &Direction, configs: &Configs) -> Result<Self> {
-        let mut cmd = Command::new(bin_dir.join("process-server"));
-        cmd.args(["serve", "--config"])
-            .arg(&configs.ps)
-            .stdout(Stdio::null());
-        let mut server = Server::spawn("process server", cmd, dir, d.ps_log)?;
-        let mut log = LogTail::new(&server.log);
-        let mut acks = Vec::new();
-        let deadline = Instant::now() + START_TIMEOUT;
-        let nbd_addr = 'found: loop {
-            check_interrupt()?;
-            server.check_running()?;
-            for line in log.new_lines()? {
-                acks.extend(parse_ack(&line));
-                if let Some(a) = line.split("listening on ").nth(1) {
-                    let a = a.trim();
-                    break 'found a.parse::<SocketAddr>().with_context(|| {
-                        format!("process server announced a bad address {a:?}")
-                    })?;
-                }
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "process server did not listen within {} s; its log: {}",
-                START_TIMEOUT.as_secs(),
-                server.log.display()
-            );
-            std::thread::sleep(POLL);
-        };
-        Ok(Self {
-            server,
-            nbd_addr,
-            log,
-            acks,
-            status_cmd: bin_dir.join("process-server"),
-        })
-    }
-
-    /// Reads new log lines; fails if the server has exited.
-    fn poll(&mut self) -> Result<()> {
-        check_interrupt()?;
-        self.server.check_running()?;
-        for line in self.log.new_lines()? {
-            self.acks.extend(parse_ack(&line));
-        }
-        Ok(())
-    }
-
-    /// Waits until a consistent point cut after `after_unix_ms` is acknowledged.
-    fn wait_ack_after(&mut self, after_unix_ms: u64, timeout: Duration) -> Result<Ack> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.poll()?;
-            if let Some(a) = self
-                .acks
-                .iter()
-                .find(|a| a.consistent && a.point_time_unix_ms > after_unix_ms)
-            {
-                return Ok(*a);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the master target acknowledged no consistent point cut after {after_unix_ms} \
-                 within {} s; the process server's log: {}",
-                timeout.as_secs(),
-                self.server.log.display()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// `process-server status --json` of the running server.
-    fn status(&self, configs: &Configs) -> Result<serde_json::Value> {
-        let out = run_ok(
-            Command::new(&self.status_cmd)
-                .args(["status", "--json", "--config"])
-                .arg(&configs.ps),
-            "process-server status",
-        )?;
-        serde_json::from_str(&out).with_context(|| format!("process-server status: {out:?}"))
-    }
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-// ---- initial sync ----
-
-struct SyncReport {
-    /// From the process server's start to the acknowledgement of the first
-    /// consistent point.
-    done_ms: u64,
-    first_point: u64,
-}
-
-/// The group's entry of a `process-server status --json`.
-fn group_status(st: &serde_json::Value) -> Result<&serde_json::Value> {
-    st["groups"]
-        .as_array()
-        .and_then(|gs| gs.iter().find(|g| g["id"] == GROUP))
-        .with_context(|| format!("process-server status has no group {GROUP}: {st}"))
-}
-
-/// Waits for the initial sync (a full one, or the reprotect's hash-diff resync: `what`
-/// names it in messages): the group's state goes to `replicating`, then a consistent
-/// point is acknowledged. Shows progress on a terminal.
-fn wait_initial_sync(
+/// [`wait_initial_sync`] with a progress line on a terminal.
+fn wait_sync(
     ps: &mut ProcessServer,
-    configs: &Configs,
     what: &str,
     total_bytes: u64,
     start_unix_ms: u64,
 ) -> Result<SyncReport> {
-    let timeout = Duration::from_secs(60)
-        + SYNC_TIMEOUT_PER_GIB.mul_f64(total_bytes as f64 / (1u64 << 30) as f64);
-    let deadline = Instant::now() + timeout;
     let tty = std::io::stdout().is_terminal();
-    let mut last_status = Instant::now() - Duration::from_secs(1);
-    let mut replicating_at = None;
-    loop {
-        ps.poll()?;
-        if replicating_at.is_none() && last_status.elapsed() >= Duration::from_millis(200) {
-            last_status = Instant::now();
-            let st = ps.status(configs)?;
-            let g = group_status(&st)?;
-            let state = g["state"].as_str().unwrap_or("?");
-            if state == "replicating" {
-                replicating_at = Some(now_unix_ms());
-                if tty {
-                    print!("\r\x1b[K");
-                }
-            } else if tty {
-                let done = g["resync"]["done_bytes"].as_u64().unwrap_or(0);
-                let total = g["resync"]["total_bytes"].as_u64().unwrap_or(total_bytes);
-                print!(
-                    "\r\x1b[K  {what}: {state}, {} of {} read",
-                    size(done),
-                    size(total)
-                );
-            }
+    let report = wait_initial_sync(ps, what, total_bytes, start_unix_ms, &mut |p| {
+        if tty && p.state != "replicating" {
+            print!(
+                "\r\x1b[K  {what}: {}, {} of {} read",
+                p.state,
+                size(p.done_bytes),
+                size(p.total_bytes)
+            );
             let _ = std::io::stdout().flush();
         }
-        if let Some(at) = replicating_at
-            && let Some(a) = ps
-                .acks
-                .iter()
-                .find(|a| a.consistent && a.point_time_unix_ms >= at)
-        {
-            return Ok(SyncReport {
-                done_ms: now_unix_ms().saturating_sub(start_unix_ms),
-                first_point: a.point,
-            });
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the {what} did not finish within {} s; the process server's log: {}",
-            timeout.as_secs(),
-            ps.server.log.display()
-        );
-        std::thread::sleep(POLL);
+    });
+    if tty {
+        print!("\r\x1b[K");
+        let _ = std::io::stdout().flush();
     }
+    report
 }
 
 // ---- workload ----
@@ -1234,12 +648,12 @@ fn nbd_context(disk: &str, addr: SocketAddr, log: &Path) -> String {
 fn run_workload(
     args: &Args,
     ps: &mut ProcessServer,
-    configs: &Configs,
+    dir: &Path,
     disk_bytes: u64,
     pool: &Pool,
     rng: &mut Rng,
 ) -> Result<Workload> {
-    workload(args, ps, configs, disk_bytes, pool, rng).map_err(|e| {
+    workload(args, ps, dir, disk_bytes, pool, rng).map_err(|e| {
         // A killed server's sockets close a moment before its exit can be seen.
         let deadline = Instant::now() + Duration::from_millis(500);
         loop {
@@ -1259,7 +673,7 @@ fn run_workload(
 fn workload(
     args: &Args,
     ps: &mut ProcessServer,
-    configs: &Configs,
+    dir: &Path,
     disk_bytes: u64,
     pool: &Pool,
     rng: &mut Rng,
@@ -1327,9 +741,8 @@ fn workload(
         if now >= next_tag {
             // The writes stop while the app-consistent point is taken, as an
             // application quiesced by the freeze hook would.
-            let mut tagged = tag_app_consistent(&ps.status_cmd, configs)?;
+            let mut tagged = tag_app_consistent(ps)?;
             tagged.written_bytes = wl.bytes + wl.zero_bytes;
-            let dir = configs.ps.parent().unwrap_or(Path::new("."));
             for d in DISKS {
                 tagged
                     .disk_roots
@@ -1379,35 +792,20 @@ fn workload(
     Ok(wl)
 }
 
-/// `process-server tag --group g1 --app-consistent --json`: the freeze hook, a cut,
-/// the thaw hook.
-fn tag_app_consistent(ps_bin: &Path, configs: &Configs) -> Result<Tagged> {
-    let out = run_ok(
-        Command::new(ps_bin)
-            .args([
-                "tag",
-                "--group",
-                GROUP,
-                "--app-consistent",
-                "--json",
-                "--config",
-            ])
-            .arg(&configs.ps),
-        "process-server tag --app-consistent",
-    )?;
-    let p: serde_json::Value =
-        serde_json::from_str(out.trim()).with_context(|| format!("tag answered {out:?}"))?;
-    let id = p["id"]
-        .as_u64()
-        .with_context(|| format!("tag answered {out:?}"))?;
+/// `process-server tag --group g1 --app-consistent`: the freeze hook, a cut, the thaw
+/// hook.
+fn tag_app_consistent(ps: &ProcessServer) -> Result<Tagged> {
+    let t = ps.tag(true)?;
     ensure!(
-        p["kind"] == "app",
-        "tag --app-consistent gave a {} point ({out}); is the freeze hook failing? see ps.log",
-        p["kind"]
+        t.app_consistent,
+        "tag --app-consistent gave a crash-consistent point ({}); is the freeze hook \
+         failing? see {}",
+        t.id,
+        ps.server.log.display()
     );
     Ok(Tagged {
-        id,
-        consistent: p["consistent"] == true,
+        id: t.id,
+        consistent: t.consistent,
         disk_roots: Vec::new(),
         written_bytes: 0,
     })

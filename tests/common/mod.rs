@@ -23,30 +23,8 @@ pub fn bin_path(name: &str) -> PathBuf {
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
-        // Cargo gives this test process the variables of the package under test. Build
-        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...)
-        // would see them change between this build and the outer `cargo test`, and
-        // each would rebuild ring and everything above it.
-        for (name, _) in std::env::vars_os() {
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_MANIFEST_LINKS",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&name)
-            {
-                cmd.env_remove(name);
-            }
-        }
+        // Cargo gives this test process the variables of the package under test.
+        blockrep::harness::strip_package_env(&mut cmd);
         let status = cmd.status().expect("run cargo build for the binaries");
         assert!(status.success(), "cargo build of the binaries failed");
     });

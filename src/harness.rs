@@ -892,9 +892,10 @@ pub struct SyncProgress<'a> {
 }
 
 /// Waits for the initial sync of the process server's group (a full one, or a
-/// hash-diff resync: `what` names it in messages): the group's state goes to
-/// `replicating`, then a consistent point is acknowledged. `progress` is called with
-/// each status while the sync runs, and once with `replicating`.
+/// hash-diff resync: `what` names it in messages): until a consistent point cut after
+/// `start_unix_ms` is acknowledged (points are inconsistent until the sync ends, and the
+/// process server cuts one as it ends). `progress` is called with each status while the
+/// sync runs, and once with `replicating`.
 pub fn wait_initial_sync(
     ps: &mut ProcessServer,
     what: &str,
@@ -906,28 +907,25 @@ pub fn wait_initial_sync(
         + SYNC_TIMEOUT_PER_GIB.mul_f64(total_bytes as f64 / (1u64 << 30) as f64);
     let deadline = Instant::now() + timeout;
     let mut last_status = Instant::now() - SYNC_STATUS_EVERY;
-    let mut replicating_at = None;
+    let mut replicating = false;
     loop {
         ps.poll()?;
-        if replicating_at.is_none() && last_status.elapsed() >= SYNC_STATUS_EVERY {
+        if !replicating && last_status.elapsed() >= SYNC_STATUS_EVERY {
             last_status = Instant::now();
             let st = ps.status()?;
             let g = group_status(&st, &ps.group)?;
             let state = g["state"].as_str().unwrap_or("?");
-            if state == "replicating" {
-                replicating_at = Some(now_unix_ms());
-            }
+            replicating = state == "replicating";
             progress(SyncProgress {
                 state,
                 done_bytes: g["resync"]["done_bytes"].as_u64().unwrap_or(0),
                 total_bytes: g["resync"]["total_bytes"].as_u64().unwrap_or(total_bytes),
             });
         }
-        if let Some(at) = replicating_at
-            && let Some(a) = ps
-                .acks
-                .iter()
-                .find(|a| a.consistent && a.point_time_unix_ms >= at)
+        if let Some(a) = ps
+            .acks
+            .iter()
+            .find(|a| a.consistent && a.point_time_unix_ms >= start_unix_ms)
         {
             return Ok(SyncReport {
                 done_ms: now_unix_ms().saturating_sub(start_unix_ms),

@@ -12,7 +12,7 @@
 //! release the range. The tracker lock is held only to pick and to record an extent,
 //! never during the read, so writes go on meanwhile. The pass waits while the spool is
 //! more than half full, leaving room for the writes that keep coming. When every extent
-//! is recorded, [`GroupTracker::finish_resync`]: the next cut is a consistent point.
+//! is recorded, [`GroupTracker::finish_resync`] and a cut at once: a consistent point.
 //!
 //! Progress: a bar on a terminal (stderr), a log line every [`LOG_EVERY`], and the
 //! tracker's [`datapath::tracker::ResyncProgress`] in `status`.
@@ -51,19 +51,26 @@ use std::time::{Duration, Instant};
 
 use datapath::extent::Extent;
 use datapath::frame::{HASH_PROTOCOL_VERSION, HashOf};
-use datapath::hashing::{HASH_BLOCK_BYTES, differing_parts};
+use datapath::hashing::{BlockHash, HASH_BLOCK_BYTES, PartsDiff, default_threads, differing_parts};
 use datapath::tracker::{GroupTracker, RESYNC_EXTENT_BYTES_MAX, TrackMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::{error, info, warn};
 
 use crate::hashes::{Fetched, HashBroker, Prefetch, Unavailable};
-use crate::nbd_server::Exports;
-use crate::tracking::Tracking;
+use crate::nbd_server::{Export, Exports};
+use crate::tracking::{Tracking, now_unix_ms};
 
 /// How often an idle driver looks at its group again.
 pub const POLL: Duration = Duration::from_millis(50);
 /// How often a pass under way logs its progress.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Bytes a hash-diff pass reads and compares at a time (at most a sixteenth of the
+/// spool): the differing parts are still recorded in pieces of at most
+/// [`RESYNC_EXTENT_BYTES_MAX`].
+pub const HASH_DIFF_EXTENT_BYTES: u64 = 8 << 20;
+/// Bytes a resync reader reads before it hashes them (whole 64 KiB blocks; small
+/// enough to stay in a core's cache in between).
+const READ_PIECE_BYTES: usize = 256 << 10;
 
 /// What one step found to do.
 enum Step {
@@ -78,6 +85,8 @@ enum Step {
     },
     Done {
         initial: Vec<String>,
+        /// The consistent point cut as the pass ended.
+        point: Option<u64>,
     },
 }
 
@@ -167,7 +176,7 @@ fn run(
                     sent_blocks: 0,
                 });
             }
-            Step::Done { initial } => {
+            Step::Done { initial, point } => {
                 if let Some(b) = bar.take() {
                     b.finish();
                 }
@@ -184,13 +193,14 @@ fn run(
                 if initial.is_empty() {
                     info!(
                         group,
-                        "resync done: the next cut is a consistent recovery point"
+                        point, "resync done: a consistent recovery point is cut"
                     );
                 } else {
                     info!(
                         group,
                         disks = %initial.join(","),
-                        "initial sync done: the next cut is a consistent recovery point"
+                        point,
+                        "initial sync done: a consistent recovery point is cut"
                     );
                 }
             }
@@ -350,14 +360,20 @@ fn next_step(
         TrackMode::Resyncing => {
             let mut most = RESYNC_EXTENT_BYTES_MAX.min(max / 16);
             if t.resync_is_hash_diff() {
-                // Whole 64 KiB blocks, so that every block can be compared.
+                // Larger reads (mostly of blocks that match and are not recorded), in
+                // whole 64 KiB blocks, so that every block can be compared.
+                most = HASH_DIFF_EXTENT_BYTES.min(max / 16);
                 most = (most / HASH_BLOCK_BYTES * HASH_BLOCK_BYTES).max(HASH_BLOCK_BYTES);
             }
             match t.next_resync_extent(most) {
                 Some((disk, ext)) => Ok(Step::Read { disk, ext }),
-                None => Ok(Step::Done {
-                    initial: t.finish_resync()?,
-                }),
+                None => {
+                    let initial = t.finish_resync()?;
+                    // A consistent point at once (as a `tag` cuts one), rather than at
+                    // the next scheduled cut: the resync's end is its time.
+                    let point = t.cut(now_unix_ms(), false)?.map(|p| p.point_id);
+                    Ok(Step::Done { initial, point })
+                }
             }
         }
     }
@@ -380,18 +396,11 @@ fn read_and_record(
     let ranges = tracking.in_flight();
     ranges.acquire(disk, ext.offset, ext.len);
     let r = (|| {
-        export.store.read_at(buf, ext.offset).map_err(|e| {
-            anyhow::anyhow!(
-                "read {} bytes at {} of {}: {e}",
-                ext.len,
-                ext.offset,
-                export.path.display()
-            )
-        })?;
+        read_and_compare(export, ext, buf, 0, None)?;
         let mut t = tracker
             .lock()
             .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
-        t.record_resync(disk, ext, buf)?;
+        t.record_resync_parts(disk, ext, buf, &split_parts(&[ext]))?;
         anyhow::Ok(())
     })();
     ranges.release(disk, ext.offset, ext.len);
@@ -534,27 +543,13 @@ fn compare_and_record(
     let ranges = io.tracking.in_flight();
     ranges.acquire(disk, ext.offset, ext.len);
     let r = (|| {
-        export.store.read_at(buf, ext.offset).map_err(|e| {
-            anyhow::anyhow!(
-                "read {} bytes at {} of {}: {e}",
-                ext.len,
-                ext.offset,
-                export.path.display()
-            )
-        })?;
-        let (parts, compared) = match &theirs {
-            Some(h) => {
-                let d = differing_parts(size, ext.offset, buf, first, h);
-                (d.parts, d.compared_blocks)
-            }
-            None => (vec![ext], 0),
-        };
+        let d = read_and_compare(export, ext, buf, first, theirs.as_deref())?;
         let mut t = io
             .tracker
             .lock()
             .map_err(|_| anyhow::anyhow!("tracking failed earlier"))?;
-        t.record_resync_parts(disk, ext, buf, &parts)?;
-        anyhow::Ok((parts, compared))
+        t.record_resync_parts(disk, ext, buf, &split_parts(&d.parts))?;
+        anyhow::Ok((d.parts, d.compared_blocks))
     })();
     ranges.release(disk, ext.offset, ext.len);
     let (parts, compared) = r?;
@@ -565,6 +560,106 @@ fn compare_and_record(
         m.hash_diffed(compared, sent);
     }
     Ok(true)
+}
+
+/// Reads `ext` of `export` into `buf` (its length) and, given the master target's
+/// hashes of its blocks (from block `first` on), finds the parts that differ
+/// ([`differing_parts`]); without hashes the whole extent is one part. On every core
+/// (up to [`default_threads`]): each thread reads and hashes its own share of whole
+/// 64 KiB blocks, so the pass is not bound by one core's blake3 and memcpy. The caller
+/// holds the extent's range lock throughout, as for every resync read.
+fn read_and_compare(
+    export: &Export,
+    ext: Extent,
+    buf: &mut [u8],
+    first: u64,
+    theirs: Option<&[BlockHash]>,
+) -> anyhow::Result<PartsDiff> {
+    let blocks = ext.len.div_ceil(HASH_BLOCK_BYTES);
+    let threads = (default_threads() as u64).clamp(1, blocks.max(1));
+    let share = blocks.div_ceil(threads) * HASH_BLOCK_BYTES;
+    let size = export.size_bytes;
+    // A share is read and hashed a few blocks at a time, so that blake3 finds the
+    // bytes the read just copied still in the core's cache.
+    let work = |share: &mut [u8], offset: u64| -> anyhow::Result<PartsDiff> {
+        let mut out = PartsDiff::default();
+        for (k, piece) in share.chunks_mut(READ_PIECE_BYTES).enumerate() {
+            let at = offset + (k * READ_PIECE_BYTES) as u64;
+            export.store.read_at(piece, at).map_err(|e| {
+                anyhow::anyhow!(
+                    "read {} bytes at {at} of {}: {e}",
+                    piece.len(),
+                    export.path.display()
+                )
+            })?;
+            let d = match theirs {
+                Some(h) => differing_parts(size, at, piece, first, h),
+                None => PartsDiff {
+                    parts: vec![Extent {
+                        offset: at,
+                        len: piece.len() as u64,
+                    }],
+                    ..PartsDiff::default()
+                },
+            };
+            append_parts(&mut out, d);
+        }
+        Ok(out)
+    };
+    // The first share on this thread, the others on threads of their own.
+    let results: Vec<anyhow::Result<PartsDiff>> = std::thread::scope(|s| {
+        let mut chunks = buf.chunks_mut(share as usize);
+        let head = chunks.next();
+        let others: Vec<_> = chunks
+            .enumerate()
+            .map(|(k, chunk)| {
+                let offset = ext.offset + (k as u64 + 1) * share;
+                s.spawn(move || work(chunk, offset))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(others.len() + 1);
+        out.extend(head.map(|c| work(c, ext.offset)));
+        out.extend(others.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a resync reader panicked")))
+        }));
+        out
+    });
+    let mut out = PartsDiff::default();
+    for r in results {
+        append_parts(&mut out, r?);
+    }
+    Ok(out)
+}
+
+/// Adds `d` (of the bytes right after those of `out`) to `out`, merging touching parts.
+fn append_parts(out: &mut PartsDiff, d: PartsDiff) {
+    out.compared_blocks += d.compared_blocks;
+    out.equal_blocks += d.equal_blocks;
+    for p in d.parts {
+        match out.parts.last_mut() {
+            Some(last) if last.end() == p.offset => last.len += p.len,
+            _ => out.parts.push(p),
+        }
+    }
+}
+
+/// `parts` cut at every [`RESYNC_EXTENT_BYTES_MAX`] boundary, so that no spool record
+/// of a resync is larger than a frame's worth, however large the extent read.
+fn split_parts(parts: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let mut at = p.offset;
+        while at < p.end() {
+            let next = ((at / RESYNC_EXTENT_BYTES_MAX + 1) * RESYNC_EXTENT_BYTES_MAX).min(p.end());
+            out.push(Extent {
+                offset: at,
+                len: next - at,
+            });
+            at = next;
+        }
+    }
+    out
 }
 
 fn new_bar(group: &str, total: u64) -> ProgressBar {

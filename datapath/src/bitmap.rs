@@ -135,6 +135,9 @@ pub const REGION_BYTES_MIN: u64 = 8 * BLOCK_BYTES;
 pub const REGION_BYTES_MAX: u64 = 1 << 30;
 /// Default capacity of the hot set.
 pub const HOT_REGIONS_MAX: u32 = 256;
+/// An eviction frees at least `hot_regions_max / EVICT_BATCH_DIVISOR` regions at once
+/// (rule 2), one flush for all of them, so the cold marks after it need no eviction.
+pub const EVICT_BATCH_DIVISOR: usize = 8;
 /// Largest disk a bitmap tracks (1 PiB: a 32 GiB bitmap).
 pub const DISK_BYTES_MAX: u64 = 1 << 50;
 
@@ -1063,24 +1066,18 @@ impl Bitmap {
 
         let mut outcome = MarkOutcome::default();
         if !new.is_empty() {
-            let excess = (self.hot.len() + new.len()).saturating_sub(max as usize);
-            let mut lru: Vec<(u64, u64)> = self
-                .hot
-                .iter()
-                .filter(|(r, _)| !touched.contains(*r))
-                .map(|(&r, &t)| (t, r))
-                .collect();
-            lru.sort_unstable();
-            let victims: BTreeSet<u64> = lru.iter().take(excess).map(|&(_, r)| r).collect();
-            // Holds because the touched regions alone fit the capacity (checked above).
-            assert_eq!(victims.len(), excess, "not enough regions to evict");
+            let victims = self.pick_victims(&touched, new.len());
             // Rule 2: the evicted regions' bits are durable before the log forgets them.
-            for &r in &victims {
-                let (from, to) = self.region_byte_range(r);
+            if let Some((&first, &last)) = victims.first().zip(victims.last()) {
+                // One pass over the span of all victims (one msync, one device flush);
+                // the hot regions' bits in between become durable early, which is
+                // harmless (they are current bits, as in the kernel's own writeback).
+                let (from, _) = self.region_byte_range(first);
+                let (_, to) = self.region_byte_range(last);
                 if let Err(e) = self.map.flush_range(from, to - from) {
                     self.poisoned = true;
                     return Err(BitmapError::Io {
-                        op: "flush evicted region",
+                        op: "flush evicted regions",
                         source: e,
                     });
                 }
@@ -1119,6 +1116,30 @@ impl Bitmap {
             );
         }
         Ok(outcome)
+    }
+
+    /// The regions to evict so that `adding` regions fit (rule 2): none while they fit;
+    /// else the least recently marked ones outside `touched`, at least an
+    /// [`EVICT_BATCH_DIVISOR`]th of the capacity, so that the next cold marks find room
+    /// without an eviction (and its flush) of their own.
+    fn pick_victims(&self, touched: &BTreeSet<u64>, adding: usize) -> BTreeSet<u64> {
+        let max = self.config.hot_regions_max as usize;
+        let excess = (self.hot.len() + adding).saturating_sub(max);
+        if excess == 0 {
+            return BTreeSet::new();
+        }
+        let batch = excess.max(max / EVICT_BATCH_DIVISOR);
+        let mut lru: Vec<(u64, u64)> = self
+            .hot
+            .iter()
+            .filter(|(r, _)| !touched.contains(*r))
+            .map(|(&r, &t)| (t, r))
+            .collect();
+        lru.sort_unstable();
+        let victims: BTreeSet<u64> = lru.iter().take(batch).map(|&(_, r)| r).collect();
+        // Holds because the touched regions alone fit the capacity (checked by `mark`).
+        assert!(victims.len() >= excess, "not enough regions to evict");
+        victims
     }
 
     /// Clears the bits of the blocks wholly inside `extent` (rule 3): the caller
@@ -1561,6 +1582,62 @@ mod tests {
         assert_eq!(dirty_list(&bm), want);
     }
 
+    /// Proves a full hot set evicts an eighth of its capacity at once (the least
+    /// recently marked regions), with one flush for all of them before the log
+    /// transaction, so the next cold marks need only their log sync.
+    #[test]
+    fn eviction_frees_an_eighth_of_the_set_with_one_flush() {
+        let (fs, mut bm) = setup(4 << 20, cfg(32 * KIB, 16));
+        for r in 0..16 {
+            bm.mark(&[ext(r * 32 * KIB + 4 * KIB, 512)]).unwrap();
+        }
+        bm.mark(&[ext(0, 512)]).unwrap(); // region 0 is now the most recent
+        let durable_bit = |block: u64| {
+            let d = fs.durable_contents(&bitmap_path()).unwrap();
+            d[HEADER_BYTES + (block / 8) as usize] & (1 << (block % 8)) != 0
+        };
+        let s0 = fs.steps();
+        let out = bm.mark(&[ext(16 * 32 * KIB, 512)]).unwrap();
+        assert_eq!(
+            out,
+            MarkOutcome {
+                log_synced: true,
+                regions_added: 1,
+                regions_evicted: 2
+            }
+        );
+        assert_eq!(
+            fs.steps(),
+            s0 + 2,
+            "one flush for both victims, one log sync"
+        );
+        let mut want: Vec<u64> = (0..16).filter(|&r| r != 1 && r != 2).collect();
+        want.push(16);
+        assert_eq!(bm.hot_regions(), want, "regions 1 and 2 were least recent");
+        assert!(
+            durable_bit(8 + 1) && durable_bit(16 + 1),
+            "victims' bits durable"
+        );
+        // The next cold mark finds room: only its log sync.
+        let out = bm.mark(&[ext(17 * 32 * KIB, 512)]).unwrap();
+        assert_eq!(out.regions_evicted, 0);
+        assert_eq!(fs.steps(), s0 + 3);
+        // After a crash the hot regions are wholly dirty, the victims only their block.
+        drop(bm);
+        fs.crash(CrashMode::DropUnsynced);
+        let bm = Bitmap::open(&fs, &dir()).unwrap();
+        for r in [1u64, 2] {
+            let marked = r * 8 + 1;
+            assert!(bm.is_dirty(marked), "region {r}: marked block");
+            assert!(!bm.is_dirty(r * 8), "region {r}: only the marked block");
+        }
+        assert!((0..8).all(|b| bm.is_dirty(b)), "hot region 0 wholly dirty");
+        assert!(
+            (17 * 8..18 * 8).all(|b| bm.is_dirty(b)),
+            "region 17 wholly dirty"
+        );
+    }
+
     /// Proves bad extents and marks touching more regions than the hot set holds are
     /// refused before anything changes.
     #[test]
@@ -1761,11 +1838,12 @@ mod tests {
     }
 
     /// Runs `ops` operations of a seeded workload against `bm`, keeping `outstanding`
-    /// (the writes not yet acked: their blocks must stay dirty). Stops at the first
-    /// error, as a crashed process would.
+    /// (the writes not yet acked: their blocks must stay dirty), with clean flushes
+    /// when `flushes`. Stops at the first error, as a crashed process would.
     fn workload(
         bm: &mut Bitmap,
         fs: &SimFs,
+        flushes: bool,
         rng: &mut Rng,
         ops: usize,
         outstanding: &mut Vec<Extent>,
@@ -1798,7 +1876,7 @@ mod tests {
                         seen.clears += 1;
                     }
                 }
-                16 => bm.flush()?,
+                16 if flushes => bm.flush()?,
                 _ => fs.writeback(&*bm.map, &bitmap_path()),
             }
         }
@@ -1832,14 +1910,36 @@ mod tests {
     /// recovery) never loses the dirty bit of a block written and not yet acked.
     #[test]
     fn crash_at_every_step_keeps_unacked_blocks_dirty() {
-        const OPS: usize = 120;
-        for seed in 0..6u64 {
+        crash_at_every_step(crash_config(), true, 120, 0..6);
+    }
+
+    /// Like [`crash_at_every_step_keeps_unacked_blocks_dirty`] with a hot set large
+    /// enough that an eviction takes a batch of several regions (one flush for all).
+    #[test]
+    fn crash_at_every_step_of_batched_evictions() {
+        let config = cfg(CRASH_REGION_BYTES, 16);
+        assert!(config.hot_regions_max as usize / EVICT_BATCH_DIVISOR >= 2);
+        // Without clean flushes (which empty the hot set) it fills and evicts.
+        crash_at_every_step(config, false, 240, 10..14);
+    }
+
+    fn crash_at_every_step(config: BitmapConfig, flushes: bool, ops: usize, seeds: Range<u64>) {
+        for seed in seeds {
             let total = {
                 let fs = SimFs::new();
-                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, crash_config()).unwrap();
+                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, config).unwrap();
                 let s0 = fs.steps();
                 let (mut out, mut seen) = (Vec::new(), Seen::default());
-                workload(&mut bm, &fs, &mut Rng::new(seed), OPS, &mut out, &mut seen).unwrap();
+                workload(
+                    &mut bm,
+                    &fs,
+                    flushes,
+                    &mut Rng::new(seed),
+                    ops,
+                    &mut out,
+                    &mut seen,
+                )
+                .unwrap();
                 eprintln!(
                     "seed {seed}: {} evictions, {} hot marks, {} clears",
                     seen.evictions, seen.hot_marks, seen.clears
@@ -1852,11 +1952,11 @@ mod tests {
             for step in 1..=total + 1 {
                 let what = format!("seed {seed} step {step}/{total}");
                 let fs = SimFs::new();
-                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, crash_config()).unwrap();
+                let mut bm = Bitmap::create(&fs, &dir(), CRASH_DISK_BYTES, config).unwrap();
                 let mut rng = Rng::new(seed);
                 let (mut out, mut seen) = (Vec::new(), Seen::default());
                 fs.crash_after(step);
-                let r = workload(&mut bm, &fs, &mut rng, OPS, &mut out, &mut seen);
+                let r = workload(&mut bm, &fs, flushes, &mut rng, ops, &mut out, &mut seen);
                 assert_eq!(r.is_err(), step <= total, "{what}: {r:?}");
                 if step % 2 == 0 {
                     fs.writeback(&*bm.map, &bitmap_path());
@@ -1868,7 +1968,7 @@ mod tests {
                 // Go on from the recovered state and crash once more at a seeded step.
                 let mut rng = Rng::new(seed * 1000 + step);
                 fs.crash_after(1 + rng.below(12));
-                let _ = workload(&mut bm, &fs, &mut rng, 40, &mut out, &mut seen);
+                let _ = workload(&mut bm, &fs, flushes, &mut rng, 40, &mut out, &mut seen);
                 if rng.below(2) == 0 {
                     fs.writeback(&*bm.map, &bitmap_path());
                 }

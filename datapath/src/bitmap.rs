@@ -138,6 +138,9 @@ pub const HOT_REGIONS_MAX: u32 = 256;
 /// An eviction frees at least `hot_regions_max / EVICT_BATCH_DIVISOR` regions at once
 /// (rule 2), one flush for all of them, so the cold marks after it need no eviction.
 pub const EVICT_BATCH_DIVISOR: usize = 8;
+/// Victims' bit ranges of the map at most this far apart are flushed as one range
+/// (the bits of 2 GiB of disk per 64 KiB).
+pub const FLUSH_JOIN_GAP_BYTES: usize = 64 << 10;
 /// Largest disk a bitmap tracks (1 PiB: a 32 GiB bitmap).
 pub const DISK_BYTES_MAX: u64 = 1 << 50;
 
@@ -1068,12 +1071,7 @@ impl Bitmap {
         if !new.is_empty() {
             let victims = self.pick_victims(&touched, new.len());
             // Rule 2: the evicted regions' bits are durable before the log forgets them.
-            if let Some((&first, &last)) = victims.first().zip(victims.last()) {
-                // One pass over the span of all victims (one msync, one device flush);
-                // the hot regions' bits in between become durable early, which is
-                // harmless (they are current bits, as in the kernel's own writeback).
-                let (from, _) = self.region_byte_range(first);
-                let (_, to) = self.region_byte_range(last);
+            for (from, to) in self.flush_spans(&victims) {
                 if let Err(e) = self.map.flush_range(from, to - from) {
                     self.poisoned = true;
                     return Err(BitmapError::Io {
@@ -1140,6 +1138,23 @@ impl Bitmap {
         // Holds because the touched regions alone fit the capacity (checked by `mark`).
         assert!(victims.len() >= excess, "not enough regions to evict");
         victims
+    }
+
+    /// The byte ranges of the map to flush for `regions` (ascending): their bits, joined
+    /// when at most [`FLUSH_JOIN_GAP_BYTES`] apart, so a batch of victims costs one
+    /// `msync` (one device flush) per cluster, never more than one per region. Bits of
+    /// hot regions in a joined gap become durable early, which is harmless: they are
+    /// current bits, as in the kernel's own writeback.
+    fn flush_spans(&self, regions: &BTreeSet<u64>) -> Vec<(usize, usize)> {
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for &r in regions {
+            let (from, to) = self.region_byte_range(r);
+            match spans.last_mut() {
+                Some(last) if from <= last.1 + FLUSH_JOIN_GAP_BYTES => last.1 = last.1.max(to),
+                _ => spans.push((from, to)),
+            }
+        }
+        spans
     }
 
     /// Clears the bits of the blocks wholly inside `extent` (rule 3): the caller
@@ -1635,6 +1650,20 @@ mod tests {
         assert!(
             (17 * 8..18 * 8).all(|b| bm.is_dirty(b)),
             "region 17 wholly dirty"
+        );
+    }
+
+    /// Proves victims' bit ranges are flushed as one range when close, apart when far
+    /// (so a batch never flushes much more than its own bits).
+    #[test]
+    fn flush_spans_join_close_victims_only() {
+        let (_fs, bm) = setup(8 << 30, cfg(32 * KIB, 16)); // one byte of bits per region
+        let h = HEADER_BYTES;
+        let far = (FLUSH_JOIN_GAP_BYTES + 10) as u64;
+        let spans = bm.flush_spans(&BTreeSet::from([0, 1, 5, far, far + 3]));
+        assert_eq!(
+            spans,
+            [(h, h + 6), (h + far as usize, h + far as usize + 4)]
         );
     }
 

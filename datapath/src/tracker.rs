@@ -5,7 +5,9 @@
 //! The NBD server calls, for every write, trim or write-zeroes of a disk of the group:
 //!
 //! 1. [`GroupTracker::before_write`]: marks the blocks dirty, durably (through the
-//!    bitmap's hot-region log), *before* the data may reach the backing disk;
+//!    bitmap's hot-region log), *before* the data may reach the backing disk
+//!    ([`GroupTracker::before_writes`] marks several concurrent writes with one log
+//!    transaction per disk: the group commit);
 //! 2. (the backing disk is written)
 //! 3. [`GroupTracker::record_write`] / [`GroupTracker::record_zero`]: appends the write
 //!    to the spool under the group's current epoch, before the reply.

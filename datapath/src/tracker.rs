@@ -5,7 +5,9 @@
 //! The NBD server calls, for every write, trim or write-zeroes of a disk of the group:
 //!
 //! 1. [`GroupTracker::before_write`]: marks the blocks dirty, durably (through the
-//!    bitmap's hot-region log), *before* the data may reach the backing disk;
+//!    bitmap's hot-region log), *before* the data may reach the backing disk
+//!    ([`GroupTracker::before_writes`] marks several concurrent writes with one log
+//!    transaction per disk: the group commit);
 //! 2. (the backing disk is written)
 //! 3. [`GroupTracker::record_write`] / [`GroupTracker::record_zero`]: appends the write
 //!    to the spool under the group's current epoch, before the reply.
@@ -866,16 +868,78 @@ impl GroupTracker {
     /// Step 1 of a write: marks `len` bytes at `offset` dirty, durably, before they may
     /// reach the backing disk. Refuses ranges outside the disk.
     pub fn before_write(&mut self, disk: &str, offset: u64, len: u64) -> Result<(), TrackerError> {
-        let (i, ext) = self.disk_extent(disk, offset, len)?;
-        self.disks[i]
-            .bitmap
-            .mark(&[ext])
-            .map_err(|source| TrackerError::Bitmap {
-                disk: disk.to_string(),
-                source,
-            })?;
-        self.in_flight.push((i, ext));
-        Ok(())
+        let mut r = self.before_writes(&[(disk, offset, len)]);
+        r.pop().expect("one result per write")
+    }
+
+    /// Step 1 of several concurrent writes `(disk, offset, len)` at once (the group
+    /// commit): each disk's writes share one bitmap mark, so regions that are cold for
+    /// several of them cost ONE synced log transaction, not one each. Returns one result
+    /// per write, in order; a refused write (range outside its disk) fails alone. A
+    /// disk's marks are split so that none touches more regions than its hot set holds.
+    pub fn before_writes(&mut self, writes: &[(&str, u64, u64)]) -> Vec<Result<(), TrackerError>> {
+        let mut results: Vec<Result<(), TrackerError>> = Vec::with_capacity(writes.len());
+        // Per disk: the writes (index into `writes`, extent) to mark together.
+        let mut by_disk: Vec<(usize, Vec<(usize, Extent)>)> = Vec::new();
+        for (k, &(disk, offset, len)) in writes.iter().enumerate() {
+            match self.disk_extent(disk, offset, len) {
+                Ok((i, ext)) => {
+                    match by_disk.iter_mut().find(|(d, _)| *d == i) {
+                        Some((_, v)) => v.push((k, ext)),
+                        None => by_disk.push((i, vec![(k, ext)])),
+                    }
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        for (i, marks) in by_disk {
+            for chunk in self.mark_chunks(i, &marks) {
+                let exts: Vec<Extent> = chunk.iter().map(|&(_, e)| e).collect();
+                match self.disks[i].bitmap.mark(&exts) {
+                    Ok(_) => self.in_flight.extend(chunk.iter().map(|&(_, e)| (i, e))),
+                    Err(source) => {
+                        // Only one write gets the cause; a failed durability step
+                        // poisoned the bitmap, which is what the others are told.
+                        let mut source = Some(source);
+                        for &(k, _) in chunk {
+                            results[k] = Err(TrackerError::Bitmap {
+                                disk: self.disks[i].id.clone(),
+                                source: source.take().unwrap_or(BitmapError::Poisoned),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Splits the writes `marks` of disk `i` into runs whose regions (counted per
+    /// extent, an upper bound) fit the bitmap's hot set, so one mark may take each.
+    fn mark_chunks<'a>(
+        &self,
+        i: usize,
+        marks: &'a [(usize, Extent)],
+    ) -> Vec<&'a [(usize, Extent)]> {
+        let config = self.disks[i].bitmap.config();
+        let regions = |e: &Extent| {
+            e.end().saturating_sub(1) / config.region_bytes - e.offset / config.region_bytes + 1
+        };
+        let max = u64::from(config.hot_regions_max);
+        let (mut chunks, mut start, mut sum) = (Vec::new(), 0, 0);
+        for (k, (_, e)) in marks.iter().enumerate() {
+            let n = regions(e);
+            if k > start && sum + n > max {
+                chunks.push(&marks[start..k]);
+                (start, sum) = (k, 0);
+            }
+            sum += n;
+        }
+        if start < marks.len() {
+            chunks.push(&marks[start..]);
+        }
+        chunks
     }
 
     /// Step 3 of a write: spools `data` written at `offset`. Returns its spool seq, or
@@ -1308,6 +1372,41 @@ mod tests {
             InitialSync::Full,
         )
         .unwrap()
+    }
+
+    /// Proves the group commit: concurrent writes' marks share one log transaction per
+    /// disk, a refused write fails alone, and a batch touching more regions than the
+    /// hot set holds is split into marks that fit, every write marked.
+    #[test]
+    fn before_writes_share_one_log_sync_per_disk() {
+        let fs = SimFs::new();
+        let (mut t, _) = open(&fs);
+        let r = 64 << 10; // bitmap_cfg's region
+        let ext = |offset, len| Extent { offset, len };
+        let s0 = fs.steps();
+        let results = t.before_writes(&[
+            ("d0", 0, 4096),
+            ("d0", r, 4096),
+            ("d0", DISK_BYTES, 4096),
+            ("d1", 3 * r, 512),
+            ("d0", 2 * r + 512, 512),
+        ]);
+        let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, true, false, true, true]);
+        assert_eq!(fs.steps(), s0 + 2, "one log sync for d0, one for d1");
+        assert_eq!(
+            t.dirty_runs("d0").unwrap(),
+            [ext(0, 4096), ext(r, 4096), ext(2 * r, 4096)]
+        );
+        assert_eq!(t.dirty_runs("d1").unwrap(), [ext(3 * r, 4096)]);
+
+        // Six cold regions, a hot set of four: split, and every write marked.
+        let writes: Vec<(&str, u64, u64)> = (8..14).map(|k| ("d0", k * r, 4096)).collect();
+        assert!(t.before_writes(&writes).iter().all(Result::is_ok));
+        let runs = t.dirty_runs("d0").unwrap();
+        for k in 8..14 {
+            assert!(runs.contains(&ext(k * r, 4096)), "region {k} marked");
+        }
     }
 
     type Disks = Vec<Vec<u8>>;

@@ -6,6 +6,14 @@
 //! write's spool record is either before a cut or after it, never split, which is what
 //! makes a cut crash-consistent across all disks of the group. Writes to different
 //! groups do not wait for each other.
+//!
+//! **Group commit of marks.** A write into a cold region of the dirty bitmap waits for a
+//! synced log transaction (and, with a full hot set, an eviction) before it may reach
+//! the backing disk. Concurrent writes of a group share that wait: each queues its
+//! range in the group's [`GroupCommit`]; one of them (the leader) takes the whole queue
+//! and marks it with one [`GroupTracker::before_writes`] (one log transaction per disk)
+//! while the writes arriving meanwhile queue for the next leader. Random writes with 16
+//! in flight thus pay about one log sync per batch instead of one each.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -37,6 +45,8 @@ pub struct Tracking {
     specs: Vec<(String, Vec<DiskSpec>)>,
     /// Writes between their mark and their spool record, per disk.
     in_flight: InFlightRanges,
+    /// The queue of marks waiting for their group's next log transaction, per group.
+    commits: HashMap<String, GroupCommit>,
     /// Live counters (captured bytes are counted here).
     metrics: Arc<Metrics>,
 }
@@ -153,12 +163,17 @@ impl Tracking {
             reports.push((g, rep));
         }
         let metrics = Arc::new(Metrics::new(&specs));
+        let commits = groups
+            .keys()
+            .map(|g| (g.clone(), GroupCommit::default()))
+            .collect();
         Ok((
             Self {
                 groups,
                 disk_group,
                 specs,
                 in_flight: InFlightRanges::default(),
+                commits,
                 metrics,
             },
             reports,
@@ -260,6 +275,103 @@ impl Tracking {
     }
 }
 
+/// The marks of one group's writes waiting for a log transaction (see the module doc):
+/// a queue, and whether a leader is marking a batch now.
+#[derive(Default)]
+struct GroupCommit {
+    state: Mutex<CommitState>,
+    /// Signalled when a leader is done: its results are in, the next one may lead.
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct CommitState {
+    /// Marks not taken by a leader yet: (ticket, disk, offset, len).
+    queued: Vec<(u64, String, u64, u64)>,
+    /// Results of marks done, by ticket, until their writer takes them.
+    results: HashMap<u64, io::Result<()>>,
+    leading: bool,
+    next_ticket: u64,
+    /// Batches marked so far (what the group commit saved is marks minus batches).
+    batches: u64,
+}
+
+impl GroupCommit {
+    fn lock(&self) -> MutexGuard<'_, CommitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `len` bytes at `offset` of `disk` in `tracker`, durably, together with the
+    /// marks of the writes queued at the same time; returns once this one is marked.
+    fn mark(
+        &self,
+        tracker: &Mutex<GroupTracker>,
+        disk: &str,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let mut s = self.lock();
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
+        s.queued.push((ticket, disk.to_string(), offset, len));
+        loop {
+            if let Some(r) = s.results.remove(&ticket) {
+                return r;
+            }
+            if s.leading {
+                s = self.done.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            s.leading = true;
+            s.batches += 1;
+            let batch = std::mem::take(&mut s.queued);
+            drop(s);
+            let mut lead = Leader {
+                commit: self,
+                tickets: batch.iter().map(|w| w.0).collect(),
+                results: Vec::new(),
+            };
+            // A panic while tracking poisons the mutex; the state is then unknown and
+            // every later write of the group fails (EIO) instead of being tracked wrongly.
+            if let Ok(mut t) = tracker.lock() {
+                let writes: Vec<(&str, u64, u64)> =
+                    batch.iter().map(|w| (w.1.as_str(), w.2, w.3)).collect();
+                lead.results = t
+                    .before_writes(&writes)
+                    .into_iter()
+                    .map(|r| r.map_err(to_io))
+                    .collect();
+            }
+            drop(lead);
+            s = self.lock();
+        }
+    }
+}
+
+/// The leader of one batch: hands every write of it its result when dropped (an error
+/// for each one without a result, as after a panic), then lets the next leader go.
+struct Leader<'a> {
+    commit: &'a GroupCommit,
+    tickets: Vec<u64>,
+    results: Vec<io::Result<()>>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut results = std::mem::take(&mut self.results).into_iter();
+        let mut s = self.commit.lock();
+        for &t in &self.tickets {
+            let r = results
+                .next()
+                .unwrap_or_else(|| Err(io::Error::other("tracking of this group failed earlier")));
+            s.results.insert(t, r);
+        }
+        s.leading = false;
+        drop(s);
+        self.commit.done.notify_all();
+    }
+}
+
 /// The byte ranges of every disk with a write between `before_write` and its end
 /// (`after_write` or `write_failed`). A write waits in `before_write` while an earlier
 /// one overlaps it, so two writes to the same blocks reach the backing disk and the
@@ -305,9 +417,7 @@ impl InFlightRanges {
 impl Capture for Tracking {
     fn before_write(&self, disk: &str, offset: u64, len: u64) -> io::Result<()> {
         self.in_flight.acquire(disk, offset, len);
-        let r = self
-            .group_of(disk)
-            .and_then(|mut t| t.before_write(disk, offset, len).map_err(to_io));
+        let r = self.mark(disk, offset, len);
         if r.is_err() {
             self.in_flight.release(disk, offset, len);
         }
@@ -333,6 +443,16 @@ impl Capture for Tracking {
 }
 
 impl Tracking {
+    /// Step 1 of a write, through its group's [`GroupCommit`].
+    fn mark(&self, disk: &str, offset: u64, len: u64) -> io::Result<()> {
+        let (tracker, commit) = self
+            .disk_group
+            .get(disk)
+            .and_then(|g| Some((self.groups.get(g)?, self.commits.get(g)?)))
+            .ok_or_else(|| io::Error::other(format!("disk {disk} is in no tracked group")))?;
+        commit.mark(tracker, disk, offset, len)
+    }
+
     /// Step 3 of a write: the spool append (see [`GroupTracker::record_write`]).
     fn record(&self, disk: &str, offset: u64, data: WriteData<'_>) -> io::Result<()> {
         let mut t = self.group_of(disk)?;
@@ -389,6 +509,80 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::time::Duration;
+
+    /// Proves the group commit: writes that queue while a leader marks are marked
+    /// together by the next leader (one batch), each gets its own result (a write
+    /// outside the disk fails alone), and every good one is marked when it returns.
+    #[test]
+    fn queued_marks_share_one_batch() {
+        const REGION: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskSpec {
+            id: "d0".into(),
+            size_bytes: 1 << 20,
+        };
+        let (t, _) = GroupTracker::open(
+            Arc::new(RealFs),
+            dir.path(),
+            &[disk],
+            SpoolConfig {
+                segment_bytes_max: 1 << 20,
+                spool_bytes_max: 4 << 20,
+            },
+            BitmapConfig {
+                region_bytes: REGION,
+                hot_regions_max: 16,
+            },
+            InitialSync::Skip,
+        )
+        .unwrap();
+        let tracker = Arc::new(Mutex::new(t));
+        let commit = Arc::new(GroupCommit::default());
+        // The first leader blocks on the tracker while the others queue behind it.
+        let held = tracker.lock().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let offsets: Vec<u64> = vec![0, 3 * REGION, 1 << 20, 5 * REGION, 9 * REGION, 12 * REGION];
+        let threads: Vec<_> = offsets
+            .iter()
+            .map(|&offset| {
+                let (tracker, commit, tx) = (tracker.clone(), commit.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let r = commit.mark(&tracker, "d0", offset, 4096);
+                    tx.send((offset, r.is_ok())).unwrap();
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = commit.lock();
+            if s.leading && s.queued.len() == offsets.len() - 1 {
+                break;
+            }
+            drop(s);
+            assert!(std::time::Instant::now() < deadline, "writes did not queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        let mut done: Vec<(u64, bool)> = (0..offsets.len())
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(30))
+                    .expect("a write hung")
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        done.sort();
+        let want: Vec<(u64, bool)> = {
+            let mut w: Vec<(u64, bool)> = offsets.iter().map(|&o| (o, o < 1 << 20)).collect();
+            w.sort();
+            w
+        };
+        assert_eq!(done, want, "only the write outside the disk fails");
+        assert_eq!(commit.lock().batches, 2, "the queued writes took one batch");
+        let runs = tracker.lock().unwrap().dirty_runs("d0").unwrap();
+        for &o in offsets.iter().filter(|&&o| o < 1 << 20) {
+            assert!(runs.iter().any(|e| e.offset == o), "write at {o} marked");
+        }
+    }
 
     /// Proves an overlapping write waits until the earlier one is done, while writes to
     /// other ranges or other disks go on at once.

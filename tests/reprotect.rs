@@ -143,6 +143,19 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
+/// `master-target failback --point P` then `commit` of group g1 (both must succeed, the
+/// failback to P); the commit's JSON answer.
+fn failback_and_commit(cfg: &Path, p: u64) -> Value {
+    let point = p.to_string();
+    let fb = json(
+        "master-target",
+        &["failback", "--group", "g1", "--point", &point, "--json"],
+        cfg,
+    );
+    assert_eq!(fb["point_id"], p, "{fb}");
+    json("master-target", &["commit", "--group", "g1", "--json"], cfg)
+}
+
 /// The process server's status, once its group replicates and its initial sync is
 /// done.
 fn wait_replicating(ps: &ProcessServer, cfg: &Path) -> Value {
@@ -224,24 +237,7 @@ fn reprotect_after_failback_sends_only_the_differing_blocks() {
     ps_a.stop();
 
     // 3. Failback of B to P, commit: B's files are the disks at P.
-    let fb = json(
-        "master-target",
-        &[
-            "failback",
-            "--group",
-            "g1",
-            "--point",
-            &p.to_string(),
-            "--json",
-        ],
-        &mt_b_cfg,
-    );
-    assert_eq!(fb["point_id"], p, "{fb}");
-    let c = json(
-        "master-target",
-        &["commit", "--group", "g1", "--json"],
-        &mt_b_cfg,
-    );
+    let c = failback_and_commit(&mt_b_cfg, p);
     // The running server wrote the change lists of the frames after P: the K blocks.
     let lists = c["change_lists"].as_array().expect("change_lists");
     assert_eq!(lists.len(), 2, "{c}");
@@ -619,24 +615,7 @@ fn reprotect_from_change_lists_compares_only_what_changed() {
     ps_a.stop();
 
     // 4. B fails back to P and commits, offline: the commit writes B's lists.
-    let fb = json(
-        "master-target",
-        &[
-            "failback",
-            "--group",
-            "g1",
-            "--point",
-            &p.to_string(),
-            "--json",
-        ],
-        &mt_b_cfg,
-    );
-    assert_eq!(fb["point_id"], p, "{fb}");
-    let c = json(
-        "master-target",
-        &["commit", "--group", "g1", "--json"],
-        &mt_b_cfg,
-    );
+    let c = failback_and_commit(&mt_b_cfg, p);
     for (i, (_, f)) in disks_b.iter().enumerate() {
         assert!(read(dir, f) == at_p[i], "{f} is not the disk at point {p}");
     }

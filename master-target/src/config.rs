@@ -463,6 +463,17 @@ impl GroupConfig {
         self.disks.iter().find(|d| d.id == id)
     }
 
+    /// The group's disks as a point view names them (id and size, in config order).
+    pub fn view_disks(&self) -> Vec<datapath::pointview::ViewDisk> {
+        self.disks
+            .iter()
+            .map(|d| datapath::pointview::ViewDisk {
+                id: d.id.clone(),
+                size_bytes: d.size_bytes,
+            })
+            .collect()
+    }
+
     /// The group's retention policy (the fold's step budget is the library default).
     pub fn retention_policy(&self) -> datapath::retention::Policy {
         datapath::retention::Policy {

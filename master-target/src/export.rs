@@ -79,7 +79,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use datapath::failback::{FailbackError, PointInfo};
 use datapath::journal::{FrameEntry, Journal};
-use datapath::pointview::{IndexStats, PointIndex, PointView, RangeMap, ViewDisk};
+use datapath::pointview::{IndexStats, PointIndex, PointView, RangeMap};
 use datapath::storage::RealFs;
 use process_server::nbd_server::{BlockStore, Export, Exports};
 use serde_json::{Value, json};
@@ -256,14 +256,7 @@ pub fn build(
     group: &GroupConfig,
     frames: &[FrameEntry],
 ) -> anyhow::Result<PointExports> {
-    let disks: Vec<ViewDisk> = group
-        .disks
-        .iter()
-        .map(|d| ViewDisk {
-            id: d.id.clone(),
-            size_bytes: d.size_bytes,
-        })
-        .collect();
+    let disks = group.view_disks();
     let fs = Arc::new(RealFs);
     let (index, stats) = PointIndex::build(
         fs.as_ref(),

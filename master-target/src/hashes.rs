@@ -52,7 +52,7 @@ use std::time::Instant;
 use datapath::frame::{ErrorFrame, HashListFrame, HashOf, HashRequest, HashStatus};
 use datapath::hashing::{self, BlockSource, HASH_BLOCK_BYTES};
 use datapath::journal::{FrameEntry, Journal};
-use datapath::pointview::{PointIndex, PointView, ViewDisk};
+use datapath::pointview::{PointIndex, PointView};
 use datapath::storage::RealFs;
 
 use crate::config::GroupConfig;
@@ -262,14 +262,7 @@ fn new_view(
     journal: &Journal,
     frames: &[FrameEntry],
 ) -> anyhow::Result<PointView> {
-    let disks: Vec<ViewDisk> = group
-        .disks
-        .iter()
-        .map(|d| ViewDisk {
-            id: d.id.clone(),
-            size_bytes: d.size_bytes,
-        })
-        .collect();
+    let disks = group.view_disks();
     let (index, _) = PointIndex::build(&RealFs, journal.dir(), journal.group(), frames, &disks)
         .map_err(|e| anyhow::anyhow!("index the journal: {e}"))?;
     let replicas: Vec<PathBuf> = group.disks.iter().map(|d| d.replica.clone()).collect();

@@ -101,6 +101,31 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
+/// Milliseconds the disks were busy and sectors they wrote, over every whole disk in
+/// /proc/diskstats (the disk is shared: other processes' I/O counts too).
+fn disk_busy() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/diskstats") else {
+        return (0, 0);
+    };
+    s.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Whole virtio, SCSI or NVMe disks, not partitions or zram.
+            let name = *f.get(2)?;
+            let whole = (name.starts_with("vd") || name.starts_with("sd"))
+                && !name.ends_with(|c: char| c.is_ascii_digit())
+                || name.starts_with("nvme") && !name.contains('p');
+            if !whole {
+                return None;
+            }
+            Some((
+                f.get(12)?.parse::<u64>().ok()?,
+                f.get(9)?.parse::<u64>().ok()?,
+            ))
+        })
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+}
+
 /// Tells perf (`--perf-ctl`) to start or stop counting.
 fn perf_ctl(a: &Args, cmd: &str) -> Result<()> {
     if let Some(p) = &a.perf_ctl {
@@ -234,6 +259,8 @@ fn file_hashes(path: &Path) -> Result<Vec<blake3::Hash>> {
 
 struct Round {
     secs: f64,
+    disk_busy_secs: f64,
+    disk_written: u64,
     cpu_secs: f64,
     applied: u64,
     undo_bytes: u64,
@@ -311,13 +338,16 @@ fn main() -> Result<()> {
             }],
         )?;
         perf_ctl(&a, "enable")?;
-        let cpu0 = cpu_seconds();
+        let (cpu0, disk0) = (cpu_seconds(), disk_busy());
         let t = Instant::now();
         let out = fb.run(&journal, &point, &mut |_| {})?;
         let secs = t.elapsed().as_secs_f64();
         perf_ctl(&a, "disable")?;
+        let disk1 = disk_busy();
         let round = Round {
             secs,
+            disk_busy_secs: (disk1.0 - disk0.0) as f64 / 1e3,
+            disk_written: (disk1.1 - disk0.1) * 512,
             cpu_secs: cpu_seconds() - cpu0,
             applied: out.applied.bytes(),
             undo_bytes: std::fs::metadata(fb_dir.join(failback::undo_file_name(DISK)))?.len(),
@@ -327,13 +357,26 @@ fn main() -> Result<()> {
             "round {r}: the replica differs from the model"
         );
         println!(
-            "round {r}: {:.0} MB applied in {:.2} s = {:.0} MB/s; cpu {:.2} s ({:.0}% of 2 cores); undo log {:.0} MB; replica exact",
+            "round {r}: {:.0} MB applied in {:.2} s = {:.0} MB/s; cpu {:.2} s ({:.0}% of 2 cores); disk busy {:.0}%, {:.0} MB written; undo log {:.0} MB; replica exact",
             mb(round.applied),
             round.secs,
             mb(round.applied) / round.secs,
             round.cpu_secs,
             round.cpu_secs / round.secs / 2.0 * 100.0,
+            round.disk_busy_secs / round.secs * 100.0,
+            mb(round.disk_written),
             mb(round.undo_bytes),
+        );
+        let st = out.stages;
+        println!(
+            "  stages (s): saver: frames wait {:.2}, save {:.2}, hand over {:.2}; applier: check wait {:.2}, write {:.2}; checker {:.2}; recorder {:.2}",
+            st.frames_wait.as_secs_f64(),
+            st.save.as_secs_f64(),
+            st.hand_over.as_secs_f64(),
+            st.check_wait.as_secs_f64(),
+            st.write.as_secs_f64(),
+            st.check.as_secs_f64(),
+            st.record.as_secs_f64(),
         );
         rounds.push(round);
     }

@@ -49,32 +49,43 @@
 //!
 //! # The pipeline
 //!
-//! A run keeps both cores busy and the disk writing while the CPU works, in three
-//! parts that hand work on through bounded channels:
+//! A run keeps both cores busy and the disk writing while the CPU works: five stages
+//! on threads of their own hand batches on through channels without capacity
+//! (module `pipeline`):
 //!
-//! - **read ahead** (the private module `ahead`): a reader thread reads the frames in order (crc), up to
-//!   [`DECODE_THREADS_MAX`] decoder threads (one per core) decompress them and check
-//!   every extent's blake3; the writer gets them back in journal order.
-//! - **the writer** (the calling thread): collects a batch, saves its old contents in
-//!   the undo logs ([`UndoLog::save`]: one sync per touched log), waits until the
-//!   checker has checked the batch before, writes the batch ([`apply::write_extents`])
-//!   and hands it to the checker; then goes on with the next batch.
-//! - **the checker** (a thread): per batch, syncs every replica it touched, re-reads and
-//!   checks its extents, then records the progress (`applied_seq`).
+//! - **read ahead** (module `ahead`): a reader thread reads the frames in order (crc),
+//!   up to [`DECODE_THREADS_MAX`] decoder threads (one per core) decompress them and
+//!   check every extent's blake3; the saver gets them back in journal order.
+//! - **saver** (the calling thread): collects a batch and saves its old contents in the
+//!   undo logs ([`UndoLog::save`]: one sync per log with something new to save).
+//! - **applier**: writes a saved batch ([`crate::apply::write_extents`]) once the checker has
+//!   re-read the batch before.
+//! - **checker**: syncs every replica the batch wrote, re-reads and checks its extents.
+//! - **recorder**: records the progress (`applied_seq`) through the newest checked
+//!   batch; one record covers every batch checked while the one before was recorded.
 //!
-//! So the writer saves (and syncs the undo logs of) batch k+1 while the checker syncs,
-//! checks and records batch k, and writes batch k+1 while the checker records batch k.
-//! Both are safe: every overwrite still comes after the undo record that covers it is
-//! durable (the writer's own order), and a state that says `applied_seq` = k-1 while
-//! bytes of k and k+1 are on the replicas is the ordinary crash case above (frames
-//! after `applied_seq` applied again). What the writer never does is overwrite batch k
-//! before the checker has re-read it: the check would find the next batch's bytes.
-//! [`Failback::with_overlap`]`(false)` runs the same parts one step at a time (for
-//! tests that crash every step in one fixed order).
+//! So batch k+1 is saved (its undo records synced) while batch k is written, synced,
+//! checked and recorded, and written while batch k is recorded. All of it is safe:
+//!
+//! - every overwrite still comes after the undo record that covers it is durable (the
+//!   saver hands a batch on only after its save);
+//! - a range of batch k+1 that batch k writes was saved by batch k or earlier, so the
+//!   save of k+1 never records it first (it may record it again, with the cap of
+//!   [`crate::apply::SAVED_RANGES_MAX`], but replay ends at the oldest record): what
+//!   it reads while k is written does not matter;
+//! - a state that says `applied_seq` = j while bytes of later batches are on the
+//!   replicas is the ordinary crash case above (frames after `applied_seq` applied
+//!   again, every overwrite undoable).
+//!
+//! What never happens is an overwrite by batch k+1 before the checker has re-read batch
+//! k (the check would find the next batch's bytes). [`Failback::with_overlap`]`(false)`
+//! runs the same stages one batch at a time, each batch recorded before the next is
+//! saved: the durable steps then come in one fixed order, for tests that crash every
+//! one of them. [`Outcome::stages`] tells where a run's time went.
 //!
 //! **Memory.** Decoded frames are counted from the read until their batch is checked,
-//! at most [`DECODED_BYTES_MAX`]: the batch being checked, the batch being written
-//! and the frames decoded ahead of it; the reader waits beyond it.
+//! at most [`DECODED_BYTES_MAX`]: the batches being saved, written and checked, and
+//! the frames decoded ahead; the reader waits beyond it.
 //!
 //! **Speed** (`cargo run --release --example failback_apply -- --mib 1024`: 1 GiB of
 //! realistic 64 KiB..1 MiB writes in 1 MiB zstd -2 frames over a 2 GiB replica, 2-vCPU
@@ -115,8 +126,8 @@
 //! | operation            | order                                                                 |
 //! |----------------------|-----------------------------------------------------------------------|
 //! | start (from none)    | `dir` created, its parent synced -> leftover undo logs of an interrupted start removed, `dir` synced -> one undo log per disk created (header synced, `dir` synced) -> state `applying P`, `applied_seq` = base |
-//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: the old contents its undo log does not hold yet appended, the log synced ([`UndoLog::save`]) -> (the batch before checked) every touched replica written ([`apply::write_extents`]) -> (checker) every touched replica synced -> its applied extents re-read and checked -> state `applying P`, `applied_seq` = the batch's last seq |
-//! | batches overlapping  | batch k+1's old contents saved and synced may come before batch k's replica sync and state replace; batch k+1's replica writes may come before batch k's state replace, never before batch k's check (see "The pipeline") |
+//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: the old contents its undo log does not hold yet appended, the log synced ([`UndoLog::save`]) -> (the batch before checked) every touched replica written ([`crate::apply::write_extents`]) -> every touched replica synced -> its applied extents re-read and checked -> state `applying P`, `applied_seq` = the batch's last seq |
+//! | batches overlapping  | batch k+1's old contents saved and synced may come before any of batch k's replica writes, syncs and state replace; batch k+1's replica writes may come before batch k's state replace, never before batch k's check; one state replace may stand for several batches (see "The pipeline") |
 //! | end                  | (last batch) -> state `applied P`                                     |
 //! | change of point to Q | state `applying Q`, `applied_seq` = base, `REVERT` -> every undo log replayed (newest record first; the replica synced) -> every undo log reset (truncated, synced) -> batches as above (the first clears `REVERT`) |
 //! | commit               | (with lists: journal opened, the extent tables of the frames after P indexed, one change list per disk replaced with [`storage::write_atomic_with`]) -> state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
@@ -154,20 +165,20 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
+use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::apply::{self, ApplyError, UndoLog};
+use crate::apply::{ApplyError, UndoLog};
 use crate::changelist::{self, ChangeListError};
-use crate::extent::{Extent, ExtentData, RangeSet};
-use crate::frame::{DataFrame, FrameError, MAX_PLAIN_BYTES, PointKind};
+use crate::extent::Extent;
+use crate::frame::{FrameError, MAX_PLAIN_BYTES, PointKind};
 use crate::journal::{self, FrameEntry, Journal, JournalConfig, JournalError, PointEntry};
 use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 use crate::pointview::{PointIndex, PointViewError, ViewDisk};
 use crate::storage::{self, OpenMode, Storage, StorageFile};
 
-use ahead::{Ahead, Budget, CloseOnDrop};
+use pipeline::ReplicaRef;
 
 /// Format version of the state file.
 pub const VERSION: u16 = 1;
@@ -185,11 +196,11 @@ pub const BATCH_FRAMES_MAX: usize = 256;
 pub const VERIFY_CHUNK_BYTES: usize = 1 << 20;
 /// Most threads decoding frames ahead of the writer (one per core up to this).
 pub const DECODE_THREADS_MAX: usize = 4;
-/// Plain bytes of decoded frames in memory at once: the batch being checked, the batch
-/// being written, and frames decoded ahead. Two whole batches (each at most
-/// [`BATCH_PLAIN_BYTES_MAX`] plus one frame) always fit, so the writer can always
-/// finish its batch while the checker holds the one before.
-pub const DECODED_BYTES_MAX: u64 = 2 * (BATCH_PLAIN_BYTES_MAX + MAX_PLAIN_BYTES as u64);
+/// Plain bytes of decoded frames in memory at once: the batch being saved, the batch
+/// being written, the batch being checked, and frames decoded ahead. Three whole
+/// batches (each at most [`BATCH_PLAIN_BYTES_MAX`] plus one frame) always fit, so the
+/// saver can always finish its batch while the other two stages hold theirs.
+pub const DECODED_BYTES_MAX: u64 = 3 * (BATCH_PLAIN_BYTES_MAX + MAX_PLAIN_BYTES as u64);
 
 const FLAG_REVERT: u8 = 1;
 const OFF_VERSION: usize = 8;
@@ -388,6 +399,12 @@ pub enum FailbackError {
     Journal(#[from] JournalError),
     #[error("failback stopped: {what} ended before its work was done")]
     Stopped { what: &'static str },
+    #[error("start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("index the journal frames after the point: {0}")]
     Index(#[source] PointViewError),
     #[error("disk {disk:?}: change list: {source}")]
@@ -721,6 +738,29 @@ pub struct Outcome {
     pub applied: Applied,
     /// Disks of the group.
     pub disks: usize,
+    /// Where the apply's time went, stage by stage.
+    pub stages: StageTimes,
+}
+
+/// Where the time of [`Failback::run`]'s apply went, per stage of its pipeline (see
+/// the module doc, "The pipeline"). The stages run on threads of their own, so their
+/// times overlap; the stage whose work and waits fill the run's time is its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// The saver waiting for decoded frames (decoding is behind).
+    pub frames_wait: Duration,
+    /// The saver saving old contents: reading them, appending and syncing undo logs.
+    pub save: Duration,
+    /// The saver waiting for the applier to take a saved batch.
+    pub hand_over: Duration,
+    /// The applier waiting for the check of the batch before.
+    pub check_wait: Duration,
+    /// The applier writing the replicas.
+    pub write: Duration,
+    /// The checker syncing the replicas and re-reading the batches.
+    pub check: Duration,
+    /// The recorder replacing the failback state.
+    pub record: Duration,
 }
 
 /// What [`Failback::commit`] did.
@@ -955,6 +995,7 @@ impl Failback {
             reverted_bytes: 0,
             applied: Applied::default(),
             disks: self.disks.len(),
+            stages: StageTimes::default(),
         };
         let (mut targets, from_seq, mut applied_bytes) = match state {
             None => (self.start(replicas, target, base)?, base, 0),
@@ -1167,7 +1208,6 @@ impl Failback {
         }
         progress(&prog);
         let frames = journal.read(from_seq + 1, target.seq)?;
-        let budget = Budget::new(DECODED_BYTES_MAX);
         let (replicas, mut undos): (Vec<ReplicaRef<'_>>, Vec<&mut UndoLog>) = targets
             .iter_mut()
             .map(|Target { disk, file, undo }| {
@@ -1184,28 +1224,17 @@ impl Failback {
             applied_bytes: *applied_bytes,
             disks: replicas.len() as u16,
         };
-        std::thread::scope(|s| {
-            let _close = CloseOnDrop(&budget);
-            let ahead = ahead::start(s, frames, prog.total_frames, decode_threads(), &budget);
-            // One batch waits for the checker while the next one is saved and written.
-            let (jobs_tx, jobs_rx) = sync_channel::<Job>(1);
-            let (news_tx, news_rx) = channel::<News>();
-            let (replicas, budget) = (&replicas, &budget);
-            s.spawn(move || self.check_batches(replicas, stamp, jobs_rx, news_tx, budget));
-            let mut w = Writer {
-                fb: self,
-                replicas,
-                undos: &mut undos,
-                jobs: Some(jobs_tx),
-                news: news_rx,
-                unchecked: 0,
-                unstored: 0,
-                applied_bytes,
-                out,
-                progress,
-            };
-            w.run(ahead, target.seq, prog)
-        })
+        let work = pipeline::Work {
+            fb: self,
+            replicas: &replicas,
+            undos: &mut undos,
+            stamp,
+            last_seq: target.seq,
+            applied_bytes,
+            out,
+            progress,
+        };
+        pipeline::run(work, frames, prog)
     }
 
     /// Makes the failback final (see the module doc): the state `committed` first, then
@@ -1386,340 +1415,7 @@ impl Failback {
     }
 }
 
-/// A replica as the writer and the checker share it.
-struct ReplicaRef<'a> {
-    disk: &'a Disk,
-    file: &'a dyn StorageFile,
-}
-
-/// A written batch, handed to the checker.
-struct Job {
-    frames: Vec<DataFrame>,
-    /// Budget bytes its frames hold.
-    held_bytes: u64,
-    /// Indexes of the replicas it wrote to.
-    touched: Vec<usize>,
-    /// Its last frame: `applied_seq` once it is synced and checked.
-    last_seq: u64,
-    /// `applied_bytes` through it.
-    applied_bytes: u64,
-    /// The progress through it.
-    prog: Progress,
-}
-
-/// What the checker tells the writer.
-enum News {
-    /// The oldest unchecked batch is synced and checked; this many bytes were re-read.
-    Checked(u64),
-    /// The oldest batch without a progress record has one now.
-    Stored(Progress),
-    /// The checker failed and stopped.
-    Failed(FailbackError),
-}
-
-/// The writer's side of [`Failback::apply`]: it collects batches of decoded frames,
-/// saves their old contents, writes them (once the checker is done with the batch
-/// before) and hands them to the checker.
-struct Writer<'a, 'r> {
-    fb: &'a Failback,
-    replicas: &'a [ReplicaRef<'r>],
-    undos: &'a mut [&'r mut UndoLog],
-    /// `None` once every batch is handed over.
-    jobs: Option<SyncSender<Job>>,
-    news: Receiver<News>,
-    /// Batches handed to the checker and not yet checked, or not yet recorded.
-    unchecked: usize,
-    unstored: usize,
-    applied_bytes: &'a mut u64,
-    out: &'a mut Outcome,
-    progress: &'a mut dyn FnMut(&Progress),
-}
-
-impl Writer<'_, '_> {
-    fn run(
-        &mut self,
-        frames: Ahead,
-        last_seq: u64,
-        mut prog: Progress,
-    ) -> Result<(), FailbackError> {
-        let mut batch: Vec<DataFrame> = Vec::new();
-        let (mut held_bytes, mut batch_plain, mut batch_frames) = (0u64, 0u64, 0usize);
-        for item in frames {
-            let d = item?;
-            prog.done_bytes += d.journal_bytes;
-            prog.done_frames += 1;
-            self.out.applied.frames += 1;
-            self.out.applied.journal_bytes += d.journal_bytes;
-            held_bytes += d.held_bytes;
-            batch_frames += 1;
-            if let Some(df) = d.frame {
-                if !self.replicas.iter().any(|r| r.disk.id == df.meta.disk) {
-                    return Err(FailbackError::UnknownDisk {
-                        group: self.fb.group.clone(),
-                        seq: d.seq,
-                        disk: df.meta.disk.clone(),
-                    });
-                }
-                batch_plain += df.plain_bytes();
-                batch.push(df);
-            }
-            if d.seq == last_seq
-                || batch_plain >= self.fb.batch_plain_bytes_max
-                || batch_frames >= self.fb.batch_frames_max
-            {
-                let frames = std::mem::take(&mut batch);
-                self.write_batch(frames, held_bytes, d.seq, prog)?;
-                (held_bytes, batch_plain, batch_frames) = (0, 0, 0);
-            }
-            self.take_news(false)?;
-        }
-        // Every batch handed over: wait until the checker recorded the last one.
-        self.jobs = None;
-        while self.unstored > 0 {
-            self.take_news(true)?;
-        }
-        Ok(())
-    }
-
-    /// Saves the batch's old contents, waits for the batch before it to be checked,
-    /// writes the batch and hands it to the checker.
-    fn write_batch(
-        &mut self,
-        frames: Vec<DataFrame>,
-        held_bytes: u64,
-        last_seq: u64,
-        prog: Progress,
-    ) -> Result<(), FailbackError> {
-        let touched: Vec<usize> = (0..self.replicas.len())
-            .filter(|&i| {
-                frames
-                    .iter()
-                    .any(|df| df.meta.disk == self.replicas[i].disk.id)
-            })
-            .collect();
-        let extents_of = |i: usize| -> Vec<(u64, ExtentData<'_>)> {
-            frames
-                .iter()
-                .filter(|df| df.meta.disk == self.replicas[i].disk.id)
-                .flat_map(|df| df.extents())
-                .collect()
-        };
-        let apply_err = |i: usize, what: &'static str| {
-            let disk = self.replicas[i].disk.id.clone();
-            move |source| FailbackError::Apply { disk, what, source }
-        };
-        for &i in &touched {
-            let r = &self.replicas[i];
-            self.undos[i]
-                .save(r.file, r.disk.size_bytes, &extents_of(i))
-                .map_err(apply_err(i, "save old contents"))?;
-        }
-        // The checker re-reads the batch before: none of it may be overwritten first.
-        while self.unchecked > 0 || (!self.fb.overlap && self.unstored > 0) {
-            self.take_news(true)?;
-        }
-        for &i in &touched {
-            let r = &self.replicas[i];
-            let st = apply::write_extents(r.file, r.disk.size_bytes, &extents_of(i))
-                .map_err(apply_err(i, "apply"))?;
-            self.out.applied.extents += st.extents;
-            self.out.applied.data_bytes += st.data_bytes;
-            self.out.applied.zero_bytes += st.zero_bytes;
-            *self.applied_bytes += st.data_bytes + st.zero_bytes;
-        }
-        let job = Job {
-            frames,
-            held_bytes,
-            touched,
-            last_seq,
-            applied_bytes: *self.applied_bytes,
-            prog,
-        };
-        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
-        if !sent {
-            // The checker stopped; it said why before it went, unless it panicked.
-            self.take_news(true)?;
-            return Err(FailbackError::Stopped {
-                what: "the failback checker",
-            });
-        }
-        self.unchecked += 1;
-        self.unstored += 1;
-        if !self.fb.overlap {
-            while self.unstored > 0 {
-                self.take_news(true)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes the checker's news: all there is, or (with `wait`) at least one. The
-    /// checker ends only after its last batch is recorded: when it has gone with
-    /// batches outstanding, it stopped early.
-    fn take_news(&mut self, wait: bool) -> Result<(), FailbackError> {
-        let mut wait = wait;
-        loop {
-            let next = if wait {
-                wait = false;
-                self.news.recv().map_err(|_| TryRecvError::Disconnected)
-            } else {
-                self.news.try_recv()
-            };
-            let n = match next {
-                Ok(n) => n,
-                Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) if self.unstored == 0 => return Ok(()),
-                Err(TryRecvError::Disconnected) => {
-                    return Err(FailbackError::Stopped {
-                        what: "the failback checker",
-                    });
-                }
-            };
-            match n {
-                News::Checked(verified) => {
-                    self.unchecked -= 1;
-                    self.out.applied.verified_bytes += verified;
-                }
-                News::Stored(p) => {
-                    self.unstored -= 1;
-                    (self.progress)(&p);
-                }
-                News::Failed(e) => return Err(e),
-            }
-        }
-    }
-}
-
-impl Failback {
-    /// The checker: per batch, every replica it wrote synced, every extent re-read and
-    /// checked, then the progress recorded (`applied_seq` = the batch's last frame).
-    fn check_batches(
-        &self,
-        replicas: &[ReplicaRef<'_>],
-        stamp: FailbackState,
-        jobs: Receiver<Job>,
-        news: Sender<News>,
-        budget: &Budget,
-    ) {
-        for job in jobs {
-            let checked = (|| {
-                for &i in &job.touched {
-                    apply::sync_target(replicas[i].file).map_err(|source| {
-                        FailbackError::Apply {
-                            disk: replicas[i].disk.id.clone(),
-                            what: "sync replica",
-                            source,
-                        }
-                    })?;
-                }
-                let mut verified = 0;
-                for &i in &job.touched {
-                    verified += verify(&replicas[i], &job.frames)?;
-                }
-                Ok(verified)
-            })();
-            let verified = match checked {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = news.send(News::Failed(e));
-                    return;
-                }
-            };
-            if news.send(News::Checked(verified)).is_err() {
-                return;
-            }
-            // Progress only after the replicas are synced and checked.
-            if let Err(e) = self.store(&FailbackState {
-                applied_seq: job.last_seq,
-                applied_bytes: job.applied_bytes,
-                ..stamp
-            }) {
-                let _ = news.send(News::Failed(e));
-                return;
-            }
-            budget.release(job.held_bytes, job.frames);
-            if news.send(News::Stored(job.prog)).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Threads decoding frames ahead of the writer: one per core, at most
-/// [`DECODE_THREADS_MAX`].
-fn decode_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, DECODE_THREADS_MAX)
-}
-
-/// Re-reads every extent the batch applied to `t`'s replica (see the module doc's
-/// checks); returns the bytes read.
-fn verify(t: &ReplicaRef<'_>, batch: &[DataFrame]) -> Result<u64, FailbackError> {
-    let mut covered = RangeSet::new();
-    let mut read = 0u64;
-    // Grown, never shrunk: no bytes are zeroed again for every extent.
-    let mut buf: Vec<u8> = Vec::new();
-    fn room(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
-        if buf.len() < n {
-            buf.resize(n, 0);
-        }
-        &mut buf[..n]
-    }
-    let fail = |seq: u64, offset: u64, len: u64, why: &'static str| FailbackError::Verify {
-        disk: t.disk.id.clone(),
-        path: t.disk.replica.clone(),
-        offset,
-        len,
-        seq,
-        why,
-    };
-    let io_fail = |e: io::Error| FailbackError::Io {
-        what: "re-read replica",
-        path: t.disk.replica.clone(),
-        source: e,
-    };
-    for df in batch.iter().rev().filter(|df| df.meta.disk == t.disk.id) {
-        let exts: Vec<_> = df.entries().iter().zip(df.extents()).collect();
-        for (entry, (offset, data)) in exts.into_iter().rev() {
-            let end = offset + data.len();
-            let parts = covered.uncovered(offset, end);
-            let whole = parts.len() == 1 && parts[0] == (offset, end);
-            if whole && let ExtentData::Bytes(b) = data {
-                let buf = room(&mut buf, b.len());
-                t.file.read_exact_at(buf, offset).map_err(io_fail)?;
-                read += b.len() as u64;
-                if *blake3::hash(buf).as_bytes() != entry.hash {
-                    return Err(fail(df.seq, offset, data.len(), "blake3 mismatch"));
-                }
-            } else {
-                for (s, e) in parts {
-                    let mut at = s;
-                    while at < e {
-                        let n = (e - at).min(VERIFY_CHUNK_BYTES as u64) as usize;
-                        let buf = room(&mut buf, n);
-                        t.file.read_exact_at(buf, at).map_err(io_fail)?;
-                        read += n as u64;
-                        let ok = match data {
-                            ExtentData::Bytes(b) => {
-                                let from = (at - offset) as usize;
-                                buf[..] == b[from..from + n]
-                            }
-                            ExtentData::Zero(_) => buf.iter().all(|&x| x == 0),
-                        };
-                        if !ok {
-                            return Err(fail(df.seq, at, n as u64, "bytes differ"));
-                        }
-                        at += n as u64;
-                    }
-                }
-            }
-            covered.insert(offset, end);
-        }
-    }
-    Ok(read)
-}
-
 mod ahead;
+mod pipeline;
 #[cfg(test)]
 mod tests;

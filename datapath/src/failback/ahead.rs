@@ -163,7 +163,7 @@ pub(super) fn start<'scope, 'env>(
     count: u64,
     threads: usize,
     budget: &'env Budget,
-) -> Ahead {
+) -> Result<Ahead, FailbackError> {
     let threads = threads.max(1);
     let mut ins: Vec<SyncSender<Raw>> = Vec::with_capacity(threads);
     let mut outs = Vec::with_capacity(threads);
@@ -174,14 +174,29 @@ pub(super) fn start<'scope, 'env>(
         let (out_tx, out_rx) = channel();
         ins.push(in_tx);
         outs.push(out_rx);
-        s.spawn(move || decode_loop(in_rx, out_tx, budget));
+        spawn(s, "failback-decode", move || {
+            decode_loop(in_rx, out_tx, budget)
+        })?;
     }
-    s.spawn(move || read_loop(frames, ins, budget));
-    Ahead {
+    spawn(s, "failback-read", move || read_loop(frames, ins, budget))?;
+    Ok(Ahead {
         outs,
         next: 0,
         count,
-    }
+    })
+}
+
+/// Starts a named thread in `s` (the name shows in `top -H` and in profiles).
+pub(super) fn spawn<'scope>(
+    s: &'scope Scope<'scope, '_>,
+    name: &'static str,
+    f: impl FnOnce() + Send + 'scope,
+) -> Result<(), FailbackError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn_scoped(s, f)
+        .map(drop)
+        .map_err(|source| FailbackError::Thread { name, source })
 }
 
 /// The reader: frames in order, round-robin to the decoders, each within the budget.

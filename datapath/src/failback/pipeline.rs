@@ -1,0 +1,559 @@
+//! The stages of [`Failback::apply`] (see the module doc of [`super`], "The
+//! pipeline"): the saver on the calling thread, the applier and the checker on threads
+//! of their own, after the frames read and decoded ahead ([`super::ahead`]).
+//!
+//! ```text
+//!  ahead --frames--> saver --saved batch--> applier --written batch--> checker --> recorder
+//!                      ^                      ^                           |            |
+//!                      |                      +-------- checked ----------+            |
+//!                      +------------------------------ news -------------------------+
+//! ```
+//!
+//! - **saver**: collects a batch and saves its old contents ([`UndoLog::save`]: the
+//!   logs it touches appended and synced). It may save batch k+1 while batch k is
+//!   written: a range of k+1 that k writes was saved by k (or before), so k+1 never
+//!   records it first (see [`UndoLog::save`]), and only the first record of a range
+//!   matters to replay.
+//! - **applier**: writes a saved batch ([`apply::write_extents`]) once the checker has
+//!   re-read the batch before (it would find this batch's bytes otherwise).
+//! - **checker**: syncs every replica the batch wrote, re-reads and checks every extent
+//!   ([`verify`]).
+//! - **recorder**: records the progress (`applied_seq`) through the newest checked
+//!   batch; one record covers every batch checked while the one before was written.
+//!
+//! Every hand-over is a rendezvous (a channel of no capacity), so each stage holds one
+//! batch: with the frames decoded ahead, at most [`DECODED_BYTES_MAX`] of decoded data.
+//! With [`Failback::with_overlap`]`(false)` the saver waits for each batch's progress
+//! record before it takes the next frame: one step at a time, in one fixed order.
+
+use std::io;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
+use std::time::{Duration, Instant};
+
+use super::ahead::{self, Ahead, Budget};
+use super::{
+    DECODE_THREADS_MAX, DECODED_BYTES_MAX, Failback, FailbackError, FailbackState, Outcome,
+    Progress, VERIFY_CHUNK_BYTES,
+};
+use crate::apply::{self, UndoLog};
+use crate::extent::{ExtentData, RangeSet};
+use crate::frame::DataFrame;
+use crate::storage::StorageFile;
+
+use super::Disk;
+
+/// A replica as the stages share it.
+pub(super) struct ReplicaRef<'a> {
+    pub disk: &'a Disk,
+    pub file: &'a dyn StorageFile,
+}
+
+/// A batch on its way through the stages.
+struct Batch {
+    frames: Vec<DataFrame>,
+    /// Budget bytes its frames hold.
+    held_bytes: u64,
+    /// Indexes of the replicas it writes to.
+    touched: Vec<usize>,
+    /// Its last frame: `applied_seq` once it is synced and checked.
+    last_seq: u64,
+    /// `applied_bytes` through it (set by the applier).
+    applied_bytes: u64,
+    /// The progress through it.
+    prog: Progress,
+}
+
+/// What the applier and the checker tell the saver.
+enum News {
+    /// The applier wrote a batch, after waiting for the check before and writing.
+    Written(apply::ApplyStats, Duration, Duration),
+    /// The checker synced and checked a batch, re-reading this many bytes, in this time.
+    Checked(u64, Duration),
+    /// The recorder recorded the progress through this many more batches (one record
+    /// for all of them), in this time.
+    Stored(usize, Progress, Duration),
+    /// A stage failed and stopped.
+    Failed(FailbackError),
+}
+
+/// Everything [`run`] works on.
+pub(super) struct Work<'a, 'r> {
+    pub fb: &'a Failback,
+    pub replicas: &'a [ReplicaRef<'r>],
+    pub undos: &'a mut [&'r mut UndoLog],
+    /// The state to record after each batch, but for `applied_seq` and
+    /// `applied_bytes`.
+    pub stamp: FailbackState,
+    /// The seq of the last frame: the point frame.
+    pub last_seq: u64,
+    pub applied_bytes: &'a mut u64,
+    pub out: &'a mut Outcome,
+    pub progress: &'a mut dyn FnMut(&Progress),
+}
+
+/// Runs the stages over `frames` (`prog` counts their totals) until the last frame's
+/// batch is recorded, or the first error.
+pub(super) fn run(
+    w: Work<'_, '_>,
+    frames: crate::journal::FrameIter<'_>,
+    prog: Progress,
+) -> Result<(), FailbackError> {
+    let budget = Budget::new(DECODED_BYTES_MAX);
+    let Work {
+        fb,
+        replicas,
+        undos,
+        stamp,
+        last_seq,
+        applied_bytes,
+        out,
+        progress,
+    } = w;
+    std::thread::scope(|s| {
+        let _close = ahead::CloseOnDrop(&budget);
+        let budget = &budget;
+        let ahead = ahead::start(s, frames, prog.total_frames, decode_threads(), budget)?;
+        let (saved_tx, saved_rx) = sync_channel::<Batch>(0);
+        let (written_tx, written_rx) = sync_channel::<Batch>(0);
+        let (checked_tx, checked_rx) = channel::<()>();
+        let (record_tx, record_rx) = channel::<Record>();
+        let (news_tx, news_rx) = channel::<News>();
+        let applier_news = news_tx.clone();
+        let checker_news = news_tx.clone();
+        let applied_from = *applied_bytes;
+        ahead::spawn(s, "failback-apply", move || {
+            apply_batches(
+                replicas,
+                applied_from,
+                saved_rx,
+                checked_rx,
+                written_tx,
+                applier_news,
+            )
+        })?;
+        ahead::spawn(s, "failback-check", move || {
+            check_batches(
+                replicas,
+                written_rx,
+                checked_tx,
+                record_tx,
+                checker_news,
+                budget,
+            )
+        })?;
+        ahead::spawn(s, "failback-record", move || {
+            record_progress(fb, stamp, record_rx, news_tx)
+        })?;
+        let mut saver = Saver {
+            fb,
+            replicas,
+            undos,
+            saved: Some(saved_tx),
+            news: news_rx,
+            unstored: 0,
+            applied_bytes,
+            out,
+            progress,
+        };
+        saver.run(ahead, last_seq, prog)
+    })
+}
+
+/// The saver (the calling thread): batches collected, their old contents saved,
+/// handed to the applier; the news of the other stages taken in.
+struct Saver<'a, 'r> {
+    fb: &'a Failback,
+    replicas: &'a [ReplicaRef<'r>],
+    undos: &'a mut [&'r mut UndoLog],
+    /// `None` once every batch is handed over.
+    saved: Option<SyncSender<Batch>>,
+    news: Receiver<News>,
+    /// Batches handed over and not yet recorded.
+    unstored: usize,
+    applied_bytes: &'a mut u64,
+    out: &'a mut Outcome,
+    progress: &'a mut dyn FnMut(&Progress),
+}
+
+impl Saver<'_, '_> {
+    fn run(
+        &mut self,
+        frames: Ahead,
+        last_seq: u64,
+        mut prog: Progress,
+    ) -> Result<(), FailbackError> {
+        let mut batch = Batch {
+            frames: Vec::new(),
+            held_bytes: 0,
+            touched: Vec::new(),
+            last_seq: 0,
+            applied_bytes: 0,
+            prog,
+        };
+        let (mut plain, mut count) = (0u64, 0usize);
+        let mut frames = frames;
+        loop {
+            let t0 = Instant::now();
+            let Some(item) = frames.next() else { break };
+            self.out.stages.frames_wait += t0.elapsed();
+            let d = item?;
+            prog.done_bytes += d.journal_bytes;
+            prog.done_frames += 1;
+            self.out.applied.frames += 1;
+            self.out.applied.journal_bytes += d.journal_bytes;
+            batch.held_bytes += d.held_bytes;
+            count += 1;
+            if let Some(df) = d.frame {
+                if !self.replicas.iter().any(|r| r.disk.id == df.meta.disk) {
+                    return Err(FailbackError::UnknownDisk {
+                        group: self.fb.group.clone(),
+                        seq: d.seq,
+                        disk: df.meta.disk.clone(),
+                    });
+                }
+                plain += df.plain_bytes();
+                batch.frames.push(df);
+            }
+            if d.seq == last_seq
+                || plain >= self.fb.batch_plain_bytes_max
+                || count >= self.fb.batch_frames_max
+            {
+                batch.last_seq = d.seq;
+                batch.prog = prog;
+                let full = std::mem::replace(
+                    &mut batch,
+                    Batch {
+                        frames: Vec::new(),
+                        held_bytes: 0,
+                        touched: Vec::new(),
+                        last_seq: 0,
+                        applied_bytes: 0,
+                        prog,
+                    },
+                );
+                self.save(full)?;
+                (plain, count) = (0, 0);
+            }
+            self.take_news(false)?;
+        }
+        // Every batch handed over: wait until the checker recorded the last one.
+        self.saved = None;
+        while self.unstored > 0 {
+            self.take_news(true)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the batch's old contents in the undo logs of the replicas it touches and
+    /// hands it to the applier.
+    fn save(&mut self, mut batch: Batch) -> Result<(), FailbackError> {
+        let t0 = Instant::now();
+        batch.touched = (0..self.replicas.len())
+            .filter(|&i| {
+                let id = &self.replicas[i].disk.id;
+                batch.frames.iter().any(|df| &df.meta.disk == id)
+            })
+            .collect();
+        for &i in &batch.touched {
+            let r = &self.replicas[i];
+            let exts = extents_of(&batch.frames, r.disk);
+            self.undos[i]
+                .save(r.file, r.disk.size_bytes, &exts)
+                .map_err(|source| FailbackError::Apply {
+                    disk: r.disk.id.clone(),
+                    what: "save old contents",
+                    source,
+                })?;
+        }
+        self.out.stages.save += t0.elapsed();
+        let t0 = Instant::now();
+        let sent = self.saved.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
+        self.out.stages.hand_over += t0.elapsed();
+        if !sent {
+            // The applier stopped; it (or the checker) said why before it went.
+            self.take_news(true)?;
+            return Err(FailbackError::Stopped {
+                what: "the failback applier",
+            });
+        }
+        self.unstored += 1;
+        if !self.fb.overlap {
+            while self.unstored > 0 {
+                self.take_news(true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the news of the other stages: all there is, or (with `wait`) at least one.
+    /// The checker ends only after its last batch is recorded: when the stages have
+    /// gone with batches outstanding, they stopped early.
+    fn take_news(&mut self, wait: bool) -> Result<(), FailbackError> {
+        let mut wait = wait;
+        loop {
+            let next = if wait {
+                wait = false;
+                self.news.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                self.news.try_recv()
+            };
+            let n = match next {
+                Ok(n) => n,
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) if self.unstored == 0 => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(FailbackError::Stopped {
+                        what: "the failback applier and checker",
+                    });
+                }
+            };
+            match n {
+                News::Written(st, wait, write) => {
+                    self.out.stages.check_wait += wait;
+                    self.out.stages.write += write;
+                    self.out.applied.extents += st.extents;
+                    self.out.applied.data_bytes += st.data_bytes;
+                    self.out.applied.zero_bytes += st.zero_bytes;
+                    *self.applied_bytes += st.data_bytes + st.zero_bytes;
+                }
+                News::Checked(verified, took) => {
+                    self.out.applied.verified_bytes += verified;
+                    self.out.stages.check += took;
+                }
+                News::Stored(batches, p, took) => {
+                    self.out.stages.record += took;
+                    self.unstored -= batches;
+                    (self.progress)(&p);
+                }
+                News::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The extents `frames` write to `disk`, in order.
+fn extents_of<'f>(frames: &'f [DataFrame], disk: &Disk) -> Vec<(u64, ExtentData<'f>)> {
+    frames
+        .iter()
+        .filter(|df| df.meta.disk == disk.id)
+        .flat_map(|df| df.extents())
+        .collect()
+}
+
+/// The applier: each saved batch written once the batch before it is checked.
+fn apply_batches(
+    replicas: &[ReplicaRef<'_>],
+    mut applied_bytes: u64,
+    saved: Receiver<Batch>,
+    checked: Receiver<()>,
+    written: SyncSender<Batch>,
+    news: Sender<News>,
+) {
+    let mut unchecked = 0usize;
+    for mut batch in saved {
+        let t0 = Instant::now();
+        // The checker re-reads the batch before: none of it may be overwritten first.
+        while unchecked > 0 {
+            if checked.recv().is_err() {
+                // The checker stopped; it said why.
+                return;
+            }
+            unchecked -= 1;
+        }
+        let wait = t0.elapsed();
+        let t0 = Instant::now();
+        let mut stats = apply::ApplyStats::default();
+        for &i in &batch.touched {
+            let r = &replicas[i];
+            let exts = extents_of(&batch.frames, r.disk);
+            match apply::write_extents(r.file, r.disk.size_bytes, &exts) {
+                Ok(st) => {
+                    stats.extents += st.extents;
+                    stats.data_bytes += st.data_bytes;
+                    stats.zero_bytes += st.zero_bytes;
+                }
+                Err(source) => {
+                    let _ = news.send(News::Failed(FailbackError::Apply {
+                        disk: r.disk.id.clone(),
+                        what: "apply",
+                        source,
+                    }));
+                    return;
+                }
+            }
+        }
+        let write = t0.elapsed();
+        applied_bytes += stats.data_bytes + stats.zero_bytes;
+        batch.applied_bytes = applied_bytes;
+        if news.send(News::Written(stats, wait, write)).is_err() || written.send(batch).is_err() {
+            return;
+        }
+        unchecked += 1;
+    }
+}
+
+/// The checker: per batch, every replica it wrote synced, every extent re-read and
+/// checked, the frames released, then the batch passed to the recorder.
+fn check_batches(
+    replicas: &[ReplicaRef<'_>],
+    written: Receiver<Batch>,
+    checked: Sender<()>,
+    record: Sender<Record>,
+    news: Sender<News>,
+    budget: &Budget,
+) {
+    for batch in written {
+        let t0 = Instant::now();
+        let r = check(replicas, &batch);
+        let took = t0.elapsed();
+        let verified = match r {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = news.send(News::Failed(e));
+                return;
+            }
+        };
+        budget.release(batch.held_bytes, batch.frames);
+        // The applier is gone once it wrote the last batch: nobody waits any more.
+        let _ = checked.send(());
+        let r = Record {
+            last_seq: batch.last_seq,
+            applied_bytes: batch.applied_bytes,
+            prog: batch.prog,
+        };
+        if news.send(News::Checked(verified, took)).is_err() || record.send(r).is_err() {
+            return;
+        }
+    }
+}
+
+/// A checked batch's progress, for the recorder.
+struct Record {
+    last_seq: u64,
+    applied_bytes: u64,
+    prog: Progress,
+}
+
+/// The recorder: the progress through the newest checked batch recorded
+/// (`applied_seq` = its last frame); when several batches were checked meanwhile, one
+/// record covers them all.
+fn record_progress(
+    fb: &Failback,
+    stamp: FailbackState,
+    records: Receiver<Record>,
+    news: Sender<News>,
+) {
+    while let Ok(mut newest) = records.recv() {
+        let mut batches = 1;
+        while let Ok(r) = records.try_recv() {
+            newest = r;
+            batches += 1;
+        }
+        let t0 = Instant::now();
+        // Progress only after the replicas are synced and checked.
+        let r = fb.store(&FailbackState {
+            applied_seq: newest.last_seq,
+            applied_bytes: newest.applied_bytes,
+            ..stamp
+        });
+        let n = match r {
+            Ok(()) => News::Stored(batches, newest.prog, t0.elapsed()),
+            Err(e) => News::Failed(e),
+        };
+        if news.send(n).is_err() {
+            return;
+        }
+    }
+}
+
+/// Syncs every replica `batch` wrote, then re-reads and checks its extents; returns
+/// the bytes re-read.
+fn check(replicas: &[ReplicaRef<'_>], batch: &Batch) -> Result<u64, FailbackError> {
+    for &i in &batch.touched {
+        apply::sync_target(replicas[i].file).map_err(|source| FailbackError::Apply {
+            disk: replicas[i].disk.id.clone(),
+            what: "sync replica",
+            source,
+        })?;
+    }
+    let mut verified = 0;
+    for &i in &batch.touched {
+        verified += verify(&replicas[i], &batch.frames)?;
+    }
+    Ok(verified)
+}
+
+/// Threads decoding frames ahead of the saver: one per core, at most
+/// [`DECODE_THREADS_MAX`].
+fn decode_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, DECODE_THREADS_MAX)
+}
+
+/// Re-reads every extent the batch applied to `t`'s replica (see the module doc's
+/// checks); returns the bytes read.
+fn verify(t: &ReplicaRef<'_>, batch: &[DataFrame]) -> Result<u64, FailbackError> {
+    let mut covered = RangeSet::new();
+    let mut read = 0u64;
+    // Grown, never shrunk: no bytes are zeroed again for every extent.
+    let mut buf: Vec<u8> = Vec::new();
+    fn room(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        &mut buf[..n]
+    }
+    let fail = |seq: u64, offset: u64, len: u64, why: &'static str| FailbackError::Verify {
+        disk: t.disk.id.clone(),
+        path: t.disk.replica.clone(),
+        offset,
+        len,
+        seq,
+        why,
+    };
+    let io_fail = |e: io::Error| FailbackError::Io {
+        what: "re-read replica",
+        path: t.disk.replica.clone(),
+        source: e,
+    };
+    for df in batch.iter().rev().filter(|df| df.meta.disk == t.disk.id) {
+        let exts: Vec<_> = df.entries().iter().zip(df.extents()).collect();
+        for (entry, (offset, data)) in exts.into_iter().rev() {
+            let end = offset + data.len();
+            let parts = covered.uncovered(offset, end);
+            let whole = parts.len() == 1 && parts[0] == (offset, end);
+            if whole && let ExtentData::Bytes(b) = data {
+                let buf = room(&mut buf, b.len());
+                t.file.read_exact_at(buf, offset).map_err(io_fail)?;
+                read += b.len() as u64;
+                if *blake3::hash(buf).as_bytes() != entry.hash {
+                    return Err(fail(df.seq, offset, data.len(), "blake3 mismatch"));
+                }
+            } else {
+                for (s, e) in parts {
+                    let mut at = s;
+                    while at < e {
+                        let n = (e - at).min(VERIFY_CHUNK_BYTES as u64) as usize;
+                        let buf = room(&mut buf, n);
+                        t.file.read_exact_at(buf, at).map_err(io_fail)?;
+                        read += n as u64;
+                        let ok = match data {
+                            ExtentData::Bytes(b) => {
+                                let from = (at - offset) as usize;
+                                buf[..] == b[from..from + n]
+                            }
+                            ExtentData::Zero(_) => buf.iter().all(|&x| x == 0),
+                        };
+                        if !ok {
+                            return Err(fail(df.seq, at, n as u64, "bytes differ"));
+                        }
+                        at += n as u64;
+                    }
+                }
+            }
+            covered.insert(offset, end);
+        }
+    }
+    Ok(read)
+}

@@ -369,14 +369,14 @@ fn main() -> Result<()> {
         );
         let st = out.stages;
         println!(
-            "  stages (s): saver: frames wait {:.2}, save {:.2}, hand over {:.2}; applier: check wait {:.2}, write {:.2}; checker {:.2}; recorder {:.2}",
+            "  stages (s): saver: frames wait {:.2}, save {:.2}, hand over {:.2}; applier: check wait {:.2}, write {:.2}; checker {:.2}; committer {:.2}",
             st.frames_wait.as_secs_f64(),
             st.save.as_secs_f64(),
             st.hand_over.as_secs_f64(),
             st.check_wait.as_secs_f64(),
             st.write.as_secs_f64(),
             st.check.as_secs_f64(),
-            st.record.as_secs_f64(),
+            st.commit.as_secs_f64(),
         );
         rounds.push(round);
     }

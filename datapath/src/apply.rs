@@ -30,7 +30,7 @@
 //! |-----:|----------------------------------------------------------------------|---------------------------------------------------------------------|
 //! | 1    | every extent of the call is checked                                  | a refused call writes nothing, neither to the undo log nor the target |
 //! | 2    | old contents of all extents of the call appended to the undo log, except ranges an earlier record of the log holds already | read before *any* write of the call, so overlaps within a call are saved as they were; a range saved once needs no second record (below) |
-//! | 3    | undo log synced, once per call ([`StorageFile::sync_data`]); no append and no sync when step 2 found nothing to save | the old contents are durable before the first overwrite             |
+//! | 3    | undo log synced, once per call ([`StorageFile::sync_data`]); no append and no sync when step 2 found nothing to save. Each record's writeback is started as it is appended ([`StorageFile::start_writeback`]), so the sync waits for the last ones only | the old contents are durable before the first overwrite             |
 //! | 4    | new data written to the target                                       | a crash now leaves a torn target that the undo log can still undo   |
 //! | 5    | target synced by the caller ([`sync_target`]), once at the end       | one sync for many calls; the target need not be synced per call     |
 //! | 6    | only then the undo log may be dropped ([`UndoLog::discard`]: remove, sync dir) | dropping it earlier could lose the only copy of old contents |
@@ -957,6 +957,10 @@ impl UndoLog {
             h.encode(rec);
             let rec = &rec[..RECORD_HEADER_BYTES + stored];
             self.file.write_all_at(rec, next.end_bytes)?;
+            // The disk writes this record while the next ones are read, so the sync
+            // at the end waits for the last of them only.
+            self.file
+                .start_writeback(next.end_bytes, rec.len() as u64)?;
             next.last = Some(RecordRef {
                 pos: next.end_bytes,
                 bytes: h.record_bytes(),

@@ -49,23 +49,27 @@
 //!
 //! # The pipeline
 //!
-//! A run keeps both cores busy and the disk writing while the CPU works: five stages
-//! on threads of their own hand batches on through channels without capacity
-//! (module `pipeline`):
+//! A run keeps both cores busy and the disk writing while the CPU works: the stages
+//! below run on threads of their own and hand batches on through channels without
+//! capacity (module `pipeline`):
 //!
 //! - **read ahead** (module `ahead`): a reader thread reads the frames in order (crc),
 //!   up to [`DECODE_THREADS_MAX`] decoder threads (one per core) decompress them and
 //!   check every extent's blake3; the saver gets them back in journal order.
 //! - **saver** (the calling thread): collects a batch and saves its old contents in the
-//!   undo logs ([`UndoLog::save`]: one sync per log with something new to save).
-//! - **applier**: writes a saved batch ([`crate::apply::write_extents`]) once the checker has
-//!   re-read the batch before.
-//! - **checker**: syncs every replica the batch wrote, re-reads and checks its extents.
-//! - **recorder**: records the progress (`applied_seq`) through the newest checked
-//!   batch; one record covers every batch checked while the one before was recorded.
+//!   undo logs ([`UndoLog::save`]: one sync per log with something new to save, the
+//!   disk writing each record while the next is read).
+//! - **applier**: writes a saved batch ([`crate::apply::write_extents`]) once the
+//!   checker has re-read the batch before.
+//! - **checker**: re-reads and checks the batch's extents (from the page cache, before
+//!   or while the batch is synced: the bytes are the same).
+//! - **committer**: syncs every replica the checked batches wrote, then records the
+//!   progress (`applied_seq`) through the newest of them; one sync per replica and one
+//!   record cover every batch checked meanwhile.
 //!
-//! So batch k+1 is saved (its undo records synced) while batch k is written, synced,
-//! checked and recorded, and written while batch k is recorded. All of it is safe:
+//! So batch k+1 is saved (its undo records synced) while batch k is written, checked,
+//! synced and recorded, and written while batch k is synced and recorded. All of it is
+//! safe:
 //!
 //! - every overwrite still comes after the undo record that covers it is durable (the
 //!   saver hands a batch on only after its save);
@@ -73,9 +77,10 @@
 //!   save of k+1 never records it first (it may record it again, with the cap of
 //!   [`crate::apply::SAVED_RANGES_MAX`], but replay ends at the oldest record): what
 //!   it reads while k is written does not matter;
-//! - a state that says `applied_seq` = j while bytes of later batches are on the
-//!   replicas is the ordinary crash case above (frames after `applied_seq` applied
-//!   again, every overwrite undoable).
+//! - a batch is recorded only after it is checked and every replica it wrote synced;
+//!   a state that says `applied_seq` = j while bytes of later batches are on the
+//!   replicas (synced or not) is the ordinary crash case above (frames after
+//!   `applied_seq` applied again, every overwrite undoable).
 //!
 //! What never happens is an overwrite by batch k+1 before the checker has re-read batch
 //! k (the check would find the next batch's bytes). [`Failback::with_overlap`]`(false)`
@@ -126,8 +131,8 @@
 //! | operation            | order                                                                 |
 //! |----------------------|-----------------------------------------------------------------------|
 //! | start (from none)    | `dir` created, its parent synced -> leftover undo logs of an interrupted start removed, `dir` synced -> one undo log per disk created (header synced, `dir` synced) -> state `applying P`, `applied_seq` = base |
-//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: the old contents its undo log does not hold yet appended, the log synced ([`UndoLog::save`]) -> (the batch before checked) every touched replica written ([`crate::apply::write_extents`]) -> every touched replica synced -> its applied extents re-read and checked -> state `applying P`, `applied_seq` = the batch's last seq |
-//! | batches overlapping  | batch k+1's old contents saved and synced may come before any of batch k's replica writes, syncs and state replace; batch k+1's replica writes may come before batch k's state replace, never before batch k's check; one state replace may stand for several batches (see "The pipeline") |
+//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: the old contents its undo log does not hold yet appended, the log synced ([`UndoLog::save`]) -> (the batch before checked) every touched replica written ([`crate::apply::write_extents`]) -> its applied extents re-read and checked, and every touched replica synced -> state `applying P`, `applied_seq` = the batch's last seq |
+//! | batches overlapping  | batch k+1's old contents saved and synced may come before any of batch k's replica writes, syncs and state replace; batch k+1's replica writes may come before batch k's replica sync and state replace, never before batch k's check; one replica sync and one state replace may stand for several batches (see "The pipeline") |
 //! | end                  | (last batch) -> state `applied P`                                     |
 //! | change of point to Q | state `applying Q`, `applied_seq` = base, `REVERT` -> every undo log replayed (newest record first; the replica synced) -> every undo log reset (truncated, synced) -> batches as above (the first clears `REVERT`) |
 //! | commit               | (with lists: journal opened, the extent tables of the frames after P indexed, one change list per disk replaced with [`storage::write_atomic_with`]) -> state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
@@ -155,8 +160,9 @@
 //! # Checks
 //!
 //! Every frame is read back with its crc checked ([`Journal::read`]) and decoded with
-//! every extent's blake3 checked ([`crate::frame::Decoder::decode_data`]) before any byte of it is
-//! written. After a batch is synced, every applied extent is read back from its replica:
+//! every extent's blake3 checked ([`crate::frame::Decoder::decode_data`]) before any
+//! byte of it is written. Once a batch is written, every applied extent is read back
+//! from its replica (before its progress is recorded, which also waits for the sync):
 //! where no later extent of the same batch overwrote it, its blake3 must match the
 //! frame's; where a later one overwrote part of it, the rest must equal the frame's
 //! bytes (zero extents: zeros). A frame naming a disk that is not in the group, or an
@@ -707,7 +713,7 @@ pub struct Applied {
     pub data_bytes: u64,
     /// Bytes of zeros written.
     pub zero_bytes: u64,
-    /// Replica bytes re-read and checked after the sync.
+    /// Replica bytes re-read and checked (before the batch is recorded).
     pub verified_bytes: u64,
     /// Journal bytes (frames as stored) read.
     pub journal_bytes: u64,
@@ -757,10 +763,10 @@ pub struct StageTimes {
     pub check_wait: Duration,
     /// The applier writing the replicas.
     pub write: Duration,
-    /// The checker syncing the replicas and re-reading the batches.
+    /// The checker re-reading the batches.
     pub check: Duration,
-    /// The recorder replacing the failback state.
-    pub record: Duration,
+    /// The committer syncing the replicas and replacing the failback state.
+    pub commit: Duration,
 }
 
 /// What [`Failback::commit`] did.

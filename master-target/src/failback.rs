@@ -154,7 +154,7 @@ pub struct Summary {
     pub bytes_applied: u64,
     pub data_bytes: u64,
     pub zero_bytes: u64,
-    /// Replica bytes re-read and checked against their blake3 after the sync.
+    /// Replica bytes re-read and checked against their blake3 before being recorded.
     pub verified_bytes: u64,
     /// Journal bytes read (frames as stored).
     pub journal_bytes: u64,

@@ -1,30 +1,35 @@
 //! The stages of [`Failback::apply`] (see the module doc of [`super`], "The
-//! pipeline"): the saver on the calling thread, the applier and the checker on threads
-//! of their own, after the frames read and decoded ahead ([`super::ahead`]).
+//! pipeline"): the saver on the calling thread, the applier, the checker and the
+//! committer on threads of their own, after the frames read and decoded ahead
+//! ([`super::ahead`]).
 //!
 //! ```text
-//!  ahead --frames--> saver --saved batch--> applier --written batch--> checker --> recorder
-//!                      ^                      ^                           |            |
-//!                      |                      +-------- checked ----------+            |
-//!                      +------------------------------ news -------------------------+
+//!  ahead --frames--> saver --saved--> applier --written--> checker --checked--> committer
+//!                      ^                 ^                    |                    |
+//!                      |                 +---- re-read -------+                    |
+//!                      +------------------------- news --------------------------+
 //! ```
 //!
 //! - **saver**: collects a batch and saves its old contents ([`UndoLog::save`]: the
-//!   logs it touches appended and synced). It may save batch k+1 while batch k is
-//!   written: a range of k+1 that k writes was saved by k (or before), so k+1 never
-//!   records it first (see [`UndoLog::save`]), and only the first record of a range
-//!   matters to replay.
+//!   logs it touches appended, their writeback started record by record, then
+//!   synced). It may save batch k+1 while batch k is written: a range of k+1 that k
+//!   writes was saved by k (or before), so k+1 never records it first (see
+//!   [`UndoLog::save`]), and only the first record of a range matters to replay.
 //! - **applier**: writes a saved batch ([`apply::write_extents`]) once the checker has
 //!   re-read the batch before (it would find this batch's bytes otherwise).
-//! - **checker**: syncs every replica the batch wrote, re-reads and checks every extent
-//!   ([`verify`]).
-//! - **recorder**: records the progress (`applied_seq`) through the newest checked
-//!   batch; one record covers every batch checked while the one before was written.
+//! - **checker**: re-reads and checks every extent of a written batch ([`verify`]),
+//!   from the page cache, before or while the batch is synced: the bytes are the same.
+//! - **committer**: syncs every replica the checked batches wrote, then records the
+//!   progress (`applied_seq`) through the newest of them; one sync per replica and one
+//!   record cover every batch checked meanwhile. A batch is recorded only once it is
+//!   both checked and synced.
 //!
-//! Every hand-over is a rendezvous (a channel of no capacity), so each stage holds one
-//! batch: with the frames decoded ahead, at most [`DECODED_BYTES_MAX`] of decoded data.
-//! With [`Failback::with_overlap`]`(false)` the saver waits for each batch's progress
-//! record before it takes the next frame: one step at a time, in one fixed order.
+//! The hand-overs to the applier and the checker are rendezvous (channels of no
+//! capacity) and the checker releases a batch's frames once it is checked, so each of
+//! saver, applier and checker holds one batch: with the frames decoded ahead, at most
+//! [`DECODED_BYTES_MAX`] of decoded data. With [`Failback::with_overlap`]`(false)` the
+//! saver waits for each batch's progress record before it takes the next frame: one
+//! step at a time, in one fixed order.
 
 use std::io;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
@@ -67,10 +72,10 @@ struct Batch {
 enum News {
     /// The applier wrote a batch, after waiting for the check before and writing.
     Written(apply::ApplyStats, Duration, Duration),
-    /// The checker synced and checked a batch, re-reading this many bytes, in this time.
+    /// The checker checked a batch, re-reading this many bytes, in this time.
     Checked(u64, Duration),
-    /// The recorder recorded the progress through this many more batches (one record
-    /// for all of them), in this time.
+    /// The committer synced and recorded the progress through this many more batches
+    /// (one sync per replica and one record for all of them), in this time.
     Stored(usize, Progress, Duration),
     /// A stage failed and stopped.
     Failed(FailbackError),
@@ -116,7 +121,7 @@ pub(super) fn run(
         let (saved_tx, saved_rx) = sync_channel::<Batch>(0);
         let (written_tx, written_rx) = sync_channel::<Batch>(0);
         let (checked_tx, checked_rx) = channel::<()>();
-        let (record_tx, record_rx) = channel::<Record>();
+        let (commit_tx, commit_rx) = channel::<Commit>();
         let (news_tx, news_rx) = channel::<News>();
         let applier_news = news_tx.clone();
         let checker_news = news_tx.clone();
@@ -136,13 +141,13 @@ pub(super) fn run(
                 replicas,
                 written_rx,
                 checked_tx,
-                record_tx,
+                commit_tx,
                 checker_news,
                 budget,
             )
         })?;
-        ahead::spawn(s, "failback-record", move || {
-            record_progress(fb, stamp, record_rx, news_tx)
+        ahead::spawn(s, "failback-commit", move || {
+            commit_batches(fb, replicas, stamp, commit_rx, news_tx)
         })?;
         let mut saver = Saver {
             fb,
@@ -321,7 +326,7 @@ impl Saver<'_, '_> {
                     self.out.stages.check += took;
                 }
                 News::Stored(batches, p, took) => {
-                    self.out.stages.record += took;
+                    self.out.stages.commit += took;
                     self.unstored -= batches;
                     (self.progress)(&p);
                 }
@@ -392,70 +397,93 @@ fn apply_batches(
     }
 }
 
-/// The checker: per batch, every replica it wrote synced, every extent re-read and
-/// checked, the frames released, then the batch passed to the recorder.
+/// The checker: per batch, every extent re-read and checked (from the page cache: the
+/// bytes are the same before and after the sync), the frames released, the applier
+/// told, then the batch passed to the committer.
 fn check_batches(
     replicas: &[ReplicaRef<'_>],
     written: Receiver<Batch>,
     checked: Sender<()>,
-    record: Sender<Record>,
+    commit: Sender<Commit>,
     news: Sender<News>,
     budget: &Budget,
 ) {
     for batch in written {
         let t0 = Instant::now();
-        let r = check(replicas, &batch);
-        let took = t0.elapsed();
-        let verified = match r {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = news.send(News::Failed(e));
-                return;
+        let mut verified = 0;
+        for &i in &batch.touched {
+            match verify(&replicas[i], &batch.frames) {
+                Ok(n) => verified += n,
+                Err(e) => {
+                    let _ = news.send(News::Failed(e));
+                    return;
+                }
             }
-        };
+        }
+        let took = t0.elapsed();
         budget.release(batch.held_bytes, batch.frames);
         // The applier is gone once it wrote the last batch: nobody waits any more.
         let _ = checked.send(());
-        let r = Record {
+        let c = Commit {
+            touched: batch.touched,
             last_seq: batch.last_seq,
             applied_bytes: batch.applied_bytes,
             prog: batch.prog,
         };
-        if news.send(News::Checked(verified, took)).is_err() || record.send(r).is_err() {
+        if news.send(News::Checked(verified, took)).is_err() || commit.send(c).is_err() {
             return;
         }
     }
 }
 
-/// A checked batch's progress, for the recorder.
-struct Record {
+/// A checked batch, for the committer.
+struct Commit {
+    touched: Vec<usize>,
     last_seq: u64,
     applied_bytes: u64,
     prog: Progress,
 }
 
-/// The recorder: the progress through the newest checked batch recorded
-/// (`applied_seq` = its last frame); when several batches were checked meanwhile, one
-/// record covers them all.
-fn record_progress(
+/// The committer: every replica the checked batches wrote synced, then the progress
+/// through the newest of them recorded (`applied_seq` = its last frame). When several
+/// batches were checked meanwhile, one sync per replica and one record cover them all.
+fn commit_batches(
     fb: &Failback,
+    replicas: &[ReplicaRef<'_>],
     stamp: FailbackState,
-    records: Receiver<Record>,
+    commits: Receiver<Commit>,
     news: Sender<News>,
 ) {
-    while let Ok(mut newest) = records.recv() {
-        let mut batches = 1;
-        while let Ok(r) = records.try_recv() {
-            newest = r;
-            batches += 1;
-        }
+    while let Ok(first) = commits.recv() {
         let t0 = Instant::now();
-        // Progress only after the replicas are synced and checked.
-        let r = fb.store(&FailbackState {
-            applied_seq: newest.last_seq,
-            applied_bytes: newest.applied_bytes,
-            ..stamp
-        });
+        let mut touched = vec![false; replicas.len()];
+        let mut batches = 0;
+        let mut newest = first;
+        loop {
+            batches += 1;
+            for &i in &newest.touched {
+                touched[i] = true;
+            }
+            match commits.try_recv() {
+                Ok(c) => newest = c,
+                Err(_) => break,
+            }
+        }
+        let r = (|| {
+            for (i, r) in replicas.iter().enumerate().filter(|&(i, _)| touched[i]) {
+                apply::sync_target(r.file).map_err(|source| FailbackError::Apply {
+                    disk: replicas[i].disk.id.clone(),
+                    what: "sync replica",
+                    source,
+                })?;
+            }
+            // Progress only after the replicas are synced and checked.
+            fb.store(&FailbackState {
+                applied_seq: newest.last_seq,
+                applied_bytes: newest.applied_bytes,
+                ..stamp
+            })
+        })();
         let n = match r {
             Ok(()) => News::Stored(batches, newest.prog, t0.elapsed()),
             Err(e) => News::Failed(e),
@@ -464,23 +492,6 @@ fn record_progress(
             return;
         }
     }
-}
-
-/// Syncs every replica `batch` wrote, then re-reads and checks its extents; returns
-/// the bytes re-read.
-fn check(replicas: &[ReplicaRef<'_>], batch: &Batch) -> Result<u64, FailbackError> {
-    for &i in &batch.touched {
-        apply::sync_target(replicas[i].file).map_err(|source| FailbackError::Apply {
-            disk: replicas[i].disk.id.clone(),
-            what: "sync replica",
-            source,
-        })?;
-    }
-    let mut verified = 0;
-    for &i in &batch.touched {
-        verified += verify(&replicas[i], &batch.frames)?;
-    }
-    Ok(verified)
 }
 
 /// Threads decoding frames ahead of the saver: one per core, at most

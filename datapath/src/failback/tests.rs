@@ -954,7 +954,7 @@ impl Storage for GateFs {
 /// right there, end exact after a rerun to the same point, to another one, and back to
 /// the first point: the next batch's old contents saved (undo log synced) before the
 /// batch before is synced, or even written; the replicas overwritten with the next
-/// batch before the batch before is recorded.
+/// batch before the batch before is synced or recorded.
 #[test]
 fn crash_inside_the_overlap() {
     for (seed, again) in [(11u64, 5), (12, 4)] {
@@ -963,19 +963,23 @@ fn crash_inside_the_overlap() {
         // creation, one per disk batch 1 (4 frames, nothing saved before) touches.
         let j = w.journal();
         let mut dec = Decoder::new();
-        let mut batch1 = std::collections::BTreeSet::new();
+        let (mut batch1, mut batch1_extents) = (std::collections::BTreeSet::new(), 0);
         for item in j.read(j.base_seq() + 1, j.base_seq() + 4).unwrap() {
             let (h, bytes) = item.unwrap();
             if h.kind == FrameKind::Data {
-                batch1.insert(dec.decode_data(&bytes).unwrap().meta.disk.clone());
+                let df = dec.decode_data(&bytes).unwrap();
+                batch1_extents += df.entries().len();
+                batch1.insert(df.meta.disk.clone());
             }
         }
         let batch2_saved = DISK_IDS.len() + batch1.len() + 1;
-        // (hold, marker, until). 1: the checker's first replica sync (batch 1) waits
-        // for the saver to save batch 2. 2: the recorder's first record of a batch
+        // (hold, marker, until). 1: the committer's first replica sync (batch 1) waits
+        // for the saver to save batch 2. 2: the committer's first record of a batch
         // (the second state sync: the first is the start's) waits for a replica write
         // after the first replica sync (the applier writing batch 2). 3: the applier's
-        // first replica write (batch 1) waits for the saver to save batch 2.
+        // first replica write (batch 1) waits for the saver to save batch 2. 4: the
+        // committer's first replica sync (batch 1) waits for the applier to write batch
+        // 2 (one write per extent of these small frames).
         let cases = [
             (
                 (Op::Sync, "replica-", 1),
@@ -991,6 +995,11 @@ fn crash_inside_the_overlap() {
                 (Op::Write, "replica-", 1),
                 None,
                 (Op::Sync, "undo-", batch2_saved),
+            ),
+            (
+                (Op::Sync, "replica-", 1),
+                None,
+                (Op::Write, "replica-", batch1_extents + 1),
             ),
         ];
         for (hold, marker, until) in cases {

@@ -132,6 +132,23 @@ impl Drop for CloseOnDrop<'_> {
     }
 }
 
+/// A frame's bytes that go back to the reader when the decoder is done with them.
+struct Recycle<'a>(Vec<u8>, &'a SyncSender<Vec<u8>>);
+
+impl Drop for Recycle<'_> {
+    fn drop(&mut self) {
+        // A full channel: the reader has enough; this one is freed.
+        let _ = self.1.try_send(std::mem::take(&mut self.0));
+    }
+}
+
+impl std::ops::Deref for Recycle<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// The decoded frames in journal order; see the module doc.
 pub(super) struct Ahead {
     outs: Vec<Receiver<Result<Decoded, FailbackError>>>,
@@ -167,6 +184,9 @@ pub(super) fn start<'scope, 'env>(
     let threads = threads.max(1);
     let mut ins: Vec<SyncSender<Raw>> = Vec::with_capacity(threads);
     let mut outs = Vec::with_capacity(threads);
+    // Frame buffers the decoders are done with, back to the reader (a few: the rest
+    // are freed).
+    let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(2 * threads);
     for _ in 0..threads {
         // One raw frame waits per decoder. The decoded ones need no bound of their own:
         // the budget bounds the data frames, and a point frame or an error is small.
@@ -174,11 +194,15 @@ pub(super) fn start<'scope, 'env>(
         let (out_tx, out_rx) = channel();
         ins.push(in_tx);
         outs.push(out_rx);
+        let spare = spare_tx.clone();
         spawn(s, "failback-decode", move || {
-            decode_loop(in_rx, out_tx, budget)
+            decode_loop(in_rx, out_tx, spare, budget)
         })?;
     }
-    spawn(s, "failback-read", move || read_loop(frames, ins, budget))?;
+    drop(spare_tx);
+    spawn(s, "failback-read", move || {
+        read_loop(frames, ins, spare_rx, budget)
+    })?;
     Ok(Ahead {
         outs,
         next: 0,
@@ -199,11 +223,21 @@ pub(super) fn spawn<'scope>(
         .map_err(|source| FailbackError::Thread { name, source })
 }
 
-/// The reader: frames in order, round-robin to the decoders, each within the budget.
-fn read_loop(frames: FrameIter<'_>, ins: Vec<SyncSender<Raw>>, budget: &Budget) {
-    for (i, item) in frames.enumerate() {
+/// The reader: frames in order, round-robin to the decoders, each within the budget;
+/// read into buffers the decoders hand back.
+fn read_loop(
+    mut frames: FrameIter<'_>,
+    ins: Vec<SyncSender<Raw>>,
+    spare: Receiver<Vec<u8>>,
+    budget: &Budget,
+) {
+    for i in 0.. {
+        let mut bytes = spare.try_recv().unwrap_or_default();
+        let Some(item) = frames.next_into(&mut bytes) else {
+            return;
+        };
         let raw = match item {
-            Ok((h, bytes)) => {
+            Ok(h) => {
                 // The declared plain size (the crc checked; the decoder checks the
                 // data against it), only to count the frame against the bound.
                 let n = match h.kind {
@@ -226,10 +260,16 @@ fn read_loop(frames: FrameIter<'_>, ins: Vec<SyncSender<Raw>>, budget: &Budget) 
 }
 
 /// A decoder: each frame decoded with every extent's blake3 checked, or its error.
-fn decode_loop(input: Receiver<Raw>, out: Sender<Result<Decoded, FailbackError>>, budget: &Budget) {
+fn decode_loop(
+    input: Receiver<Raw>,
+    out: Sender<Result<Decoded, FailbackError>>,
+    spare: SyncSender<Vec<u8>>,
+    budget: &Budget,
+) {
     let mut dec = Decoder::new();
     for raw in input {
         let decoded = raw.and_then(|(h, bytes, held_bytes)| {
+            let bytes = Recycle(bytes, &spare);
             let journal_bytes = bytes.len() as u64;
             let frame = match h.kind {
                 FrameKind::Data => {

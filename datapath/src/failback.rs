@@ -43,8 +43,9 @@
 //! replicas are neither at the base nor at the old point; `applied_seq` no longer
 //! describes them. The state is therefore rewritten (new point, `applied_seq` = base,
 //! `revert` set) *before* the first replay; a rerun that finds `revert` replays the undo
-//! logs again (a replay only reads the log, and the undo logs hold the old contents of
-//! every overwrite since the base, so it always ends at the base). The first progress
+//! logs again (a replay only reads the log, and the undo logs hold, for every range
+//! overwritten since the base, its contents from before the first overwrite, so it
+//! always ends at the base). The first progress
 //! record after the apply resumed clears `revert`.
 //!
 //! # The pipeline
@@ -92,10 +93,26 @@
 //! at most [`DECODED_BYTES_MAX`]: the batches being saved, written and checked, and
 //! the frames decoded ahead; the reader waits beyond it.
 //!
-//! **Speed** (`cargo run --release --example failback_apply -- --mib 1024`: 1 GiB of
-//! realistic 64 KiB..1 MiB writes in 1 MiB zstd -2 frames over a 2 GiB replica, 2-vCPU
-//! machine shared with other work): 487-684 MB/s of replica bytes (median 578) against
-//! 178-239 (median 225) for the same data before the pipeline, one step at a time.
+//! **Speed.** `cargo run --release --example failback_apply -- --mib 1024` journals 1
+//! GiB of realistic 64 KiB..1 MiB writes (1 MiB zstd -2 frames, as the shipper makes
+//! them) over a 2 GiB replica and times [`Failback::run`]. On this project's 2-vCPU VM
+//! (shared with other work; old and new code interleaved, same data): 619-738 MB/s of
+//! replica bytes, median 698 (other sets that day: medians 663-778, at best 854),
+//! against 271-327, median 287, when every step waited for the one before (the old
+//! run used one core at ~25% and waited on its syncs). Where the time goes now
+//! ([`Outcome::stages`]; `perf record` on the example): the run is CPU-bound, 85-88%
+//! of both cores, 2.4-2.8 CPU-seconds per GB applied: decoding 42% (zstd 26%, blake3
+//! 7%), the saver 18% (old contents read, crc, undo log appended and written back),
+//! the applier 13% (pwrite: the copy and ext4's per-buffer work, about half each), the
+//! checker 11% (re-read, blake3), the committer 10% (writeback), the reader 6%; the
+//! disk writes 1.8 bytes per byte applied (undo 0.8 after "saved once", replica 1.0)
+//! and is busy ~80% of the run. The 800 MB/s of the throughput issue is reached on a
+//! quiet machine only. Closing the gap needs less CPU per byte, not more overlap: the
+//! old contents and the re-read check through a read-only map instead of copies (~8%
+//! of the CPU, but an I/O error of the replica would come as SIGBUS: see
+//! [`crate::apply`]); an undo log written with `O_DIRECT` in 4 KiB-aligned records (a
+//! new format version; no copy and no page-cache writeback for 0.8 bytes per byte,
+//! ~10%); or more cores (decoding, the largest part, scales with them).
 //!
 //! # Files in `dir`
 //!

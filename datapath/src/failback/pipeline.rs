@@ -54,6 +54,7 @@ pub(super) struct ReplicaRef<'a> {
 }
 
 /// A batch on its way through the stages.
+#[derive(Default)]
 struct Batch {
     frames: Vec<DataFrame>,
     /// Budget bytes its frames hold.
@@ -68,7 +69,7 @@ struct Batch {
     prog: Progress,
 }
 
-/// What the applier and the checker tell the saver.
+/// What the applier, the checker and the committer tell the saver.
 enum News {
     /// The applier wrote a batch, after waiting for the check before and writing.
     Written(apply::ApplyStats, Duration, Duration),
@@ -183,20 +184,12 @@ struct Saver<'a, 'r> {
 impl Saver<'_, '_> {
     fn run(
         &mut self,
-        frames: Ahead,
+        mut frames: Ahead,
         last_seq: u64,
         mut prog: Progress,
     ) -> Result<(), FailbackError> {
-        let mut batch = Batch {
-            frames: Vec::new(),
-            held_bytes: 0,
-            touched: Vec::new(),
-            last_seq: 0,
-            applied_bytes: 0,
-            prog,
-        };
+        let mut batch = Batch::default();
         let (mut plain, mut count) = (0u64, 0usize);
-        let mut frames = frames;
         loop {
             let t0 = Instant::now();
             let Some(item) = frames.next() else { break };
@@ -225,23 +218,12 @@ impl Saver<'_, '_> {
             {
                 batch.last_seq = d.seq;
                 batch.prog = prog;
-                let full = std::mem::replace(
-                    &mut batch,
-                    Batch {
-                        frames: Vec::new(),
-                        held_bytes: 0,
-                        touched: Vec::new(),
-                        last_seq: 0,
-                        applied_bytes: 0,
-                        prog,
-                    },
-                );
-                self.save(full)?;
+                self.save(std::mem::take(&mut batch))?;
                 (plain, count) = (0, 0);
             }
             self.take_news(false)?;
         }
-        // Every batch handed over: wait until the checker recorded the last one.
+        // Every batch handed over: wait until the committer recorded the last one.
         self.saved = None;
         while self.unstored > 0 {
             self.take_news(true)?;
@@ -275,7 +257,7 @@ impl Saver<'_, '_> {
         let sent = self.saved.as_ref().is_some_and(|tx| tx.send(batch).is_ok());
         self.out.stages.hand_over += t0.elapsed();
         if !sent {
-            // The applier stopped; it (or the checker) said why before it went.
+            // The applier stopped; it (or a stage after it) said why before it went.
             self.take_news(true)?;
             return Err(FailbackError::Stopped {
                 what: "the failback applier",
@@ -291,7 +273,7 @@ impl Saver<'_, '_> {
     }
 
     /// Takes the news of the other stages: all there is, or (with `wait`) at least one.
-    /// The checker ends only after its last batch is recorded: when the stages have
+    /// The committer ends only after the last batch is recorded: when the stages have
     /// gone with batches outstanding, they stopped early.
     fn take_news(&mut self, wait: bool) -> Result<(), FailbackError> {
         let mut wait = wait;
@@ -308,7 +290,7 @@ impl Saver<'_, '_> {
                 Err(TryRecvError::Disconnected) if self.unstored == 0 => return Ok(()),
                 Err(TryRecvError::Disconnected) => {
                     return Err(FailbackError::Stopped {
-                        what: "the failback applier and checker",
+                        what: "the failback's applier, checker and committer",
                     });
                 }
             };

@@ -447,10 +447,16 @@ impl Env {
     /// Restarts the master target with the same config (its port is 0: the process
     /// server, which names the old port, will not find it; the group refuses it anyway).
     fn start_mt_same_port(&mut self) {
-        let (child, _) = common::start_master_target(
+        self.start_mt_env(&[]);
+    }
+
+    /// [`Env::start_mt_same_port`] with more environment variables (a failpoint).
+    fn start_mt_env(&mut self, env: &[(&str, &str)]) {
+        let (child, _) = common::start_master_target_env(
             &self.dir.join("mt.toml"),
             &self.dir.join("mt.log"),
             "info",
+            env,
         );
         self.mt = Some(child);
     }
@@ -541,12 +547,18 @@ fn refusals_change_nothing() {
     );
 }
 
+/// The master target's failpoint that stops a failback, once its first batch is
+/// recorded, until it is killed (an apply is too fast to be caught mid-way otherwise).
+const STOP_AFTER_FIRST_RECORD: (&str, &str) =
+    ("BLOCKREP_FAILPOINT", "failback::after_first_record");
+
 /// Proves kill -9 during apply is followed by an exact result when the command runs
 /// again: in-process (the command killed mid-apply, a second failback and a commit
 /// refused while it runs), then live (the server killed mid-way through a change of
 /// point, restarted: it keeps refusing replication and finishes nothing by itself, and
 /// the rerun through it is exact); a second failback while one runs is refused; and
-/// `latest` without a process server uses the latest processed point and says so.
+/// `latest` without a process server uses the latest processed point and says so. The
+/// failpoint holds each failback after its first recorded batch until the kill.
 #[test]
 fn kill_9_during_apply_then_rerun_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
@@ -581,6 +593,7 @@ fn kill_9_during_apply_then_rerun_is_exact() {
         .arg(last_id.to_string())
         .arg("--config")
         .arg(tmp.path().join("mt.toml"))
+        .env(STOP_AFTER_FIRST_RECORD.0, STOP_AFTER_FIRST_RECORD.1)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -622,7 +635,7 @@ fn kill_9_during_apply_then_rerun_is_exact() {
     );
 
     // Live: a change of point through the server, the server killed mid-way.
-    env.start_mt_same_port();
+    env.start_mt_env(&[STOP_AFTER_FIRST_RECORD]);
     assert_eq!(env.group_state(), "failed-back-uncommitted");
     let (first_id, _) = point_in(&points, &marks[0]);
     let mut child = Command::new(common::bin_path("master-target"))

@@ -29,15 +29,27 @@
 //! | step | what                                                                 | why                                                                 |
 //! |-----:|----------------------------------------------------------------------|---------------------------------------------------------------------|
 //! | 1    | every extent of the call is checked                                  | a refused call writes nothing, neither to the undo log nor the target |
-//! | 2    | old contents of all extents of the call appended to the undo log     | read before *any* write of the call, so overlaps within a call are saved as they were |
-//! | 3    | undo log synced, once per call ([`StorageFile::sync_data`])          | the old contents are durable before the first overwrite             |
+//! | 2    | old contents of all extents of the call appended to the undo log, except ranges an earlier record of the log holds already | read before *any* write of the call, so overlaps within a call are saved as they were; a range saved once needs no second record (below) |
+//! | 3    | undo log synced, once per call ([`StorageFile::sync_data`]); no append and no sync when step 2 found nothing to save. Each record's writeback is started as it is appended ([`StorageFile::start_writeback`]), so the sync waits for the last ones only | the old contents are durable before the first overwrite             |
 //! | 4    | new data written to the target                                       | a crash now leaves a torn target that the undo log can still undo   |
 //! | 5    | target synced by the caller ([`sync_target`]), once at the end       | one sync for many calls; the target need not be synced per call     |
 //! | 6    | only then the undo log may be dropped ([`UndoLog::discard`]: remove, sync dir) | dropping it earlier could lose the only copy of old contents |
 //!
 //! [`UndoLog::replay`] writes the saved contents back in **reverse** order of recording,
 //! so a range overwritten several times ends at its contents from before the first
-//! overwrite, then syncs the target. It reads the undo log and never changes it, so a
+//! overwrite, then syncs the target.
+//!
+//! **Saved once.** Because replay ends at the *oldest* record of every range, a second
+//! record of a range (the contents some later overwrite replaced) would be written back
+//! and then overwritten again by the first one: it is never needed. The log therefore
+//! remembers which ranges its records hold (a merged range set, rebuilt from the
+//! complete batches when the log is opened, emptied by [`UndoLog::reset`], at most
+//! [`SAVED_RANGES_MAX`] ranges: beyond that a range is only saved again) and
+//! [`UndoLog::save`] appends records only for the parts of a call's extents outside it.
+//! A failback whose writes overlap (hot blocks, a point applied after a crash resumed
+//! it) reads, writes and syncs each old byte once. Apply can also be split:
+//! [`UndoLog::save`] (steps 1-3), then [`write_extents`] (step 4), so that a caller can
+//! do other work between the two (failback checks the previous batch there). It reads the undo log and never changes it, so a
 //! crash during replay followed by another replay is exact. [`UndoLog::reset`] empties
 //! the log after a replay (the target is synced by then), so the next point starts with
 //! a short log.
@@ -105,7 +117,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::extent::{Extent, ExtentData, ExtentError};
+use crate::extent::{Extent, ExtentData, ExtentError, RangeSet};
 use crate::storage::{OpenMode, Storage, StorageFile};
 
 /// The undo log file magic. Never modify: it names the format on disk.
@@ -123,6 +135,10 @@ pub const RECORD_HEADER_BYTES: usize = 40;
 pub const UNDO_RECORD_BYTES_MAX: u32 = 1 << 20;
 /// Bytes of zeros written per call when applying a [`ExtentData::Zero`] extent.
 pub const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Most merged ranges an open undo log remembers as saved (about 40 bytes each in
+/// memory). Past it, further ranges are saved again when overwritten again: a
+/// redundant record, never a missing one.
+pub const SAVED_RANGES_MAX: usize = 1 << 16;
 /// Bytes read per step when the tail of a damaged undo log is searched for records.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
@@ -202,6 +218,9 @@ pub struct ApplyStats {
     pub undo_records: u64,
     /// Bytes appended to the undo log file (0 without an undo log).
     pub undo_file_bytes: u64,
+    /// Bytes whose old contents were not saved again: an earlier record of the log
+    /// holds them already (see [`UndoLog::save`]).
+    pub undo_skipped_bytes: u64,
 }
 
 /// What [`UndoLog::replay`] wrote back.
@@ -270,9 +289,9 @@ fn read_old(target: &dyn StorageFile, buf: &mut [u8], offset: u64) -> io::Result
 /// Writes `extents` into `target` (a replica file or block device of `target_bytes`).
 ///
 /// Every extent is checked first (sector-aligned, non-empty, inside `target_bytes`):
-/// a refused call writes nothing. With `undo`, the old contents of all extents are read
-/// and appended to the undo log, which is synced once, before the first overwrite.
-/// Extents are written in order, so a later extent wins where two overlap.
+/// a refused call writes nothing. With `undo`, the old contents of the extents are
+/// saved first ([`UndoLog::save`]: appended and synced once, before the first
+/// overwrite). Extents are written in order, so a later extent wins where two overlap.
 ///
 /// The target is **not** synced here: call [`sync_target`] once at the end of a run of
 /// calls, and before the undo log is discarded.
@@ -283,24 +302,38 @@ pub fn apply_extents(
     undo: Option<&mut UndoLog>,
 ) -> Result<ApplyStats, ApplyError> {
     check_extents(target_bytes, extents)?;
+    let saved = match undo {
+        Some(undo) => undo.save_checked(target, target_bytes, extents)?,
+        None => ApplyStats::default(),
+    };
+    let written = write_checked(target, extents)?;
+    Ok(ApplyStats {
+        undo_records: saved.undo_records,
+        undo_file_bytes: saved.undo_file_bytes,
+        undo_skipped_bytes: saved.undo_skipped_bytes,
+        ..written
+    })
+}
+
+/// Writes `extents` into `target` without an undo log: [`apply_extents`] step 4 alone,
+/// for a caller that saved their old contents with [`UndoLog::save`] first (and may
+/// have done other work in between). Every extent is checked before anything is
+/// written; the target is not synced.
+pub fn write_extents(
+    target: &dyn StorageFile,
+    target_bytes: u64,
+    extents: &[(u64, ExtentData<'_>)],
+) -> Result<ApplyStats, ApplyError> {
+    check_extents(target_bytes, extents)?;
+    write_checked(target, extents)
+}
+
+/// Writes checked extents in order.
+fn write_checked(
+    target: &dyn StorageFile,
+    extents: &[(u64, ExtentData<'_>)],
+) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
-    if let Some(undo) = undo {
-        if undo.poisoned {
-            return Err(ApplyError::Poisoned);
-        }
-        if undo.target_bytes != target_bytes {
-            return Err(ApplyError::TargetMismatch {
-                undo_target_bytes: undo.target_bytes,
-                target_bytes,
-            });
-        }
-        if extents.is_empty() {
-            return Ok(stats);
-        }
-        let (records, file_bytes) = undo.append_batch(target, extents)?;
-        stats.undo_records = records;
-        stats.undo_file_bytes = file_bytes;
-    }
     for (offset, data) in extents {
         match data {
             ExtentData::Bytes(b) => {
@@ -552,6 +585,13 @@ fn find_foreign_record(
 // ---------------------------------------------------------------------------------------
 // The undo log.
 
+/// Adds `[start, end)` to `saved` unless the set is at [`SAVED_RANGES_MAX`].
+fn note_saved(saved: &mut RangeSet, start: u64, end: u64) {
+    if saved.len() < SAVED_RANGES_MAX {
+        saved.insert(start, end);
+    }
+}
+
 /// The position and size of a record, to walk the log backwards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RecordRef {
@@ -592,6 +632,12 @@ pub struct UndoLog {
     file: Box<dyn StorageFile>,
     target_bytes: u64,
     state: Committed,
+    /// Target ranges whose old contents a record of the log holds (at most
+    /// [`SAVED_RANGES_MAX`] merged ranges; a range left out is only saved again).
+    saved: RangeSet,
+    /// A record buffer reused across records: header, then at most
+    /// [`UNDO_RECORD_BYTES_MAX`] bytes of old contents.
+    rec: Vec<u8>,
     poisoned: bool,
 }
 
@@ -635,6 +681,8 @@ impl UndoLog {
             file,
             target_bytes,
             state: Committed::empty(),
+            saved: RangeSet::new(),
+            rec: Vec::new(),
             poisoned: false,
         })
     }
@@ -665,6 +713,9 @@ impl UndoLog {
         let mut pos = HEADER_BYTES;
         let mut buf = Vec::new();
         let mut damaged_at = None;
+        let mut saved = RangeSet::new();
+        // Ranges of the batch being read, added to `saved` once the batch is complete.
+        let mut batch_ranges: Vec<(u64, u64)> = Vec::new();
         while pos < file_bytes {
             let h = match read_record(file.as_ref(), pos, file_bytes, target_bytes, &mut buf)? {
                 Ok(h) => h,
@@ -709,8 +760,12 @@ impl UndoLog {
             seen.end_bytes = pos;
             prev_record_bytes = h.record_bytes();
             last_was_last = h.is_last();
+            batch_ranges.push((h.offset, h.offset + u64::from(h.len)));
             if last_was_last {
                 committed = seen;
+                for (a, b) in batch_ranges.drain(..) {
+                    note_saved(&mut saved, a, b);
+                }
             }
         }
 
@@ -752,6 +807,8 @@ impl UndoLog {
                 file,
                 target_bytes,
                 state: committed,
+                saved,
+                rec: Vec::new(),
                 poisoned: false,
             },
             recovery,
@@ -788,83 +845,138 @@ impl UndoLog {
         self.state.saved_bytes
     }
 
-    /// Appends one batch: the old contents of every extent, read from `target` before
-    /// anything is overwritten, then one sync. Returns (records, file bytes) appended.
-    /// Any failure poisons the log: the file may hold part of the batch.
+    /// Saves the old contents of `extents` in `target` (a target of `target_bytes`)
+    /// before they are overwritten: steps 1 to 3 of the module doc. Every extent is
+    /// checked first; then the parts of the extents whose old contents no record of the
+    /// log holds yet are read and appended as one batch, and the log is synced once.
+    /// When every part is saved already (an earlier record covers it: replay, newest
+    /// record first, ends at that record's contents anyway) nothing is written or
+    /// synced. Returns the undo fields of [`ApplyStats`].
+    ///
+    /// The caller then writes the extents ([`write_extents`]), and reads nothing from
+    /// `target` for another save in between that it expects to see the old contents.
+    pub fn save(
+        &mut self,
+        target: &dyn StorageFile,
+        target_bytes: u64,
+        extents: &[(u64, ExtentData<'_>)],
+    ) -> Result<ApplyStats, ApplyError> {
+        check_extents(target_bytes, extents)?;
+        self.save_checked(target, target_bytes, extents)
+    }
+
+    /// [`UndoLog::save`] of extents that were checked.
+    fn save_checked(
+        &mut self,
+        target: &dyn StorageFile,
+        target_bytes: u64,
+        extents: &[(u64, ExtentData<'_>)],
+    ) -> Result<ApplyStats, ApplyError> {
+        if self.poisoned {
+            return Err(ApplyError::Poisoned);
+        }
+        if self.target_bytes != target_bytes {
+            return Err(ApplyError::TargetMismatch {
+                undo_target_bytes: self.target_bytes,
+                target_bytes,
+            });
+        }
+        let mut stats = ApplyStats::default();
+        if extents.is_empty() {
+            return Ok(stats);
+        }
+        let r = self.append_batch(target, extents, &mut stats);
+        if r.is_err() {
+            // The file may hold part of the batch, and `saved` may name its ranges.
+            self.poisoned = true;
+        }
+        r.map(|()| stats)
+    }
+
+    /// Appends one batch: the old contents of every part of `extents` not saved yet,
+    /// read from `target` before anything is overwritten, then one sync.
     fn append_batch(
         &mut self,
         target: &dyn StorageFile,
         extents: &[(u64, ExtentData<'_>)],
-    ) -> Result<(u64, u64), ApplyError> {
-        let r = self.append_batch_inner(target, extents);
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r
-    }
-
-    fn append_batch_inner(
-        &mut self,
-        target: &dyn StorageFile,
-        extents: &[(u64, ExtentData<'_>)],
-    ) -> Result<(u64, u64), ApplyError> {
+        stats: &mut ApplyStats,
+    ) -> Result<(), ApplyError> {
         let batch = self
             .state
             .batches
             .checked_add(1)
             .ok_or(ApplyError::Full(self.state.batches))?;
+        // The records: parts not covered by an earlier record (of an earlier batch, or
+        // of an earlier extent of this call: read before any write of the call, so it
+        // holds the contents from before the call), split at the record bound.
         let max = u64::from(UNDO_RECORD_BYTES_MAX);
-        let biggest = extents
-            .iter()
-            .map(|(_, d)| d.len().min(max))
-            .max()
-            .unwrap_or(0);
-        let mut rec = Vec::with_capacity(RECORD_HEADER_BYTES + biggest as usize);
+        let mut parts: Vec<(u64, u32)> = Vec::new();
+        for (offset, data) in extents {
+            let end = offset + data.len();
+            for (a, b) in self.saved.uncovered(*offset, end) {
+                let mut at = a;
+                while at < b {
+                    let len = (b - at).min(max);
+                    parts.push((at, len as u32));
+                    at += len;
+                }
+            }
+            note_saved(&mut self.saved, *offset, end);
+        }
+        let covered: u64 = extents.iter().map(|(_, d)| d.len()).sum();
+        let to_save: u64 = parts.iter().map(|&(_, len)| u64::from(len)).sum();
+        stats.undo_skipped_bytes = covered - to_save;
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let biggest = parts.iter().map(|&(_, len)| len).max().unwrap_or(0) as usize;
+        if self.rec.len() < RECORD_HEADER_BYTES + biggest {
+            self.rec.resize(RECORD_HEADER_BYTES + biggest, 0);
+        }
         let mut next = self.state;
         let mut prev_record_bytes = next.last.map_or(0, |r| r.bytes);
-        for (i, (offset, data)) in extents.iter().enumerate() {
-            let end = offset + data.len();
-            let mut at = *offset;
-            while at < end {
-                let len = (end - at).min(max) as u32;
-                let last = i + 1 == extents.len() && at + u64::from(len) == end;
-                rec.clear();
-                rec.resize(RECORD_HEADER_BYTES + len as usize, 0);
-                read_old(target, &mut rec[RECORD_HEADER_BYTES..], at)?;
-                let zero = rec[RECORD_HEADER_BYTES..].iter().all(|&b| b == 0);
-                if zero {
-                    rec.truncate(RECORD_HEADER_BYTES);
-                }
-                let h = RecordHeader {
-                    batch,
-                    offset: at,
-                    len,
-                    prev_record_bytes,
-                    flags: if zero { FLAG_ZERO } else { 0 } | if last { FLAG_LAST } else { 0 },
-                    data_crc: crc32fast::hash(&rec[RECORD_HEADER_BYTES..]),
-                };
-                h.encode(&mut rec);
-                self.file.write_all_at(&rec, next.end_bytes)?;
-                next.last = Some(RecordRef {
-                    pos: next.end_bytes,
-                    bytes: h.record_bytes(),
-                });
-                next.end_bytes += rec.len() as u64;
-                next.records += 1;
-                next.saved_bytes += u64::from(len);
-                prev_record_bytes = h.record_bytes();
-                at += u64::from(len);
-            }
+        for (i, &(at, len)) in parts.iter().enumerate() {
+            let rec = &mut self.rec[..RECORD_HEADER_BYTES + len as usize];
+            read_old(target, &mut rec[RECORD_HEADER_BYTES..], at)?;
+            let zero = rec[RECORD_HEADER_BYTES..].iter().all(|&b| b == 0);
+            let stored = if zero { 0 } else { len as usize };
+            let data_crc = if zero {
+                0
+            } else {
+                crc32fast::hash(&rec[RECORD_HEADER_BYTES..])
+            };
+            let h = RecordHeader {
+                batch,
+                offset: at,
+                len,
+                prev_record_bytes,
+                flags: if zero { FLAG_ZERO } else { 0 }
+                    | if i + 1 == parts.len() { FLAG_LAST } else { 0 },
+                data_crc,
+            };
+            h.encode(rec);
+            let rec = &rec[..RECORD_HEADER_BYTES + stored];
+            self.file.write_all_at(rec, next.end_bytes)?;
+            // The disk writes this record while the next ones are read, so the sync
+            // at the end waits for the last of them only.
+            self.file
+                .start_writeback(next.end_bytes, rec.len() as u64)?;
+            next.last = Some(RecordRef {
+                pos: next.end_bytes,
+                bytes: h.record_bytes(),
+            });
+            next.end_bytes += rec.len() as u64;
+            next.records += 1;
+            next.saved_bytes += u64::from(len);
+            prev_record_bytes = h.record_bytes();
         }
         next.batches = batch;
         // The one sync of the call: the old contents are durable before any overwrite.
         self.file.sync_data()?;
-        let appended = (
-            next.records - self.state.records,
-            next.end_bytes - self.state.end_bytes,
-        );
+        stats.undo_records = next.records - self.state.records;
+        stats.undo_file_bytes = next.end_bytes - self.state.end_bytes;
         self.state = next;
-        Ok(appended)
+        Ok(())
     }
 
     /// Writes the saved old contents back into `target`, newest record first, so every
@@ -956,6 +1068,7 @@ impl UndoLog {
         match r {
             Ok(()) => {
                 self.state = Committed::empty();
+                self.saved.clear();
                 self.poisoned = false;
                 Ok(())
             }
@@ -1044,6 +1157,29 @@ mod tests {
             .collect()
     }
 
+    /// How many of `epochs` save old contents (one batch each): those with a sector no
+    /// earlier extent (of an earlier epoch, or earlier in the same one) covered.
+    fn saving_epochs(epochs: &[Vec<Owned>], sectors_total: u64) -> usize {
+        let mut covered = vec![false; sectors_total as usize];
+        epochs
+            .iter()
+            .filter(|ep| {
+                let mut saves = false;
+                for e in ep.iter() {
+                    let (o, n) = match e {
+                        Owned::Bytes(o, b) => (*o, b.len() as u64),
+                        Owned::Zero(o, n) => (*o, *n),
+                    };
+                    for c in &mut covered[(o / SECTOR) as usize..((o + n) / SECTOR) as usize] {
+                        saves |= !*c;
+                        *c = true;
+                    }
+                }
+                saves
+            })
+            .count()
+    }
+
     /// The models: `models[i]` is the target after epochs `0..i`.
     fn models(base: &[u8], epochs: &[Vec<Owned>]) -> Vec<Vec<u8>> {
         let mut out = vec![base.to_vec()];
@@ -1125,7 +1261,8 @@ mod tests {
                 let st = apply_extents(target.as_ref(), target_bytes, &borrow(ep), Some(&mut undo)).unwrap();
                 prop_assert_eq!(st.extents, ep.len() as u64);
             }
-            prop_assert_eq!(undo.batches() as usize, i);
+            // A batch only where an epoch overwrites something no record saved yet.
+            prop_assert_eq!(undo.batches() as usize, saving_epochs(&epochs[..i], sectors));
             prop_assert_eq!(read_all(target.as_ref(), target_bytes), models[i].clone());
 
             let st = undo.replay(target.as_ref()).unwrap();
@@ -1220,8 +1357,10 @@ mod tests {
         let before = fs.steps();
         workload(&fs, &epochs, target_bytes).unwrap();
         let workload_steps = fs.steps() - before;
-        // One undo sync per call, the target sync, the removal and the directory sync.
-        assert_eq!(workload_steps, epochs.len() as u64 + 3);
+        // One undo sync per call that saves something (the last one overwrites only
+        // sectors saved before), the target sync, the removal and the directory sync.
+        assert_eq!(saving_epochs(&epochs, sectors), epochs.len() - 1);
+        assert_eq!(workload_steps, saving_epochs(&epochs, sectors) as u64 + 3);
 
         let mut runs = 0;
         for step in 1..=workload_steps {
@@ -1273,8 +1412,8 @@ mod tests {
         let base = base_image(3, target_bytes as usize);
         let epochs = build_epochs(
             &[
-                vec![(0, 16, false, 9)],
-                vec![(4, 4, true, 0), (2, 3, false, 10)],
+                vec![(0, 12, false, 9)],
+                vec![(4, 4, true, 0), (2, 3, false, 10), (10, 6, false, 11)],
             ],
             sectors,
         );
@@ -1300,6 +1439,68 @@ mod tests {
                 "seed {seed}"
             );
         }
+    }
+
+    /// Proves old contents are saved once per log: a call whose ranges an earlier record
+    /// holds saves only the rest, one that is wholly saved writes and syncs nothing; a
+    /// reopened log remembers the ranges of its complete batches, not those of a batch
+    /// a crash cut; and replay still ends exactly at the base.
+    #[test]
+    fn old_contents_are_saved_once() {
+        let sectors = 32;
+        let target_bytes = sectors * SECTOR;
+        let base = base_image(21, target_bytes as usize);
+        let fs = sim_with_replica(&base);
+        let target = fs.open(&replica_path(), OpenMode::Existing).unwrap();
+        let mut undo = UndoLog::create(arc(&fs), &undo_path(), target_bytes).unwrap();
+        let epochs = build_epochs(
+            &[
+                vec![(0, 8, false, 1)],
+                // Sectors 8..12 are new; 4..8 and 2..4 were saved by the first call.
+                vec![(4, 8, false, 2), (2, 2, true, 3)],
+                vec![(1, 10, false, 4)],
+                vec![(20, 4, false, 5)],
+            ],
+            sectors,
+        );
+        let apply = |undo: &mut UndoLog, ep: &[Owned]| {
+            apply_extents(target.as_ref(), target_bytes, &borrow(ep), Some(undo))
+        };
+        let st = apply(&mut undo, &epochs[0]).unwrap();
+        assert_eq!((st.undo_records, st.undo_skipped_bytes), (1, 0));
+        let st = apply(&mut undo, &epochs[1]).unwrap();
+        assert_eq!((st.undo_records, st.undo_skipped_bytes), (1, 6 * SECTOR));
+        assert_eq!(undo.saved_bytes(), 12 * SECTOR);
+        let steps = fs.steps();
+        let st = apply(&mut undo, &epochs[2]).unwrap();
+        assert_eq!(
+            (st.undo_records, st.undo_file_bytes, st.undo_skipped_bytes),
+            (0, 0, 10 * SECTOR)
+        );
+        assert_eq!(fs.steps(), steps, "a wholly saved call syncs nothing");
+        assert_eq!(undo.batches(), 2);
+        sync_target(target.as_ref()).unwrap();
+        // The fourth call crashes at its undo sync: its batch is cut on reopen.
+        fs.crash_after(1);
+        assert!(apply(&mut undo, &epochs[3]).is_err());
+        fs.crash(CrashMode::Torn { seed: 1 });
+        let (mut undo, rec) = UndoLog::open(arc(&fs), &undo_path()).unwrap();
+        assert_eq!(rec.batches, 2);
+        let target = fs.open(&replica_path(), OpenMode::Existing).unwrap();
+        let apply = |undo: &mut UndoLog, ep: &[Owned]| {
+            apply_extents(target.as_ref(), target_bytes, &borrow(ep), Some(undo))
+        };
+        assert_eq!(apply(&mut undo, &epochs[2]).unwrap().undo_records, 0);
+        assert_eq!(apply(&mut undo, &epochs[3]).unwrap().undo_records, 1);
+        assert_eq!(
+            read_all(target.as_ref(), target_bytes),
+            models(&base, &epochs).pop().unwrap()
+        );
+        undo.replay(target.as_ref()).unwrap();
+        assert_eq!(fs.durable_contents(&replica_path()).unwrap(), base);
+        // After a reset nothing counts as saved any more.
+        undo.reset().unwrap();
+        assert_eq!(apply(&mut undo, &epochs[2]).unwrap().undo_records, 1);
     }
 
     /// Checks that an [`ExtentError`] is the expected case.
@@ -1423,22 +1624,23 @@ mod tests {
     /// the base.
     #[test]
     fn large_extents_split_into_bounded_records() {
-        let target_bytes = 3 * u64::from(UNDO_RECORD_BYTES_MAX);
+        let target_bytes = 5 * u64::from(UNDO_RECORD_BYTES_MAX);
         let base = rand_bytes(11, target_bytes as usize);
         let fs = sim_with_replica(&base);
         let target = fs.open(&replica_path(), OpenMode::Existing).unwrap();
         let mut undo = UndoLog::create(arc(&fs), &undo_path(), target_bytes).unwrap();
         let big = rand_bytes(12, 2 * UNDO_RECORD_BYTES_MAX as usize + 1024);
         let zero_len = (ZERO_CHUNK_BYTES * 2 + 512) as u64;
+        let zero_at = big.len() + 4096;
         let extents = [
             (512, ExtentData::Bytes(&big)),
-            (4096, ExtentData::Zero(zero_len)),
+            (zero_at as u64, ExtentData::Zero(zero_len)),
         ];
         let st = apply_extents(target.as_ref(), target_bytes, &extents, Some(&mut undo)).unwrap();
         assert_eq!(st.undo_records, 3 + 3);
         let mut model = base.clone();
         model[512..512 + big.len()].copy_from_slice(&big);
-        model[4096..4096 + zero_len as usize].fill(0);
+        model[zero_at..zero_at + zero_len as usize].fill(0);
         assert_eq!(read_all(target.as_ref(), target_bytes), model);
         undo.replay(target.as_ref()).unwrap();
         assert_eq!(read_all(target.as_ref(), target_bytes), base);

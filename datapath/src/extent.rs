@@ -9,6 +9,8 @@
 //! - [`EpochMap`], the latest data of every byte written to one disk during one epoch.
 //!   The process server coalesces each epoch in such a map before shipping it, so a
 //!   block overwritten ten times in an epoch is shipped once.
+//! - [`RangeSet`], a set of byte ranges kept merged: which parts of a range are not yet
+//!   covered (failback's re-read check, the undo log's "old contents already saved").
 //!
 //! Nothing here is stored on disk or sent on the wire as is: the frame and spool
 //! modules own those layouts. [`VERSION`] exists only because every module reports one.
@@ -628,6 +630,82 @@ impl<'a> Iterator for Chunks<'a> {
     }
 }
 
+/// A set of byte ranges `[start, end)`, kept merged (overlapping and touching ranges
+/// become one): start -> end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The parts of `[start, end)` no range of the set covers, in order.
+    pub fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let mut at = start;
+        // The range that may start before `start` and reach into it, then the rest.
+        let first = self.0.range(..=start).next_back().map(|(&s, &e)| (s, e));
+        let rest = self.0.range(start + 1..end).map(|(&s, &e)| (s, e));
+        for (s, e) in first.into_iter().chain(rest) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                out.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
+    /// Adds `[start, end)`, merging it with every range it overlaps or touches.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &re)| re >= start)
+            .map(|(&rs, &re)| (rs, re))
+            .collect();
+        for (rs, re) in touching {
+            self.0.remove(&rs);
+            s = s.min(rs);
+            e = e.max(re);
+        }
+        self.0.insert(s, e);
+    }
+
+    /// The number of (merged) ranges.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set holds no range.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Removes every range.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1158,6 +1236,44 @@ mod tests {
                 })
                 .collect();
             prop_assert_eq!(joined, expected);
+        }
+    }
+
+    /// Proves the uncovered parts of a range against merged covered ranges.
+    #[test]
+    fn range_set_uncovered_parts() {
+        let mut c = RangeSet::new();
+        assert_eq!(c.uncovered(0, 100), vec![(0, 100)]);
+        c.insert(10, 20);
+        c.insert(30, 40);
+        assert_eq!(c.uncovered(0, 100), vec![(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(c.uncovered(12, 18), vec![]);
+        assert_eq!(c.uncovered(15, 35), vec![(20, 30)]);
+        c.insert(20, 30);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.uncovered(5, 45), vec![(5, 10), (40, 45)]);
+        c.insert(0, 50);
+        assert_eq!(c.uncovered(0, 60), vec![(50, 60)]);
+        // Against a naive model.
+        let mut rng = crate::testutil::Rng::new(9);
+        for _ in 0..200 {
+            let mut c = RangeSet::new();
+            let mut model = [false; 200];
+            for _ in 0..rng.below(8) {
+                let s = rng.below(190);
+                let e = s + 1 + rng.below(200 - s);
+                c.insert(s, e.min(200));
+                model[s as usize..e.min(200) as usize].fill(true);
+            }
+            let (s, e) = (rng.below(150), 150 + rng.below(50));
+            let mut got = [true; 200];
+            for (a, b) in c.uncovered(s, e) {
+                assert!(a < b);
+                got[a as usize..b as usize].fill(false);
+            }
+            for i in s..e {
+                assert_eq!(got[i as usize], model[i as usize], "byte {i}");
+            }
         }
     }
 }

@@ -33,16 +33,86 @@
 //! written bytes of later frames (through P); applying the frames after `applied_seq`
 //! again, in order, overwrites every such byte with what the frames say, so the result
 //! is base + frames through P whatever the crash left. The undo logs stay exact too:
-//! the old contents a resumed batch records may be parts of the new data, but replay
-//! goes newest record first, so the contents from before the first overwrite win.
+//! a range is saved once, before its first overwrite ([`UndoLog::save`] skips what a
+//! record holds already), and replay goes newest record first, so the contents from
+//! before the first overwrite win. A start records `applying P` before the first
+//! overwrite: a rerun that finds no state takes the undo logs for leftovers of a start
+//! that wrote nothing, and makes new ones.
 //!
 //! **Why a change of point records `revert` first.** Once an undo log replay starts, the
 //! replicas are neither at the base nor at the old point; `applied_seq` no longer
 //! describes them. The state is therefore rewritten (new point, `applied_seq` = base,
 //! `revert` set) *before* the first replay; a rerun that finds `revert` replays the undo
-//! logs again (a replay only reads the log, and the undo logs hold the old contents of
-//! every overwrite since the base, so it always ends at the base). The first progress
+//! logs again (a replay only reads the log, and the undo logs hold, for every range
+//! overwritten since the base, its contents from before the first overwrite, so it
+//! always ends at the base). The first progress
 //! record after the apply resumed clears `revert`.
+//!
+//! # The pipeline
+//!
+//! A run keeps both cores busy and the disk writing while the CPU works: the stages
+//! below run on threads of their own and hand batches on through channels without
+//! capacity (module `pipeline`):
+//!
+//! - **read ahead** (module `ahead`): a reader thread reads the frames in order (crc),
+//!   up to [`DECODE_THREADS_MAX`] decoder threads (one per core) decompress them and
+//!   check every extent's blake3; the saver gets them back in journal order.
+//! - **saver** (the calling thread): collects a batch and saves its old contents in the
+//!   undo logs ([`UndoLog::save`]: one sync per log with something new to save, the
+//!   disk writing each record while the next is read).
+//! - **applier**: writes a saved batch ([`crate::apply::write_extents`]) once the
+//!   checker has re-read the batch before.
+//! - **checker**: re-reads and checks the batch's extents (from the page cache, before
+//!   or while the batch is synced: the bytes are the same).
+//! - **committer**: syncs every replica the checked batches wrote, then records the
+//!   progress (`applied_seq`) through the newest of them; one sync per replica and one
+//!   record cover every batch checked meanwhile.
+//!
+//! So batch k+1 is saved (its undo records synced) while batch k is written, checked,
+//! synced and recorded, and written while batch k is synced and recorded. All of it is
+//! safe:
+//!
+//! - every overwrite still comes after the undo record that covers it is durable (the
+//!   saver hands a batch on only after its save);
+//! - a range of batch k+1 that batch k writes was saved by batch k or earlier, so the
+//!   save of k+1 never records it first (it may record it again, with the cap of
+//!   [`crate::apply::SAVED_RANGES_MAX`], but replay ends at the oldest record): what
+//!   it reads while k is written does not matter;
+//! - a batch is recorded only after it is checked and every replica it wrote synced;
+//!   a state that says `applied_seq` = j while bytes of later batches are on the
+//!   replicas (synced or not) is the ordinary crash case above (frames after
+//!   `applied_seq` applied again, every overwrite undoable).
+//!
+//! What never happens is an overwrite by batch k+1 before the checker has re-read batch
+//! k (the check would find the next batch's bytes). [`Failback::with_overlap`]`(false)`
+//! runs the same stages one batch at a time, each batch recorded before the next is
+//! saved: the durable steps then come in one fixed order, for tests that crash every
+//! one of them. [`Outcome::stages`] tells where a run's time went.
+//!
+//! **Memory.** Decoded frames are counted from the read until their batch is checked,
+//! at most [`DECODED_BYTES_MAX`]: the batches being saved, written and checked, and
+//! the frames decoded ahead; the reader waits beyond it.
+//!
+//! **Speed.** `cargo run --release --example failback_apply -- --mib 1024` journals 1
+//! GiB of realistic 64 KiB..1 MiB writes (1 MiB zstd -2 frames, as the shipper makes
+//! them) over a 2 GiB replica and times [`Failback::run`]. On this project's 2-vCPU VM
+//! (shared with other work; old and new code interleaved, same data): 619-738 MB/s of
+//! replica bytes, median 698 (other sets that day: medians 663-778, at best 854),
+//! against 271-327, median 287, when every step waited for the one before (the old
+//! run used one core at ~25% and waited on its syncs). Where the time goes now
+//! ([`Outcome::stages`]; `perf record` on the example): the run is CPU-bound, 85-88%
+//! of both cores, 2.4-2.8 CPU-seconds per GB applied: decoding 42% (zstd 26%, blake3
+//! 7%), the saver 18% (old contents read, crc, undo log appended and written back),
+//! the applier 13% (pwrite: the copy and ext4's per-buffer work, about half each), the
+//! checker 11% (re-read, blake3), the committer 10% (writeback), the reader 6%; the
+//! disk writes 1.8 bytes per byte applied (undo 0.8 after "saved once", replica 1.0)
+//! and is busy ~80% of the run. The 800 MB/s of the throughput issue is reached on a
+//! quiet machine only. Closing the gap needs less CPU per byte, not more overlap: the
+//! old contents and the re-read check through a read-only map instead of copies (~8%
+//! of the CPU, but an I/O error of the replica would come as SIGBUS: see
+//! [`crate::apply`]); an undo log written with `O_DIRECT` in 4 KiB-aligned records (a
+//! new format version; no copy and no page-cache writeback for 0.8 bytes per byte,
+//! ~10%); or more cores (decoding, the largest part, scales with them).
 //!
 //! # Files in `dir`
 //!
@@ -78,7 +148,8 @@
 //! | operation            | order                                                                 |
 //! |----------------------|-----------------------------------------------------------------------|
 //! | start (from none)    | `dir` created, its parent synced -> leftover undo logs of an interrupted start removed, `dir` synced -> one undo log per disk created (header synced, `dir` synced) -> state `applying P`, `applied_seq` = base |
-//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: old contents appended to its undo log and synced, then the replica written ([`apply::apply_extents`]), then the replica synced, then its applied extents re-read and checked -> (every disk done) state `applying P`, `applied_seq` = the batch's last seq |
+//! | one batch            | frames read (crc) and decoded (blake3) -> per disk the batch touches: the old contents its undo log does not hold yet appended, the log synced ([`UndoLog::save`]) -> (the batch before checked) every touched replica written ([`crate::apply::write_extents`]) -> its applied extents re-read and checked, and every touched replica synced -> state `applying P`, `applied_seq` = the batch's last seq |
+//! | batches overlapping  | batch k+1's old contents saved and synced may come before any of batch k's replica writes, syncs and state replace; batch k+1's replica writes may come before batch k's replica sync and state replace, never before batch k's check; one replica sync and one state replace may stand for several batches (see "The pipeline") |
 //! | end                  | (last batch) -> state `applied P`                                     |
 //! | change of point to Q | state `applying Q`, `applied_seq` = base, `REVERT` -> every undo log replayed (newest record first; the replica synced) -> every undo log reset (truncated, synced) -> batches as above (the first clears `REVERT`) |
 //! | commit               | (with lists: journal opened, the extent tables of the frames after P indexed, one change list per disk replaced with [`storage::write_atomic_with`]) -> state `committed P` -> every undo log removed -> `dir` synced -> the journal removed ([`journal::remove_all`]) |
@@ -97,8 +168,8 @@
 //! a half-removed journal) reports the lists it finds for this point.
 //!
 //! A batch is at most [`BATCH_PLAIN_BYTES_MAX`] of decoded data (plus one frame) or
-//! [`BATCH_FRAMES_MAX`] frames: memory stays bounded by it, and each batch costs one
-//! sync per undo log and replica it touches plus one state replace.
+//! [`BATCH_FRAMES_MAX`] frames, and costs one sync per undo log (with something new to
+//! save) and replica it touches plus one state replace.
 //!
 //! The replicas are opened through [`Storage`] like everything durable here; the
 //! binary passes [`crate::storage::RealFs`], the tests [`crate::storage::SimFs`].
@@ -106,28 +177,31 @@
 //! # Checks
 //!
 //! Every frame is read back with its crc checked ([`Journal::read`]) and decoded with
-//! every extent's blake3 checked ([`Decoder::decode_data`]) before any byte of it is
-//! written. After a batch is synced, every applied extent is read back from its replica:
+//! every extent's blake3 checked ([`crate::frame::Decoder::decode_data`]) before any
+//! byte of it is written. Once a batch is written, every applied extent is read back
+//! from its replica (before its progress is recorded, which also waits for the sync):
 //! where no later extent of the same batch overwrote it, its blake3 must match the
 //! frame's; where a later one overwrote part of it, the rest must equal the frame's
 //! bytes (zero extents: zeros). A frame naming a disk that is not in the group, or an
 //! extent past a replica's end, is refused before its batch writes anything.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::apply::{self, ApplyError, UndoLog};
+use crate::apply::{ApplyError, UndoLog};
 use crate::changelist::{self, ChangeListError};
-use crate::extent::{Extent, ExtentData};
-use crate::frame::{DataFrame, Decoder, FrameError, FrameKind, PointKind};
+use crate::extent::Extent;
+use crate::frame::{FrameError, MAX_PLAIN_BYTES, PointKind};
 use crate::journal::{self, FrameEntry, Journal, JournalConfig, JournalError, PointEntry};
 use crate::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 use crate::pointview::{PointIndex, PointViewError, ViewDisk};
 use crate::storage::{self, OpenMode, Storage, StorageFile};
+
+use pipeline::ReplicaRef;
 
 /// Format version of the state file.
 pub const VERSION: u16 = 1;
@@ -137,12 +211,21 @@ pub const STATE_MAGIC: [u8; 8] = *b"BRFBSTAT";
 pub const STATE_BYTES: usize = 160;
 /// Name of the state file in the failback directory.
 pub const STATE_FILE: &str = "failback.state";
-/// A batch takes no further frame once it holds this many decoded bytes.
-pub const BATCH_PLAIN_BYTES_MAX: u64 = 32 << 20;
+/// A batch takes no further frame once it holds this many decoded bytes. 16 MiB: in
+/// `examples/failback_apply` 8 and 16 MiB batches applied at the same speed and 32 MiB
+/// ~10% slower (a longer fill and drain of the pipeline); fewer, larger syncs than 8.
+pub const BATCH_PLAIN_BYTES_MAX: u64 = 16 << 20;
 /// A batch takes at most this many frames.
 pub const BATCH_FRAMES_MAX: usize = 256;
 /// Bytes read per step when applied extents are checked.
 pub const VERIFY_CHUNK_BYTES: usize = 1 << 20;
+/// Most threads decoding frames ahead of the writer (one per core up to this).
+pub const DECODE_THREADS_MAX: usize = 4;
+/// Plain bytes of decoded frames in memory at once: the batch being saved, the batch
+/// being written, the batch being checked, and frames decoded ahead. Three whole
+/// batches (each at most [`BATCH_PLAIN_BYTES_MAX`] plus one frame) always fit, so the
+/// saver can always finish its batch while the other two stages hold theirs.
+pub const DECODED_BYTES_MAX: u64 = 3 * (BATCH_PLAIN_BYTES_MAX + MAX_PLAIN_BYTES as u64);
 
 const FLAG_REVERT: u8 = 1;
 const OFF_VERSION: usize = 8;
@@ -339,6 +422,14 @@ pub enum FailbackError {
     },
     #[error("journal: {0}")]
     Journal(#[from] JournalError),
+    #[error("failback stopped: {what} ended before its work was done")]
+    Stopped { what: &'static str },
+    #[error("start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("index the journal frames after the point: {0}")]
     Index(#[source] PointViewError),
     #[error("disk {disk:?}: change list: {source}")]
@@ -641,7 +732,7 @@ pub struct Applied {
     pub data_bytes: u64,
     /// Bytes of zeros written.
     pub zero_bytes: u64,
-    /// Replica bytes re-read and checked after the sync.
+    /// Replica bytes re-read and checked (before the batch is recorded).
     pub verified_bytes: u64,
     /// Journal bytes (frames as stored) read.
     pub journal_bytes: u64,
@@ -672,6 +763,29 @@ pub struct Outcome {
     pub applied: Applied,
     /// Disks of the group.
     pub disks: usize,
+    /// Where the apply's time went, stage by stage.
+    pub stages: StageTimes,
+}
+
+/// Where the time of [`Failback::run`]'s apply went, per stage of its pipeline (see
+/// the module doc, "The pipeline"). The stages run on threads of their own, so their
+/// times overlap; the stage whose work and waits fill the run's time is its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// The saver waiting for decoded frames (decoding is behind).
+    pub frames_wait: Duration,
+    /// The saver saving old contents: reading them, appending and syncing undo logs.
+    pub save: Duration,
+    /// The saver waiting for the applier to take a saved batch.
+    pub hand_over: Duration,
+    /// The applier waiting for the check of the batch before.
+    pub check_wait: Duration,
+    /// The applier writing the replicas.
+    pub write: Duration,
+    /// The checker re-reading the batches.
+    pub check: Duration,
+    /// The committer syncing the replicas and replacing the failback state.
+    pub commit: Duration,
 }
 
 /// What [`Failback::commit`] did.
@@ -721,6 +835,10 @@ pub struct Failback {
     /// [`BATCH_PLAIN_BYTES_MAX`] and [`BATCH_FRAMES_MAX`]; smaller in tests.
     batch_plain_bytes_max: u64,
     batch_frames_max: usize,
+    /// Save and write a batch while the checker still syncs and records the one
+    /// before (the default); off, every step waits for the one before it, in one
+    /// fixed order ([`Failback::with_overlap`]).
+    overlap: bool,
 }
 
 /// A disk and its open replica.
@@ -769,6 +887,7 @@ impl Failback {
             disks,
             batch_plain_bytes_max: BATCH_PLAIN_BYTES_MAX,
             batch_frames_max: BATCH_FRAMES_MAX,
+            overlap: true,
         })
     }
 
@@ -777,6 +896,15 @@ impl Failback {
     pub fn with_batch_limits(mut self, plain_bytes_max: u64, frames_max: usize) -> Self {
         self.batch_plain_bytes_max = plain_bytes_max.clamp(1, BATCH_PLAIN_BYTES_MAX);
         self.batch_frames_max = frames_max.clamp(1, BATCH_FRAMES_MAX);
+        self
+    }
+
+    /// With `false`, a batch's old contents are saved only after the batch before is
+    /// synced, checked and recorded: the durable steps of a run then come in one fixed
+    /// order (for tests that crash a run at each of them). Slower; the result is the
+    /// same.
+    pub fn with_overlap(mut self, overlap: bool) -> Self {
+        self.overlap = overlap;
         self
     }
 
@@ -892,9 +1020,10 @@ impl Failback {
             reverted_bytes: 0,
             applied: Applied::default(),
             disks: self.disks.len(),
+            stages: StageTimes::default(),
         };
         let (mut targets, from_seq, mut applied_bytes) = match state {
-            None => (self.start(replicas)?, base, 0),
+            None => (self.start(replicas, target, base)?, base, 0),
             Some(s) => {
                 let mut targets = self.open_undo(replicas)?;
                 if s.point.id == target.id && !s.revert {
@@ -948,7 +1077,12 @@ impl Failback {
     }
 
     /// From none: the directory, fresh undo logs, and the state `applying` at the base.
-    fn start(&self, replicas: Vec<Replica>) -> Result<Vec<Target>, FailbackError> {
+    fn start(
+        &self,
+        replicas: Vec<Replica>,
+        target: PointRef,
+        base: u64,
+    ) -> Result<Vec<Target>, FailbackError> {
         self.fs
             .create_dir_all(&self.dir)
             .map_err(io_err("create failback directory", &self.dir))?;
@@ -992,6 +1126,18 @@ impl Failback {
                 })?;
             targets.push(Target { disk, file, undo });
         }
+        // Before the first overwrite: from here on a rerun must keep the undo logs (a
+        // rerun without a state takes them for leftovers of an interrupted start and
+        // makes new ones, which would hold the first batch's data as the base).
+        self.store(&FailbackState {
+            phase: Phase::Applying,
+            revert: false,
+            point: target,
+            base_seq: base,
+            applied_seq: base,
+            applied_bytes: 0,
+            disks: targets.len() as u16,
+        })?;
         Ok(targets)
     }
 
@@ -1056,7 +1202,10 @@ impl Failback {
         Ok(bytes)
     }
 
-    /// Applies frames `(from_seq, target.seq]` in batches (see the module doc).
+    /// Applies frames `(from_seq, target.seq]` in batches (see the module doc, "The
+    /// pipeline"): frames decoded ahead on threads ([`ahead`]), each batch's old
+    /// contents saved and its extents written here, and a checker thread that syncs the
+    /// replicas, re-reads and checks the batch and records the progress.
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
@@ -1083,97 +1232,34 @@ impl Failback {
             prog.total_frames += 1;
         }
         progress(&prog);
-        let mut dec = Decoder::new();
-        let mut batch: Vec<DataFrame> = Vec::new();
-        let mut batch_plain = 0u64;
-        let mut batch_frames = 0usize;
-        let mut frames = journal.read(from_seq + 1, target.seq)?.peekable();
-        while let Some(item) = frames.next() {
-            let (h, bytes) = item?;
-            prog.done_bytes += bytes.len() as u64;
-            prog.done_frames += 1;
-            out.applied.frames += 1;
-            out.applied.journal_bytes += bytes.len() as u64;
-            batch_frames += 1;
-            if h.kind == FrameKind::Data {
-                let df = dec
-                    .decode_data(&bytes)
-                    .map_err(|source| FailbackError::Frame { seq: h.seq, source })?;
-                drop(bytes);
-                if !targets.iter().any(|t| t.disk.id == df.meta.disk) {
-                    return Err(FailbackError::UnknownDisk {
-                        group: self.group.clone(),
-                        seq: h.seq,
-                        disk: df.meta.disk.clone(),
-                    });
-                }
-                batch_plain += df.plain_bytes();
-                batch.push(df);
-            }
-            let last = frames.peek().is_none();
-            if last
-                || batch_plain >= self.batch_plain_bytes_max
-                || batch_frames >= self.batch_frames_max
-            {
-                self.apply_batch(targets, &batch, &mut out.applied, applied_bytes)?;
-                // Progress only after the replicas are synced and checked.
-                self.store(&FailbackState {
-                    phase: Phase::Applying,
-                    revert: false,
-                    point: target,
-                    base_seq: journal.base_seq(),
-                    applied_seq: h.seq,
-                    applied_bytes: *applied_bytes,
-                    disks: targets.len() as u16,
-                })?;
-                for df in batch.drain(..) {
-                    dec.recycle(df);
-                }
-                batch_plain = 0;
-                batch_frames = 0;
-                progress(&prog);
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one batch: per disk one [`apply::apply_extents`] call with its undo log,
-    /// then every touched replica synced, then every extent checked.
-    fn apply_batch(
-        &self,
-        targets: &mut [Target],
-        batch: &[DataFrame],
-        applied: &mut Applied,
-        applied_bytes: &mut u64,
-    ) -> Result<(), FailbackError> {
-        for t in targets.iter_mut() {
-            let exts: Vec<(u64, ExtentData<'_>)> = batch
-                .iter()
-                .filter(|df| df.meta.disk == t.disk.id)
-                .flat_map(|df| df.extents())
-                .collect();
-            if exts.is_empty() {
-                continue;
-            }
-            let st =
-                apply::apply_extents(t.file.as_ref(), t.disk.size_bytes, &exts, Some(&mut t.undo))
-                    .map_err(|source| FailbackError::Apply {
-                        disk: t.disk.id.clone(),
-                        what: "apply",
-                        source,
-                    })?;
-            apply::sync_target(t.file.as_ref()).map_err(|source| FailbackError::Apply {
-                disk: t.disk.id.clone(),
-                what: "sync replica",
-                source,
-            })?;
-            applied.extents += st.extents;
-            applied.data_bytes += st.data_bytes;
-            applied.zero_bytes += st.zero_bytes;
-            *applied_bytes += st.data_bytes + st.zero_bytes;
-            applied.verified_bytes += verify(t, batch)?;
-        }
-        Ok(())
+        let frames = journal.read(from_seq + 1, target.seq)?;
+        let (replicas, mut undos): (Vec<ReplicaRef<'_>>, Vec<&mut UndoLog>) = targets
+            .iter_mut()
+            .map(|Target { disk, file, undo }| {
+                let file: &dyn StorageFile = &**file;
+                (ReplicaRef { disk, file }, undo)
+            })
+            .unzip();
+        let stamp = FailbackState {
+            phase: Phase::Applying,
+            revert: false,
+            point: target,
+            base_seq: journal.base_seq(),
+            applied_seq: from_seq,
+            applied_bytes: *applied_bytes,
+            disks: replicas.len() as u16,
+        };
+        let work = pipeline::Work {
+            fb: self,
+            replicas: &replicas,
+            undos: &mut undos,
+            stamp,
+            last_seq: target.seq,
+            applied_bytes,
+            out,
+            progress,
+        };
+        pipeline::run(work, frames, prog)
     }
 
     /// Makes the failback final (see the module doc): the state `committed` first, then
@@ -1355,116 +1441,7 @@ impl Failback {
     }
 }
 
-/// Ranges already claimed by later extents of a batch, merged: start -> end.
-#[derive(Default)]
-struct Covered(BTreeMap<u64, u64>);
-
-impl Covered {
-    /// The parts of `[start, end)` no range covers, in order.
-    fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if start >= end {
-            return out;
-        }
-        let mut at = start;
-        // The range that may start before `start` and reach into it, then the rest.
-        let first = self.0.range(..=start).next_back().map(|(&s, &e)| (s, e));
-        let rest = self.0.range(start + 1..end).map(|(&s, &e)| (s, e));
-        for (s, e) in first.into_iter().chain(rest) {
-            if e <= at {
-                continue;
-            }
-            if s > at {
-                out.push((at, s.min(end)));
-            }
-            at = at.max(e);
-            if at >= end {
-                break;
-            }
-        }
-        if at < end {
-            out.push((at, end));
-        }
-        out
-    }
-
-    fn insert(&mut self, start: u64, end: u64) {
-        let (mut s, mut e) = (start, end);
-        let touching: Vec<(u64, u64)> = self
-            .0
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &re)| re >= start)
-            .map(|(&rs, &re)| (rs, re))
-            .collect();
-        for (rs, re) in touching {
-            self.0.remove(&rs);
-            s = s.min(rs);
-            e = e.max(re);
-        }
-        self.0.insert(s, e);
-    }
-}
-
-/// Re-reads every extent the batch applied to `t`'s replica (see the module doc's
-/// checks); returns the bytes read.
-fn verify(t: &Target, batch: &[DataFrame]) -> Result<u64, FailbackError> {
-    let mut covered = Covered::default();
-    let mut read = 0u64;
-    let mut buf = Vec::new();
-    let fail = |seq: u64, offset: u64, len: u64, why: &'static str| FailbackError::Verify {
-        disk: t.disk.id.clone(),
-        path: t.disk.replica.clone(),
-        offset,
-        len,
-        seq,
-        why,
-    };
-    let io_fail = |e: io::Error| FailbackError::Io {
-        what: "re-read replica",
-        path: t.disk.replica.clone(),
-        source: e,
-    };
-    for df in batch.iter().rev().filter(|df| df.meta.disk == t.disk.id) {
-        let exts: Vec<_> = df.entries().iter().zip(df.extents()).collect();
-        for (entry, (offset, data)) in exts.into_iter().rev() {
-            let end = offset + data.len();
-            let parts = covered.uncovered(offset, end);
-            let whole = parts.len() == 1 && parts[0] == (offset, end);
-            if whole && let ExtentData::Bytes(b) = data {
-                buf.resize(b.len(), 0);
-                t.file.read_exact_at(&mut buf, offset).map_err(io_fail)?;
-                read += b.len() as u64;
-                if *blake3::hash(&buf).as_bytes() != entry.hash {
-                    return Err(fail(df.seq, offset, data.len(), "blake3 mismatch"));
-                }
-            } else {
-                for (s, e) in parts {
-                    let mut at = s;
-                    while at < e {
-                        let n = (e - at).min(VERIFY_CHUNK_BYTES as u64) as usize;
-                        buf.resize(n, 0);
-                        t.file.read_exact_at(&mut buf, at).map_err(io_fail)?;
-                        read += n as u64;
-                        let ok = match data {
-                            ExtentData::Bytes(b) => {
-                                let from = (at - offset) as usize;
-                                buf[..] == b[from..from + n]
-                            }
-                            ExtentData::Zero(_) => buf.iter().all(|&x| x == 0),
-                        };
-                        if !ok {
-                            return Err(fail(df.seq, at, n as u64, "bytes differ"));
-                        }
-                        at += n as u64;
-                    }
-                }
-            }
-            covered.insert(offset, end);
-        }
-    }
-    Ok(read)
-}
-
+mod ahead;
+mod pipeline;
 #[cfg(test)]
 mod tests;

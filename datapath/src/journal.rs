@@ -1670,7 +1670,22 @@ pub struct FrameIter<'a> {
 }
 
 impl FrameIter<'_> {
-    fn read_one(&mut self, seq: u64) -> Result<(FrameHeader, Vec<u8>), JournalError> {
+    /// The next frame read into `buf` (its capacity reused: no allocation and no
+    /// zeroing once it is large enough), as [`Iterator::next`] reads it.
+    pub fn next_into(&mut self, buf: &mut Vec<u8>) -> Option<Result<FrameHeader, JournalError>> {
+        if self.done || self.next > self.to {
+            return None;
+        }
+        let r = self.read_one(self.next, buf);
+        match r {
+            Ok(_) => self.next += 1,
+            // One error ends the iteration: later frames are not trusted past a bad one.
+            Err(_) => self.done = true,
+        }
+        Some(r)
+    }
+
+    fn read_one(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<FrameHeader, JournalError> {
         let j = self.journal;
         let e = *j.entry(seq).ok_or(JournalError::OutOfRange {
             from: seq,
@@ -1679,7 +1694,8 @@ impl FrameIter<'_> {
             last: j.write_seq,
         })?;
         let path = j.segment_path(e.segment);
-        let mut buf = vec![0u8; e.len as usize];
+        // Only bytes the buffer never held are zeroed; the read overwrites them all.
+        buf.resize(e.len as usize, 0);
         let f = match self.file.take() {
             Some((s, f)) if s == e.segment => f,
             _ => {
@@ -1687,7 +1703,7 @@ impl FrameIter<'_> {
                     .map_err(io_err("open segment", &path))?
             }
         };
-        let r = f.read_exact_at(&mut buf, e.offset);
+        let r = f.read_exact_at(buf, e.offset);
         self.file = Some((e.segment, f));
         r.map_err(io_err("read frame", &path))?;
         let corrupt = |why: String| JournalError::Corruption {
@@ -1695,14 +1711,14 @@ impl FrameIter<'_> {
             offset: e.offset,
             why,
         };
-        let h = frame::verify(&buf).map_err(|err| corrupt(format!("frame read back: {err}")))?;
+        let h = frame::verify(buf).map_err(|err| corrupt(format!("frame read back: {err}")))?;
         if h.seq != seq || h.kind != e.kind {
             return Err(corrupt(format!(
                 "read back seq {} kind {:?}, the index says seq {seq} kind {:?}",
                 h.seq, h.kind, e.kind
             )));
         }
-        Ok((h, buf))
+        Ok(h)
     }
 }
 
@@ -1710,16 +1726,9 @@ impl Iterator for FrameIter<'_> {
     type Item = Result<(FrameHeader, Vec<u8>), JournalError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.next > self.to {
-            return None;
-        }
-        let r = self.read_one(self.next);
-        match r {
-            Ok(_) => self.next += 1,
-            // One error ends the iteration: later frames are not trusted past a bad one.
-            Err(_) => self.done = true,
-        }
-        Some(r)
+        let mut buf = Vec::new();
+        let r = self.next_into(&mut buf)?;
+        Some(r.map(|h| (h, buf)))
     }
 }
 

@@ -41,9 +41,10 @@
 //! | dirty bit cleared       | target ack covers the block's last write -> bit cleared (lazily flushed)     |
 //! | hash-diff resync extent | every earlier record acked (at the pass's start) -> target's hashes fetched -> range lock -> read -> differing parts spooled -> matching blocks' bits cleared (unless a write to them is unacked) -> range unlocked |
 //! | retention fold          | intent replaced ([`storage::write_atomic`]) -> frames applied to replicas -> replicas synced -> journal `drop_through` (state replaced, segments removed, directory synced) |
-//! | apply with undo         | old contents appended to undo log -> undo log synced -> replica written -> replica synced |
+//! | apply with undo         | old contents appended to undo log (ranges it holds already skipped; nothing new: no append, no sync; writeback started per record) -> undo log synced -> replica written -> replica synced |
 //! | state file replaced     | [`storage::write_atomic`]: temp written -> temp synced -> rename -> directory synced |
-//! | failback batch          | frames read (crc) and decoded (blake3) -> per disk: apply with undo (row above) -> replica synced -> applied extents re-read and checked -> failback state (`applied_seq`) replaced |
+//! | failback start          | undo logs created (synced, directory synced) -> failback state `applying` at the base replaced, before the first overwrite |
+//! | failback batch          | frames read (crc) and decoded (blake3) ahead, on threads -> per disk: old contents saved (row above) -> (the batch before checked) replica written -> applied extents re-read and checked, replica synced -> failback state (`applied_seq`) replaced; the next batch is saved while this one is written, checked, synced and recorded, and written while it is synced and recorded, never before its check |
 //! | change of point         | failback state `applying Q` + `REVERT` replaced -> every undo log replayed (replica synced) -> undo logs reset -> batches |
 //! | failback commit         | (with change lists: journal frames after the point indexed -> one list per disk replaced, [`storage::write_atomic_with`]) -> failback state `committed` replaced -> undo logs removed -> directory synced -> journal files removed -> journal directory synced |
 

@@ -39,10 +39,19 @@
 //! [`datapath::failback`]): the state file and one undo log per disk. `serve` reads it
 //! at start and keeps refusing replication for a group that is failing back, failed
 //! back or committed; it finishes nothing by itself.
+//!
+//! **A failpoint for tests.** With `BLOCKREP_FAILPOINT=failback::after_first_record`
+//! in its environment, a failback (in-process or in `serve`) goes on until the
+//! progress of its first batch is recorded, logs `failpoint failback::after_first_record
+//! reached`, and then waits for ever at its next file sync: a test kills it (-9) in
+//! the middle of an apply however fast the apply is. Unset, it costs one lookup of
+//! the variable per failback.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use datapath::failback::{
@@ -50,7 +59,7 @@ use datapath::failback::{
 };
 use datapath::frame::PointKind;
 use datapath::journal::Journal;
-use datapath::storage::RealFs;
+use datapath::storage::{MappedFile, OpenMode, RealFs, Storage, StorageFile};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -154,7 +163,7 @@ pub struct Summary {
     pub bytes_applied: u64,
     pub data_bytes: u64,
     pub zero_bytes: u64,
-    /// Replica bytes re-read and checked against their blake3 after the sync.
+    /// Replica bytes re-read and checked against their blake3 before being recorded.
     pub verified_bytes: u64,
     /// Journal bytes read (frames as stored).
     pub journal_bytes: u64,
@@ -223,12 +232,91 @@ pub fn failback_of(cfg: &Config, g: &GroupConfig) -> anyhow::Result<Failback> {
             size_bytes: d.size_bytes,
         })
         .collect();
-    Ok(Failback::new(
-        Arc::new(RealFs),
-        &cfg.failback_dir(&g.id),
-        &g.id,
-        disks,
-    )?)
+    let fs: Arc<dyn Storage> = match std::env::var(crate::retention::FAILPOINT_ENV) {
+        Ok(v) if v == FAILPOINT_AFTER_FIRST_RECORD => Arc::new(Failpoint::default()),
+        _ => Arc::new(RealFs),
+    };
+    Ok(Failback::new(fs, &cfg.failback_dir(&g.id), &g.id, disks)?)
+}
+
+/// The failback's failpoint (tests only; see the module doc).
+pub const FAILPOINT_AFTER_FIRST_RECORD: &str = "failback::after_first_record";
+
+/// The real file system, but once the failback state was replaced twice (the start,
+/// or a change of point's revert, then the first batch's progress), every file sync
+/// waits for ever: the process waits to be killed.
+#[derive(Default)]
+struct Failpoint {
+    state_replaces: Arc<AtomicUsize>,
+}
+
+/// A file of [`Failpoint`].
+struct FailpointFile {
+    inner: Box<dyn StorageFile>,
+    state_replaces: Arc<AtomicUsize>,
+}
+
+impl StorageFile for FailpointFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.start_writeback(offset, len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.state_replaces.load(Ordering::SeqCst) >= 2 {
+            tracing::warn!(
+                "failpoint {FAILPOINT_AFTER_FIRST_RECORD} reached: waiting to be killed"
+            );
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        self.inner.sync_data()
+    }
+}
+
+impl Storage for Failpoint {
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn StorageFile>> {
+        Ok(Box::new(FailpointFile {
+            inner: RealFs.open(path, mode)?,
+            state_replaces: self.state_replaces.clone(),
+        }))
+    }
+    fn map_mut(&self, path: &Path) -> std::io::Result<Box<dyn MappedFile>> {
+        RealFs.map_mut(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.create_dir_all(path)
+    }
+    fn list_dir(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        RealFs.list_dir(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        RealFs.exists(path)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        RealFs.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        RealFs.rename(from, to)?;
+        if to.file_name() == Some(std::ffi::OsStr::new(failback::STATE_FILE)) {
+            self.state_replaces.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        RealFs.sync_dir(dir)
+    }
 }
 
 /// The failback state of group `g` on disk (`None`: it replicates).

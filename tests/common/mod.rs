@@ -98,6 +98,16 @@ pub fn start_master_target(
     log: &std::path::Path,
     rust_log: &str,
 ) -> (std::process::Child, std::net::SocketAddr) {
+    start_master_target_env(config, log, rust_log, &[])
+}
+
+/// [`start_master_target`] with more environment variables (a failpoint).
+pub fn start_master_target_env(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    rust_log: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::net::SocketAddr) {
     use std::io::{BufRead, BufReader};
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -109,6 +119,7 @@ pub fn start_master_target(
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(log_file)
         .spawn()

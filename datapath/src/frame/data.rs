@@ -545,6 +545,11 @@ impl DataFrame {
         self.data.len() as u64
     }
 
+    /// Bytes the plain buffer holds allocated (at least [`DataFrame::plain_bytes`]).
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        self.data.capacity() as u64
+    }
+
     /// Bytes covered by zero extents.
     pub fn zero_bytes(&self) -> u64 {
         self.extents.iter().filter(|e| e.zero).map(|e| e.len).sum()

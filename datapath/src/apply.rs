@@ -118,7 +118,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::extent::{Extent, ExtentData, ExtentError, RangeSet};
-use crate::storage::{OpenMode, Storage, StorageFile};
+use crate::storage::{OpenMode, Storage, StorageFile, synced_whole_pages};
 
 /// The undo log file magic. Never modify: it names the format on disk.
 pub const UNDO_MAGIC: [u8; 4] = *b"BRUL";
@@ -973,6 +973,11 @@ impl UndoLog {
         next.batches = batch;
         // The one sync of the call: the old contents are durable before any overwrite.
         self.file.sync_data()?;
+        // Read again only by a change of point: the synced records need not stay in
+        // the cache (a hint, see `Journal`'s commit for why it pays).
+        if let Some((start, end)) = synced_whole_pages(self.state.end_bytes, next.end_bytes) {
+            let _ = self.file.drop_cached(start, end - start);
+        }
         stats.undo_records = next.records - self.state.records;
         stats.undo_file_bytes = next.end_bytes - self.state.end_bytes;
         self.state = next;

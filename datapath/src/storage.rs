@@ -64,6 +64,15 @@ pub trait StorageFile: Send + Sync {
         Ok(())
     }
 
+    /// Tells the kernel that the cached pages of `len` bytes at `offset`, already
+    /// synced, will not be read soon (Linux `posix_fadvise` with `POSIX_FADV_DONTNEED`):
+    /// their memory goes back to the free lists instead of the cache growing with data
+    /// written once. Only a hint, never a durability step and never a change of the
+    /// file's bytes (a later read fetches them from the disk). The default does nothing.
+    fn drop_cached(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Whether the file has no bytes.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -231,6 +240,44 @@ impl StorageFile for RealFile {
             // A file system or file kind without it: the later sync does all the work.
             Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(()),
             _ => Err(e),
+        }
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.advise_dontneed(offset, len)
+    }
+}
+
+/// The page size [`StorageFile::drop_cached`]'s callers assume; on a system with
+/// larger pages the kernel rounds the range inwards, which only keeps more.
+pub const CACHE_PAGE_BYTES: u64 = 4096;
+
+/// The whole pages of an append-only file of `len` bytes, from the page holding
+/// `cached_from` on, that may leave the cache once synced: never the first page (a
+/// header rewritten in place) nor a partial last page (the next append writes into
+/// it, which would read it back from the disk first). `None` when there is none.
+pub fn synced_whole_pages(cached_from: u64, len: u64) -> Option<(u64, u64)> {
+    let start = (cached_from - cached_from % CACHE_PAGE_BYTES).max(CACHE_PAGE_BYTES);
+    let end = len - len % CACHE_PAGE_BYTES;
+    (end > start).then_some((start, end))
+}
+
+impl RealFile {
+    /// `posix_fadvise(fd, offset, len, DONTNEED)`; a kernel or file kind without it is
+    /// no error (a hint).
+    fn advise_dontneed(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: a plain system call on a descriptor this file owns and keeps open;
+        // no memory is passed.
+        let r = unsafe {
+            libc::posix_fadvise(self.0.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED)
+        };
+        // posix_fadvise returns the error number instead of setting errno.
+        match r {
+            0 | libc::EINVAL | libc::ENOSYS | libc::ESPIPE => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
         }
     }
 }
@@ -941,5 +988,31 @@ mod tests {
         assert_eq!(sim.steps(), steps);
         sim.crash(CrashMode::DropUnsynced);
         assert_eq!(sim.durable_contents(Path::new("/d/g")), Some(Vec::new()));
+    }
+
+    /// Proves dropping cached pages is only a hint: after a sync and the drop, every
+    /// byte reads back as written (from the disk now), a range past the end is
+    /// accepted, and the simulated file system counts no step for it.
+    #[test]
+    fn drop_cached_is_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = RealFs
+            .open(&dir.path().join("f"), OpenMode::Create)
+            .unwrap();
+        let data: Vec<u8> = (0..64 << 10).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        f.sync_data().unwrap();
+        f.drop_cached(4096, 48 << 10).unwrap();
+        f.drop_cached(1 << 40, 4096).unwrap();
+        let mut b = vec![0u8; data.len()];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, data);
+        let sim = SimFs::new();
+        sim.create_dir_all(Path::new("/d")).unwrap();
+        let g = sim.open(Path::new("/d/g"), OpenMode::Create).unwrap();
+        g.write_all_at(b"x", 0).unwrap();
+        let steps = sim.steps();
+        g.drop_cached(0, 4096).unwrap();
+        assert_eq!(sim.steps(), steps);
     }
 }

@@ -85,7 +85,7 @@
 //! | operation          | order                                                                    |
 //! |--------------------|--------------------------------------------------------------------------|
 //! | append             | frame verified -> written at the end of the active segment (not synced)  |
-//! | commit             | the segment header rewritten with `synced_seq` = the durable seq *before* this commit -> ONE `sync_data` of the segment, covering every frame appended since the last commit |
+//! | commit             | the segment header rewritten with `synced_seq` = the durable seq *before* this commit -> ONE `sync_data` of the segment, covering every frame appended since the last commit -> its synced whole pages let go of from the page cache (a hint, [`StorageFile::drop_cached`]) |
 //! | roll (new segment) | commit of the old segment -> its index written ([`storage::write_atomic`], best effort) -> new file created -> header (`synced_seq` = `first_seq - 1`) written -> `sync_data` -> `sync_dir` |
 //! | drop_through(seq)  | state file replaced ([`storage::write_atomic`]) -> whole segments <= seq removed, each after its index -> `sync_dir` |
 //! | open               | every segment verified (a sealed one through its index when it has a usable one, see below; an index found missing or unusable is written anew once its segment is verified) -> segments wholly <= base removed -> torn tail cut (`set_len`) -> stray indexes removed -> `sync_data` of the last segment -> `sync_dir` |

@@ -55,8 +55,8 @@
 //!
 //! # Order of writes and syncs
 //!
-//! - Append: header + disk id, then data, written at the end of the active segment;
-//!   nothing is synced. [`Spool::sync`] is one `sync_data` of the active segment for all
+//! - Append: header + disk id, then data, written at the end of the active segment
+//!   in one vectored write ([`StorageFile::write_all_vectored_at`]); nothing is synced. [`Spool::sync`] is one `sync_data` of the active segment for all
 //!   appends since the last one, and moves [`Spool::durable_seq`].
 //! - Roll (inside [`Spool::append`] when the active segment would pass
 //!   `segment_bytes_max`): the old segment is synced (so only the last segment can ever
@@ -1203,13 +1203,9 @@ impl Spool {
             .copy_from_slice(&crc.finalize().to_le_bytes());
 
         let pos = self.active_segment().size_bytes;
-        let written = self.active.write_all_at(&first, pos).and_then(|()| {
-            if data.is_empty() {
-                Ok(())
-            } else {
-                self.active.write_all_at(data, pos + first.len() as u64)
-            }
-        });
+        // One system call for header and data; a crash may still tear it anywhere, as
+        // it could the two writes it replaces (recovery cuts a torn tail either way).
+        let written = self.active.write_all_vectored_at(&[&first, data], pos);
         if let Err(e) = written {
             self.tail_unknown = true;
             return Err(io_err(format!(

@@ -706,8 +706,14 @@ fn read_record(
             "record header needs {RECORD_HEADER_BYTES} bytes, {left} left"
         )));
     }
+    // The header and the longest disk id at once, as far as the file goes: one read
+    // instead of two for every record.
+    let mut first = [0u8; RECORD_HEADER_BYTES + DISK_ID_BYTES_MAX];
+    let first_len = usize::try_from(left).map_or(first.len(), |l| l.min(first.len()));
+    file.read_exact_at(&mut first[..first_len], pos)
+        .map_err(Fault::Io)?;
     let mut head = [0u8; RECORD_HEADER_BYTES];
-    file.read_exact_at(&mut head, pos).map_err(Fault::Io)?;
+    head.copy_from_slice(&first[..RECORD_HEADER_BYTES]);
     let h = RecordHeader::parse(&head).map_err(Fault::Bad)?;
     if left < h.total_bytes() {
         return Err(Fault::Short(format!(
@@ -718,10 +724,9 @@ fn read_record(
     if !body {
         return Ok((h, None));
     }
-    // Both lengths passed their bounds in `parse`, and the file holds them.
-    let mut disk = vec![0u8; usize::from(h.disk_len)];
-    file.read_exact_at(&mut disk, pos + RECORD_HEADER_BYTES as u64)
-        .map_err(Fault::Io)?;
+    // Both lengths passed their bounds in `parse`, and the file holds them; the disk id
+    // (at most DISK_ID_BYTES_MAX) came with the header.
+    let disk = first[RECORD_HEADER_BYTES..][..usize::from(h.disk_len)].to_vec();
     let mut data = vec![0u8; h.data_len as usize];
     file.read_exact_at(
         &mut data,

@@ -234,9 +234,8 @@ impl StorageFile for RealFile {
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past i64"))?;
             // SAFETY: every iovec points into a slice borrowed for this call, with its
             // length; the kernel only reads them. The descriptor is this file's own.
-            let n = unsafe {
-                libc::pwritev(self.0.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at)
-            };
+            let n =
+                unsafe { libc::pwritev(self.0.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

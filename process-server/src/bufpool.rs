@@ -105,7 +105,10 @@ mod tests {
         let pool = BufferPool::new(3, 64, 4096);
         pool.give(Vec::with_capacity(8));
         pool.give(Vec::with_capacity(8192));
-        assert!(pool.is_empty(), "buffers outside the capacity bounds are dropped");
+        assert!(
+            pool.is_empty(),
+            "buffers outside the capacity bounds are dropped"
+        );
         pool.give(Vec::with_capacity(64));
         pool.give(Vec::with_capacity(4096));
         assert_eq!(pool.len(), 2);

@@ -838,9 +838,7 @@ impl Producer<'_> {
                 .enumerate()
                 .map(|(t, enc)| {
                     let (lane_tx, lane_rx) =
-                        std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(
-                            ENCODED_AHEAD_MAX,
-                        );
+                        std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(ENCODED_AHEAD_MAX);
                     let handle = s.spawn(move || {
                         for k in (t..jobs.len()).step_by(threads) {
                             let (d, extents) = &jobs[k];
@@ -1088,7 +1086,10 @@ mod tests {
             pool.give(vec![0xee; FRAME_POOL_CAPACITY_MAX_BYTES]);
         }
         let got = frames_with(&g, None, 1, pool.clone());
-        assert!(pool.len() < FRAME_POOL_BUFFERS_MAX, "no pooled buffer was used");
+        assert!(
+            pool.len() < FRAME_POOL_BUFFERS_MAX,
+            "no pooled buffer was used"
+        );
         let epoch = got.last().unwrap().point.unwrap().state.epoch;
 
         let mut maps = [EpochMap::new(DISK_BYTES), EpochMap::new(DISK_BYTES)];
@@ -1115,7 +1116,11 @@ mod tests {
         assert_eq!(got.len(), want.len() + 1, "data frames and one point frame");
         for (i, (o, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(o.seq, i as u64 + 1);
-            assert!(o.bytes == *w, "frame {} differs from a plain encoding", o.seq);
+            assert!(
+                o.bytes == *w,
+                "frame {} differs from a plain encoding",
+                o.seq
+            );
         }
     }
 

@@ -36,11 +36,13 @@
 //! An insert costs `O(log n)` map operations plus one per extent it replaces, and
 //! copies its own payload once. Sequential writes, the common case, append to the
 //! last extent's `Vec` until it reaches the bound, so they stay linear in the bytes
-//! written. A write that must merge *before* an existing data extent (a reverse
+//! written; the first write that continues an extent reserves its whole bound, so its
+//! bytes move once rather than at every doubling. A write that must merge *before* an existing data extent (a reverse
 //! sequential stream) or that cuts a tail off one copies at most `extent_bytes_max`
 //! bytes. A data extent's `Vec` never reserves more than `extent_bytes_max`, and a
-//! head left by a split gives back its spare capacity once it uses less than half, so
-//! the memory held stays close to [`EpochMap::data_bytes`].
+//! head left by a split gives back its spare capacity once it uses less than half, and
+//! at most [`STREAM_EXTENTS_MAX`] extents at a time hold a whole bound reserved ahead,
+//! so the memory held stays close to [`EpochMap::data_bytes`].
 //!
 //! ## Chunks
 //!
@@ -68,6 +70,11 @@ pub const SECTOR_BYTES: u64 = 512;
 /// sequential stream costs few extent headers, small enough that splitting or
 /// prepending to an extent stays cheap and frames chunk evenly.
 pub const EXTENT_BYTES_MAX: u64 = 1 << 20;
+
+/// Most data extents of an [`EpochMap`] that hold room for their whole bound ahead of
+/// their data (sequential streams being appended to): the memory a map holds beyond
+/// its data stays within this many bounds plus what doubling leaves spare.
+pub const STREAM_EXTENTS_MAX: usize = 4;
 
 /// Most extents in one group from [`EpochMap::chunks`], so that a map of many small
 /// or zero extents still gives frames with a bounded number of extent headers.
@@ -272,14 +279,19 @@ impl Entry {
     }
 }
 
-/// Appends `data` to `v`, never reserving beyond `cap_bytes` so that a full extent
-/// holds no more memory than its bound.
-fn append_capped(v: &mut Vec<u8>, data: &[u8], cap_bytes: usize) {
-    let needed = v.len() + data.len();
+/// Makes room for `more` bytes at the end of `v` by doubling, never reserving beyond
+/// `cap_bytes` so that a full extent holds no more memory than its bound.
+fn grow_capped(v: &mut Vec<u8>, more: usize, cap_bytes: usize) {
+    let needed = v.len() + more;
     if needed > v.capacity() {
         let target = needed.max(2 * v.capacity()).min(cap_bytes.max(needed));
         v.reserve_exact(target - v.len());
     }
+}
+
+/// Appends `data` to `v`, growing it as [`grow_capped`] does.
+fn append_capped(v: &mut Vec<u8>, data: &[u8], cap_bytes: usize) {
+    grow_capped(v, data.len(), cap_bytes);
     v.extend_from_slice(data);
 }
 
@@ -294,6 +306,10 @@ pub struct EpochMap {
     data_bytes: u64,
     /// Sum of the lengths of all extents.
     covered_bytes: u64,
+    /// Data extents (their first bytes) a write continued and that were given room for
+    /// their whole bound at once; at most [`STREAM_EXTENTS_MAX`], see
+    /// [`EpochMap::reserve_for_append`].
+    streams: Vec<u64>,
 }
 
 impl EpochMap {
@@ -320,6 +336,7 @@ impl EpochMap {
             entries: BTreeMap::new(),
             data_bytes: 0,
             covered_bytes: 0,
+            streams: Vec::with_capacity(STREAM_EXTENTS_MAX),
         }
     }
 
@@ -340,16 +357,20 @@ impl EpochMap {
         self.carve(ext);
         let cap = self.extent_bytes_max;
         // The common case: the write continues the previous data extent, which has room.
-        let appended = match self.entries.range_mut(..offset).next_back() {
+        let continued = match self.entries.range(..offset).next_back() {
             Some((&k, Entry::Bytes(v)))
                 if k + v.len() as u64 == offset && v.len() as u64 + ext.len <= cap =>
             {
-                append_capped(v, data, cap as usize);
-                true
+                Some(k)
             }
-            _ => false,
+            _ => None,
         };
-        if !appended {
+        if let Some(k) = continued {
+            self.reserve_for_append(k, data.len());
+            if let Some(Entry::Bytes(v)) = self.entries.get_mut(&k) {
+                v.extend_from_slice(data);
+            }
+        } else {
             let mut at = offset;
             for piece in data.chunks(cap as usize) {
                 self.entries.insert(at, Entry::Bytes(piece.to_vec()));
@@ -418,6 +439,7 @@ impl EpochMap {
     /// Forgets everything, for the next epoch.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.streams.clear();
         self.data_bytes = 0;
         self.covered_bytes = 0;
     }
@@ -489,6 +511,36 @@ impl EpochMap {
                 break;
             }
             self.forget(e.is_bytes(), e.len());
+        }
+    }
+
+    /// Makes room for `more` bytes at the end of the data extent at `k`, which a write
+    /// is about to continue. A write that continues an extent is most likely part of a
+    /// sequential stream that will fill it to the bound, so the extent gets room for
+    /// its whole bound at once: its bytes move once, instead of once per doubling
+    /// (64 KiB writes into a 1 MiB extent moved 960 KiB by doubling, and each larger
+    /// buffer was fresh memory to fault in). At most [`STREAM_EXTENTS_MAX`] extents hold
+    /// such room beyond what doubling would give them at a time (one that has filled
+    /// past half of it no longer counts); past that the extent grows by doubling, so
+    /// scattered pairs of adjacent writes cannot pin a whole bound each.
+    fn reserve_for_append(&mut self, k: u64, more: usize) {
+        let cap = self.extent_bytes_max as usize;
+        match self.entries.get(&k) {
+            Some(Entry::Bytes(v)) if v.capacity() - v.len() < more => {}
+            _ => return,
+        }
+        let entries = &self.entries;
+        self.streams.retain(|s| {
+            s != &k && matches!(entries.get(s), Some(Entry::Bytes(v)) if v.capacity() > 2 * v.len())
+        });
+        let Some(Entry::Bytes(v)) = self.entries.get_mut(&k) else {
+            return;
+        };
+        if self.streams.len() < STREAM_EXTENTS_MAX {
+            v.reserve_exact(cap.max(v.len() + more) - v.len());
+            self.streams.push(k);
+        } else {
+            grow_capped(v, more, cap);
         }
     }
 
@@ -943,6 +995,63 @@ mod tests {
             m.iter().nth(1),
             Some((6 * S, ExtentData::Bytes(&bytes[..])))
         );
+    }
+
+    /// Capacity of every data extent's buffer together.
+    fn held_bytes(m: &EpochMap) -> usize {
+        m.entries
+            .values()
+            .map(|e| match e {
+                Entry::Bytes(v) => v.capacity(),
+                Entry::Zero(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Proves the second write of a sequential stream reserves the extent's whole bound,
+    /// so its buffer never moves again while the stream fills it (no copy per doubling),
+    /// and a full extent holds exactly its bound.
+    #[test]
+    fn map_stream_reserves_the_bound_once() {
+        let block = vec![0x5au8; 64 << 10];
+        let mut m = EpochMap::new(4 << 20);
+        m.insert(0, &block).unwrap();
+        m.insert(block.len() as u64, &block).unwrap();
+        let buf = |m: &EpochMap| match m.entries.get(&0) {
+            Some(Entry::Bytes(v)) => (v.as_ptr(), v.capacity()),
+            other => panic!("no data extent at 0: {other:?}"),
+        };
+        let first = buf(&m);
+        assert_eq!(first.1, EXTENT_BYTES_MAX as usize);
+        for i in 2..16u64 {
+            m.insert(i * block.len() as u64, &block).unwrap();
+            assert_eq!(buf(&m), first, "the extent's buffer moved at write {i}");
+        }
+        assert_eq!(held_bytes(&m), EXTENT_BYTES_MAX as usize);
+    }
+
+    /// Proves scattered pairs of adjacent writes (each pair continues an extent once
+    /// and never again) pin a whole bound for at most `STREAM_EXTENTS_MAX` extents:
+    /// the memory held stays within that plus twice the data.
+    #[test]
+    fn map_scattered_pairs_hold_little_spare_memory() {
+        let block = vec![7u8; 4096];
+        let mut m = EpochMap::new(1 << 30);
+        for i in 0..512u64 {
+            let at = i * (2 << 20);
+            m.insert(at, &block).unwrap();
+            m.insert(at + 4096, &block).unwrap();
+        }
+        assert_eq!(m.data_bytes(), 512 * 8192);
+        let bound = STREAM_EXTENTS_MAX * EXTENT_BYTES_MAX as usize + 2 * m.data_bytes() as usize;
+        assert!(
+            held_bytes(&m) <= bound,
+            "{} bytes held for {} of data",
+            held_bytes(&m),
+            m.data_bytes()
+        );
+        m.clear();
+        assert!(m.streams.is_empty());
     }
 
     /// Proves a stream of sequential 64 KiB writes builds extents of exactly the bound

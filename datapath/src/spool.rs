@@ -55,8 +55,8 @@
 //!
 //! # Order of writes and syncs
 //!
-//! - Append: header + disk id, then data, written at the end of the active segment;
-//!   nothing is synced. [`Spool::sync`] is one `sync_data` of the active segment for all
+//! - Append: header + disk id, then data, written at the end of the active segment
+//!   in one vectored write ([`StorageFile::write_all_vectored_at`]); nothing is synced. [`Spool::sync`] is one `sync_data` of the active segment for all
 //!   appends since the last one, and moves [`Spool::durable_seq`].
 //! - Roll (inside [`Spool::append`] when the active segment would pass
 //!   `segment_bytes_max`): the old segment is synced (so only the last segment can ever
@@ -706,8 +706,14 @@ fn read_record(
             "record header needs {RECORD_HEADER_BYTES} bytes, {left} left"
         )));
     }
+    // The header and the longest disk id at once, as far as the file goes: one read
+    // instead of two for every record.
+    let mut first = [0u8; RECORD_HEADER_BYTES + DISK_ID_BYTES_MAX];
+    let first_len = usize::try_from(left).map_or(first.len(), |l| l.min(first.len()));
+    file.read_exact_at(&mut first[..first_len], pos)
+        .map_err(Fault::Io)?;
     let mut head = [0u8; RECORD_HEADER_BYTES];
-    file.read_exact_at(&mut head, pos).map_err(Fault::Io)?;
+    head.copy_from_slice(&first[..RECORD_HEADER_BYTES]);
     let h = RecordHeader::parse(&head).map_err(Fault::Bad)?;
     if left < h.total_bytes() {
         return Err(Fault::Short(format!(
@@ -718,10 +724,9 @@ fn read_record(
     if !body {
         return Ok((h, None));
     }
-    // Both lengths passed their bounds in `parse`, and the file holds them.
-    let mut disk = vec![0u8; usize::from(h.disk_len)];
-    file.read_exact_at(&mut disk, pos + RECORD_HEADER_BYTES as u64)
-        .map_err(Fault::Io)?;
+    // Both lengths passed their bounds in `parse`, and the file holds them; the disk id
+    // (at most DISK_ID_BYTES_MAX) came with the header.
+    let disk = first[RECORD_HEADER_BYTES..][..usize::from(h.disk_len)].to_vec();
     let mut data = vec![0u8; h.data_len as usize];
     file.read_exact_at(
         &mut data,
@@ -1203,13 +1208,9 @@ impl Spool {
             .copy_from_slice(&crc.finalize().to_le_bytes());
 
         let pos = self.active_segment().size_bytes;
-        let written = self.active.write_all_at(&first, pos).and_then(|()| {
-            if data.is_empty() {
-                Ok(())
-            } else {
-                self.active.write_all_at(data, pos + first.len() as u64)
-            }
-        });
+        // One system call for header and data; a crash may still tear it anywhere, as
+        // it could the two writes it replaces (recovery cuts a torn tail either way).
+        let written = self.active.write_all_vectored_at(&[&first, data], pos);
         if let Err(e) = written {
             self.tail_unknown = true;
             return Err(io_err(format!(

@@ -3,6 +3,7 @@
 //!
 //! | module           | owns                                                              |
 //! |------------------|-------------------------------------------------------------------|
+//! | [`bufpool`]      | a bounded pool of byte buffers (the shipper's frames)              |
 //! | [`config`]       | the TOML config file: listen address, groups, disks               |
 //! | [`changed`]      | `changed`: a disk's unacknowledged writes as a change list (offline) |
 //! | [`capture`]      | the [`capture::Capture`] hook every write goes through            |
@@ -17,6 +18,7 @@
 //! | [`metrics`]      | live counters, throughput, state names, the `/metrics` endpoint   |
 //! | [`tls`]          | the connection to the master target: TLS 1.3 or plain TCP         |
 
+pub mod bufpool;
 pub mod capture;
 pub mod changed;
 pub mod config;

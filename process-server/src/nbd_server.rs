@@ -478,11 +478,10 @@ async fn transmission(
         let permits = (slot, held, shared);
         let payload = if req.command == Command::Write {
             // Bounded by Request::parse (REQUEST_BYTES_MAX) and held in `permits`.
-            let mut p = vec![0u8; req.len as usize];
-            if let Err(e) = rd.read_exact(&mut p).await {
-                break Err(e.into());
+            match read_payload(&mut rd, req.len as usize).await {
+                Ok(p) => p,
+                Err(e) => break Err(e.into()),
             }
-            p
         } else {
             Vec::new()
         };
@@ -531,6 +530,24 @@ async fn transmission(
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// Reads exactly `len` bytes of a WRITE's payload into a new buffer, straight into its
+/// spare capacity: no zero-filling first (a memset of every byte written was ~2% of the
+/// process server's CPU). A stream that ends early is `UnexpectedEof`, as `read_exact`.
+async fn read_payload(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    let mut p = Vec::with_capacity(len);
+    // `take` keeps each read within the payload, whatever spare capacity `p` has.
+    let mut rest = rd.take(len as u64);
+    while p.len() < len {
+        if rest.read_buf(&mut p).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(p)
 }
 
 fn io_errno(e: &io::Error) -> Errno {
@@ -619,5 +636,41 @@ fn execute(
         }
         // DISC is handled by the reader and unknown commands are refused by check.
         Command::Disc | Command::Other(_) => Err(Errno::Inval),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proves a payload that arrives in small pieces is read whole and exactly (not a
+    /// byte of the next request taken), and a stream that ends inside a payload is
+    /// `UnexpectedEof`, as `read_exact` reports it.
+    #[test]
+    fn read_payload_reads_exactly_len_bytes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let data: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+            let (mut client, mut server) = tokio::io::duplex(1000);
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                for piece in sent.chunks(777) {
+                    client.write_all(piece).await.unwrap();
+                }
+            });
+            let got = read_payload(&mut server, 65_536).await.unwrap();
+            assert_eq!(got, data[..65_536]);
+            let rest = read_payload(&mut server, 70_000 - 65_536).await.unwrap();
+            assert_eq!(rest, data[65_536..]);
+            writer.await.unwrap();
+            let e = read_payload(&mut server, 1).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+            let mut short: &[u8] = &[1, 2, 3];
+            let e = read_payload(&mut short, 4).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        });
     }
 }

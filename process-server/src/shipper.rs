@@ -33,7 +33,11 @@
 //! and zeroes of an epoch go into one [`EpochMap`] per disk; on the epoch's Cut record
 //! the maps are encoded, disks in id order, each as its chunks of at most
 //! [`FRAME_PLAIN_BYTES_MAX`] bytes (zstd level [`frame::DEFAULT_ZSTD_LEVEL`]) with
-//! consecutive frame seqs, then the point frame (point id = epoch). When the maps hold
+//! consecutive frame seqs, then the point frame (point id = epoch). The chunks are
+//! encoded on [`ENCODE_THREADS`] threads and sent in seq order as they come, into
+//! buffers of a bounded pool ([`crate::bufpool`], [`FRAME_POOL_BUFFERS_MAX`]) that the
+//! sender gives back once a frame is on the socket: frames are built in memory already
+//! faulted in, not in fresh pages every time. When the maps hold
 //! more than [`EPOCH_MAP_BYTES_MAX`] of data before the cut they are emitted early, so
 //! memory stays bounded. The frames depend only on the records: the same records always
 //! give the same frames with the same seqs, which is what makes resending safe.
@@ -78,6 +82,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, error, info, warn};
 
+use crate::bufpool::BufferPool;
 use crate::config::TargetConfig;
 use crate::hashes::HashBroker;
 use crate::metrics::GroupMetrics;
@@ -101,6 +106,19 @@ pub const BACKOFF_MAX_MS: u64 = 5000;
 pub const POLL_MS: u64 = 20;
 /// Threads encoding the chunks of one epoch.
 pub const ENCODE_THREADS: usize = 2;
+/// Encoded frames each encoder thread may hold ahead of the one the producer sends next.
+pub const ENCODED_AHEAD_MAX: usize = 2;
+/// Frame buffers kept for reuse: as many as one producer can have in flight at once
+/// (each encoder thread's frame being built and those it holds ahead, the one being
+/// handed over, the queue, the one on the socket), so steady shipping allocates none.
+pub const FRAME_POOL_BUFFERS_MAX: usize =
+    ENCODE_THREADS * (ENCODED_AHEAD_MAX + 1) + 1 + FRAME_QUEUE_MAX + 1;
+/// Smallest buffer the frame pool keeps: smaller ones (point frames, the short last
+/// frame of an epoch) are cheap to allocate and would only have to grow.
+pub const FRAME_POOL_CAPACITY_MIN_BYTES: usize = (FRAME_PLAIN_BYTES_MAX / 4) as usize;
+/// Largest buffer the frame pool keeps: a data frame of [`FRAME_PLAIN_BYTES_MAX`] with
+/// its extent table fits well below it.
+pub const FRAME_POOL_CAPACITY_MAX_BYTES: usize = 2 * FRAME_PLAIN_BYTES_MAX as usize;
 /// A master target that sends no hello and acks within this time after the connect,
 /// or no ack within this time while frames wait for one, is taken for dead (a peer
 /// that vanished without a FIN would otherwise hold the connection for as long as TCP
@@ -110,6 +128,15 @@ pub const ACK_TIMEOUT_MS: u64 = 30_000;
 // The window must admit the largest frame, or the sender would wait for ever.
 const _: () = assert!(WINDOW_BYTES_MAX >= frame::MAX_BODY_BYTES as u64 + 32);
 const _: () = assert!(WINDOW_BYTES_MAX <= u32::MAX as u64);
+// A full data frame (payload, the most extents a chunk holds, the ids) fits a pooled buffer.
+const _: () = assert!(
+    frame::HEADER_BYTES
+        + frame::DATA_FIXED_BYTES
+        + 2 * 65
+        + datapath::extent::CHUNK_EXTENTS_MAX * frame::EXTENT_ENTRY_BYTES
+        + FRAME_PLAIN_BYTES_MAX as usize
+        <= FRAME_POOL_CAPACITY_MAX_BYTES
+);
 
 /// One group as the shipper sees it.
 struct GroupShip {
@@ -153,6 +180,8 @@ pub struct Shipper {
     ack_timeout: Duration,
     /// Hash requests ride this shipper's connection (protocol 3).
     hashes: Arc<HashBroker>,
+    /// Frame buffers: taken by the encoders, given back by the sender once written.
+    frames: Arc<BufferPool>,
 }
 
 impl Shipper {
@@ -202,6 +231,7 @@ impl Shipper {
             groups,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS),
             hashes: Arc::new(HashBroker::default()),
+            frames: Arc::new(frame_pool()),
         })
     }
 
@@ -321,7 +351,8 @@ impl Shipper {
         for (gi, state) in producing {
             let g = self.groups[gi].clone();
             let tx = tx.clone();
-            producers.spawn_blocking(move || produce(gi, &g, state, &tx));
+            let pool = self.frames.clone();
+            producers.spawn_blocking(move || produce(gi, &g, state, &tx, &pool));
         }
         drop(tx);
 
@@ -385,6 +416,9 @@ impl Shipper {
                 self.groups[out.group]
                     .metrics
                     .sent_frame(u64::from(n), u64::from(plain));
+                // Nothing keeps a frame once it is on the socket: a resend encodes it
+                // again from the spool.
+                self.frames.give(out.bytes);
                 wr.flush().await.context("send a frame")?;
             }
             anyhow::Ok(())
@@ -615,11 +649,13 @@ fn produce(
     g: &GroupShip,
     state: Option<ShipState>,
     tx: &mpsc::Sender<Out>,
+    pool: &BufferPool,
 ) -> anyhow::Result<()> {
     let mut p = Producer {
         gi,
         g,
         tx,
+        pool,
         next_seq: state.map_or(1, |s| s.frame_seq + 1),
         maps: g
             .disks
@@ -745,6 +781,8 @@ struct Producer<'a> {
     gi: usize,
     g: &'a GroupShip,
     tx: &'a mpsc::Sender<Out>,
+    /// Where data frames are built; the sender gives the buffers back.
+    pool: &'a BufferPool,
     next_seq: u64,
     /// One map per disk, in config order.
     maps: Vec<EpochMap>,
@@ -764,19 +802,20 @@ impl Producer<'_> {
 
     /// Sends a frame; false when the connection has ended.
     fn send(&self, seq: u64, bytes: Vec<u8>, point: Option<PendingPoint>) -> bool {
-        self.tx
-            .blocking_send(Out {
-                group: self.gi,
-                seq,
-                bytes,
-                point,
-            })
-            .is_ok()
+        send_out(self.tx, self.gi, seq, bytes, point)
     }
 
-    /// Encodes the maps (disks in `order`) as data frames with consecutive seqs, on
-    /// [`ENCODE_THREADS`] threads, sends them in seq order and empties the maps.
-    /// Returns false when the connection has ended.
+    /// Encodes the maps (disks in `order`) as data frames with consecutive seqs, sends
+    /// them in seq order and empties the maps. Returns false when the connection has
+    /// ended.
+    ///
+    /// The chunks are dealt round-robin to [`ENCODE_THREADS`] threads (chunk `k` to
+    /// thread `k % ENCODE_THREADS`), each with its own encoder, building frames in
+    /// buffers from the pool; each thread holds at most [`ENCODED_AHEAD_MAX`] frames
+    /// ahead, and this thread takes them back in seq order and sends each as soon as it
+    /// is its turn. So frames go out while later ones are encoded, and the buffers in
+    /// flight stay few enough for the pool to hold them all. A frame's bytes depend only
+    /// on its chunk, its seq and the zstd level, not on the thread or the buffer.
     fn emit_maps(&mut self, order: &[usize]) -> anyhow::Result<bool> {
         let Some(epoch) = self.map_epoch.take() else {
             return Ok(true);
@@ -788,58 +827,109 @@ impl Producer<'_> {
             }
         }
         let first_seq = self.next_seq;
-        let per_thread = jobs.len().div_ceil(ENCODE_THREADS).max(1);
-        let g = self.g;
-        let results: Vec<anyhow::Result<Vec<Vec<u8>>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = jobs
-                .chunks(per_thread)
-                .zip(self.encoders.iter_mut())
+        let count = jobs.len();
+        let (gi, g, tx, pool) = (self.gi, self.g, self.tx, self.pool);
+        let encoders = &mut self.encoders;
+        let threads = encoders.len();
+        let sent_all = std::thread::scope(|s| -> anyhow::Result<bool> {
+            let jobs = &jobs;
+            let lanes: Vec<_> = encoders
+                .iter_mut()
                 .enumerate()
-                .map(|(part, (part_jobs, enc))| {
-                    s.spawn(move || {
-                        let mut out = Vec::with_capacity(part_jobs.len());
-                        for (k, (d, extents)) in part_jobs.iter().enumerate() {
-                            let seq = first_seq + (part * per_thread + k) as u64;
+                .map(|(t, enc)| {
+                    let (lane_tx, lane_rx) =
+                        std::sync::mpsc::sync_channel::<anyhow::Result<Vec<u8>>>(ENCODED_AHEAD_MAX);
+                    let handle = s.spawn(move || {
+                        for k in (t..jobs.len()).step_by(threads) {
+                            let (d, extents) = &jobs[k];
+                            let seq = first_seq + k as u64;
                             let meta = DataFrameMeta {
                                 group: g.id.clone(),
                                 disk: g.disks[*d].id.clone(),
                                 epoch,
                             };
-                            let mut bytes = Vec::new();
-                            enc.encode_data(&meta, seq, extents, &mut bytes)
-                                .with_context(|| format!("group {}: encode frame {seq}", g.id))?;
-                            out.push(bytes);
+                            let mut bytes = pool.take();
+                            let r = enc
+                                .encode_data(&meta, seq, extents, &mut bytes)
+                                .map(|_| bytes)
+                                .with_context(|| format!("group {}: encode frame {seq}", g.id));
+                            let failed = r.is_err();
+                            // A closed lane: the producer stopped taking frames.
+                            if lane_tx.send(r).is_err() || failed {
+                                break;
+                            }
                         }
-                        Ok(out)
-                    })
+                    });
+                    (lane_rx, handle)
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("an encoder thread panicked")))
-                })
-                .collect()
-        });
-        let count = jobs.len() as u64;
-        drop(jobs);
-        let mut seq = first_seq;
-        for part in results {
-            for bytes in part? {
-                if !self.send(seq, bytes, None) {
-                    return Ok(false);
+            let mut result = Ok(true);
+            for k in 0..count {
+                let seq = first_seq + k as u64;
+                match lanes[k % threads].0.recv() {
+                    Ok(Ok(bytes)) => {
+                        if !send_out(tx, gi, seq, bytes, None) {
+                            result = Ok(false);
+                            break;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        result = Err(e);
+                        break;
+                    }
+                    Err(_) => {
+                        result = Err(anyhow::anyhow!("an encoder thread panicked"));
+                        break;
+                    }
                 }
-                seq += 1;
             }
+            // Closing the lanes stops threads still encoding after an early end.
+            let mut panicked = false;
+            for (lane_rx, handle) in lanes {
+                drop(lane_rx);
+                panicked |= handle.join().is_err();
+            }
+            if panicked && result.is_ok() {
+                result = Err(anyhow::anyhow!("an encoder thread panicked"));
+            }
+            result
+        })?;
+        if !sent_all {
+            return Ok(false);
         }
-        debug_assert_eq!(seq, first_seq + count);
-        self.next_seq = first_seq + count;
+        drop(jobs);
+        self.next_seq = first_seq + count as u64;
         for m in &mut self.maps {
             m.clear();
         }
         Ok(true)
     }
+}
+
+/// Hands a frame to the sender; false when the connection has ended.
+fn send_out(
+    tx: &mpsc::Sender<Out>,
+    group: usize,
+    seq: u64,
+    bytes: Vec<u8>,
+    point: Option<PendingPoint>,
+) -> bool {
+    tx.blocking_send(Out {
+        group,
+        seq,
+        bytes,
+        point,
+    })
+    .is_ok()
+}
+
+/// The shipper's pool of frame buffers, bounded by the `FRAME_POOL_*` constants.
+fn frame_pool() -> BufferPool {
+    BufferPool::new(
+        FRAME_POOL_BUFFERS_MAX,
+        FRAME_POOL_CAPACITY_MIN_BYTES,
+        FRAME_POOL_CAPACITY_MAX_BYTES,
+    )
 }
 
 #[cfg(test)]
@@ -889,9 +979,19 @@ mod tests {
 
     /// Runs a producer from `state` until it has sent `points` point frames.
     fn frames(g: &Arc<GroupShip>, state: Option<ShipState>, points: usize) -> Vec<Out> {
+        frames_with(g, state, points, Arc::new(frame_pool()))
+    }
+
+    /// [`frames`] with the given buffer pool.
+    fn frames_with(
+        g: &Arc<GroupShip>,
+        state: Option<ShipState>,
+        points: usize,
+        pool: Arc<BufferPool>,
+    ) -> Vec<Out> {
         let (tx, mut rx) = mpsc::channel(FRAME_QUEUE_MAX);
         let g2 = g.clone();
-        let h = std::thread::spawn(move || produce(0, &g2, state, &tx));
+        let h = std::thread::spawn(move || produce(0, &g2, state, &tx, &pool));
         let mut out = Vec::new();
         let mut seen = 0;
         while seen < points {
@@ -950,6 +1050,80 @@ mod tests {
         assert_eq!(got, tail);
     }
 
+    /// Proves the frames the encoder threads build in reused pool buffers (holding
+    /// stale bytes) are byte for byte those one fresh encoder writes into new buffers
+    /// from the same epoch maps, in the same order with the same seqs: pooling and
+    /// pipelining change nothing on the wire. Compressible and random data both occur.
+    #[test]
+    fn pooled_frames_equal_a_plain_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(group(dir.path()));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data: Vec<u8> = (0..5u32 << 20).map(|i| (i % 251) as u8).collect();
+        for b in &mut data[2 << 20..3 << 20] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let writes = [
+            ("disk0", 0u64, &data[..5 << 20]),
+            ("disk1", 8192, &data[2 << 20..3 << 20]),
+            ("disk1", 4 << 20, &data[..4096]),
+        ];
+        {
+            let mut t = g.tracker.lock().unwrap();
+            for (disk, off, d) in writes {
+                t.before_write(disk, off, d.len() as u64).unwrap();
+                t.record_write(disk, off, d).unwrap();
+            }
+            t.before_write("disk0", 6 << 20, 1 << 20).unwrap();
+            t.record_zero("disk0", 6 << 20, 1 << 20).unwrap();
+            t.cut(1000, false).unwrap().unwrap();
+        }
+        let pool = Arc::new(frame_pool());
+        for _ in 0..FRAME_POOL_BUFFERS_MAX {
+            pool.give(vec![0xee; FRAME_POOL_CAPACITY_MAX_BYTES]);
+        }
+        let got = frames_with(&g, None, 1, pool.clone());
+        assert!(
+            pool.len() < FRAME_POOL_BUFFERS_MAX,
+            "no pooled buffer was used"
+        );
+        let epoch = got.last().unwrap().point.unwrap().state.epoch;
+
+        let mut maps = [EpochMap::new(DISK_BYTES), EpochMap::new(DISK_BYTES)];
+        for (disk, off, d) in writes {
+            maps[usize::from(disk == "disk1")].insert(off, d).unwrap();
+        }
+        maps[0].insert_zero(6 << 20, 1 << 20).unwrap();
+        let mut enc = Encoder::new(frame::DEFAULT_ZSTD_LEVEL);
+        let mut want = Vec::new();
+        for (disk, map) in ["disk0", "disk1"].iter().zip(&maps) {
+            for chunk in map.chunks(FRAME_PLAIN_BYTES_MAX) {
+                let meta = DataFrameMeta {
+                    group: "g1".into(),
+                    disk: disk.to_string(),
+                    epoch,
+                };
+                let mut out = Vec::new();
+                enc.encode_data(&meta, want.len() as u64 + 1, &chunk, &mut out)
+                    .unwrap();
+                want.push(out);
+            }
+        }
+        assert!(want.len() >= 7, "6 MiB of data should take 7+ frames");
+        assert_eq!(got.len(), want.len() + 1, "data frames and one point frame");
+        for (i, (o, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(o.seq, i as u64 + 1);
+            assert!(
+                o.bytes == *w,
+                "frame {} differs from a plain encoding",
+                o.seq
+            );
+        }
+    }
+
     /// Reads one whole frame from a test peer.
     async fn read_any(rd: &mut TcpStream) -> Vec<u8> {
         let mut head = [0u8; frame::HEADER_BYTES];
@@ -991,6 +1165,7 @@ mod tests {
                     groups: vec![g.clone()],
                     ack_timeout: Duration::from_millis(300),
                     hashes: Arc::default(),
+                    frames: Arc::new(frame_pool()),
                 };
                 let peer = tokio::spawn(async move {
                     let (mut s, _) = listener.accept().await.unwrap();

@@ -56,8 +56,11 @@
 //! # Order of writes and syncs
 //!
 //! - Append: header + disk id, then data, written at the end of the active segment
-//!   in one vectored write ([`StorageFile::write_all_vectored_at`]); nothing is synced. [`Spool::sync`] is one `sync_data` of the active segment for all
-//!   appends since the last one, and moves [`Spool::durable_seq`].
+//!   in one vectored write ([`StorageFile::write_all_vectored_at`]); nothing is
+//!   synced, but every [`WRITEBACK_BYTES`] appended have their writeback started (a
+//!   hint that shortens the next sync). [`Spool::sync`] is one `sync_data` of the
+//!   active segment for all appends since the last one, and moves
+//!   [`Spool::durable_seq`].
 //! - Roll (inside [`Spool::append`] when the active segment would pass
 //!   `segment_bytes_max`): the old segment is synced (so only the last segment can ever
 //!   hold un-synced records), then the new file is created, its header written, the file
@@ -130,6 +133,9 @@ pub const RECORD_DATA_BYTES_MAX: u32 = 32 << 20;
 pub const CUT_RESERVE_BYTES: u64 = 64 << 10;
 /// Hard bound on a disk id (see [`crate::valid_id`]).
 pub const DISK_ID_BYTES_MAX: usize = 64;
+/// Bytes appended to the active segment after which their writeback is started
+/// ([`Spool::start_writeback`]).
+pub const WRITEBACK_BYTES: u64 = 4 << 20;
 
 const SEGMENT_CRC_OFFSET: usize = 28;
 const RECORD_CRC_OFFSET: usize = 60;
@@ -856,6 +862,9 @@ pub struct Spool {
     tail_unknown: bool,
     /// Set by a failed sync or roll; see [`SpoolError::Poisoned`].
     failed: Option<String>,
+    /// Bytes of the active segment whose writeback was started or that are durable
+    /// ([`Spool::start_writeback`]).
+    writeback_from: u64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -923,6 +932,7 @@ impl Spool {
                 used_bytes: seg.size_bytes,
                 tail_unknown: false,
                 failed: None,
+                writeback_from: seg.size_bytes,
             };
             let rec = SpoolRecovery {
                 created: true,
@@ -1096,6 +1106,7 @@ impl Spool {
             used_bytes,
             tail_unknown: false,
             failed: None,
+            writeback_from: back.size_bytes,
         };
         spool.assert_invariants();
         Ok((spool, recovery))
@@ -1221,12 +1232,31 @@ impl Spool {
         if let Some(s) = self.segments.back_mut() {
             s.size_bytes += record_bytes;
         }
+        self.start_writeback();
         self.used_bytes += record_bytes;
         self.last_seq = seq;
         Ok(seq)
     }
 
     /// Syncs the active segment, then starts the next one.
+    /// Once [`WRITEBACK_BYTES`] were appended to the active segment since the last
+    /// time, has the disk start writing them ([`StorageFile::start_writeback`], a
+    /// hint): the sync of the next cut, which runs under the group's lock and so holds
+    /// up every write of the group, then waits for the last few MiB instead of a whole
+    /// second's worth. Measured (`bench --size 2G --only replication`, interleaved
+    /// runs): writes through NBD 225-245 -> 257-312 MB/s, realistic data durable
+    /// 185-193 -> 197-229 MB/s.
+    fn start_writeback(&mut self) {
+        let size = self.active_segment().size_bytes;
+        if size.saturating_sub(self.writeback_from) >= WRITEBACK_BYTES {
+            // A hint: a failure changes nothing that the sync does not do anyway.
+            let _ = self
+                .active
+                .start_writeback(self.writeback_from, size - self.writeback_from);
+            self.writeback_from = size;
+        }
+    }
+
     fn roll(&mut self) -> Result<(), SpoolError> {
         self.sync()?;
         let first_seq = self.last_seq + 1;
@@ -1239,6 +1269,7 @@ impl Spool {
         self.used_bytes += seg.size_bytes;
         self.active = active;
         self.active_durable_bytes = seg.size_bytes;
+        self.writeback_from = seg.size_bytes;
         self.tail_unknown = false;
         self.assert_invariants();
         Ok(())

@@ -85,6 +85,15 @@ pub trait StorageFile: Send + Sync {
         Ok(())
     }
 
+    /// Whether the `len` bytes at `offset` are certainly a hole of a sparse file (or
+    /// past its end): no block holds data there, on the disk or waiting in the cache,
+    /// so they read as zeros (Linux `lseek` with `SEEK_DATA`, which sees data not yet
+    /// written back too). `false` whenever that is not known, e.g. a file system
+    /// without `SEEK_DATA`; the default always says `false`, so callers read.
+    fn is_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// Whether the file has no bytes.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -305,6 +314,23 @@ impl StorageFile for RealFile {
     }
     fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
         self.advise_dontneed(offset, len)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let Ok(at) = i64::try_from(offset) else {
+            return Ok(false);
+        };
+        // SAFETY: a plain system call on a descriptor this file owns and keeps open;
+        // no memory is passed. It moves the file offset, which nothing here uses
+        // (every read and write is positional).
+        let data = unsafe { libc::lseek(self.0.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after `offset`. Anything else (EINVAL: the file
+            // system has no SEEK_DATA) says nothing.
+            return Ok(e.raw_os_error() == Some(libc::ENXIO));
+        }
+        Ok(u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)))
     }
 }
 

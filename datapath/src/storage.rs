@@ -76,8 +76,8 @@ pub trait StorageFile: Send + Sync {
         Ok(())
     }
 
-    /// Tells the kernel that the cached pages of `len` bytes at `offset`, already
-    /// synced, will not be read soon (Linux `posix_fadvise` with `POSIX_FADV_DONTNEED`):
+    /// Tells the kernel that the cached pages of `len` bytes at `offset` (0: to the
+    /// end), already synced, will not be read soon (Linux `posix_fadvise` with `POSIX_FADV_DONTNEED`):
     /// their memory goes back to the free lists instead of the cache growing with data
     /// written once. Only a hint, never a durability step and never a change of the
     /// file's bytes (a later read fetches them from the disk). The default does nothing.

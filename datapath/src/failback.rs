@@ -1232,7 +1232,7 @@ impl Failback {
             prog.total_frames += 1;
         }
         progress(&prog);
-        let frames = journal.read(from_seq + 1, target.seq)?;
+        let frames = journal.read(from_seq + 1, target.seq)?.dropping_cache();
         let (replicas, mut undos): (Vec<ReplicaRef<'_>>, Vec<&mut UndoLog>) = targets
             .iter_mut()
             .map(|Target { disk, file, undo }| {

@@ -1567,6 +1567,7 @@ impl Journal {
             to: to_seq,
             file: None,
             done: false,
+            drop_behind: None,
         })
     }
 
@@ -1692,9 +1693,24 @@ pub struct FrameIter<'a> {
     /// The segment file read last, kept open for the next frame.
     file: Option<(u64, Box<dyn StorageFile>)>,
     done: bool,
+    /// With [`FrameIter::dropping_cache`]: bytes of the open segment below which its
+    /// pages were let go of.
+    drop_behind: Option<u64>,
 }
 
+/// Bytes a [`FrameIter::dropping_cache`] iteration reads between two cache hints.
+const DROP_BEHIND_BYTES: u64 = 8 << 20;
+
 impl FrameIter<'_> {
+    /// The same iteration, letting the pages of the frames read leave the page cache
+    /// behind it ([`StorageFile::drop_cached`], a hint), for one pass over many frames
+    /// that are not read again soon (a failback): the pages the next reads need are
+    /// then the ones just given back, not memory the kernel must find anew.
+    pub fn dropping_cache(mut self) -> Self {
+        self.drop_behind = Some(0);
+        self
+    }
+
     /// The next frame read into `buf` (its capacity reused: no allocation and no
     /// zeroing once it is large enough), as [`Iterator::next`] reads it.
     pub fn next_into(&mut self, buf: &mut Vec<u8>) -> Option<Result<FrameHeader, JournalError>> {
@@ -1721,6 +1737,7 @@ impl FrameIter<'_> {
         let path = j.segment_path(e.segment);
         // Only bytes the buffer never held are zeroed; the read overwrites them all.
         buf.resize(e.len as usize, 0);
+        let same_segment = matches!(&self.file, Some((s, _)) if *s == e.segment);
         let f = match self.file.take() {
             Some((s, f)) if s == e.segment => f,
             _ => {
@@ -1729,6 +1746,20 @@ impl FrameIter<'_> {
             }
         };
         let r = f.read_exact_at(buf, e.offset);
+        if r.is_ok()
+            && let Some(dropped) = self.drop_behind.as_mut()
+        {
+            if !same_segment {
+                *dropped = 0;
+            }
+            let end = e.offset + u64::from(e.len);
+            let upto = end - end % storage::CACHE_PAGE_BYTES;
+            if upto >= *dropped + DROP_BEHIND_BYTES {
+                // A hint: a failure costs memory, never correctness.
+                let _ = f.drop_cached(*dropped, upto - *dropped);
+                *dropped = upto;
+            }
+        }
         self.file = Some((e.segment, f));
         r.map_err(io_err("read frame", &path))?;
         let corrupt = |why: String| JournalError::Corruption {
@@ -1807,6 +1838,32 @@ mod tests {
 
     fn open(fs: &SimFs, c: JournalConfig) -> Result<(Journal, JournalRecovery), JournalError> {
         Journal::open(Arc::new(fs.clone()), &dir(), GROUP, c)
+    }
+
+    /// Proves an iteration that lets pages go behind it reads every frame whole,
+    /// across segments, and leaves the frames readable again afterwards.
+    #[test]
+    fn reading_dropping_cache_reads_every_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("g1");
+        let (mut j, _) = Journal::open(Arc::new(RealFs), &jdir, GROUP, tolerate(6 << 20)).unwrap();
+        let frames: Vec<Vec<u8>> = (1..=60u64)
+            .map(|seq| data_frame(seq, &vec![seq as u8; (256 << 10) + seq as usize * 13]))
+            .collect();
+        for f in &frames {
+            j.append(f).unwrap();
+        }
+        j.commit().unwrap();
+        assert!(j.segment_count() >= 3, "{} segments", j.segment_count());
+        let mut it = j.read(1, 60).unwrap().dropping_cache();
+        let mut buf = Vec::new();
+        for (k, f) in frames.iter().enumerate() {
+            let h = it.next_into(&mut buf).unwrap().unwrap();
+            assert_eq!(h.seq, k as u64 + 1);
+            assert_eq!(&buf, f, "frame {}", k + 1);
+        }
+        assert!(it.next_into(&mut buf).is_none());
+        assert_eq!(read_all(&j), frames);
     }
 
     /// Proves the pages a commit lets go of are whole, synced, past the header page and

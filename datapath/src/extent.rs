@@ -37,8 +37,9 @@
 //! copies its own payload once. Sequential writes, the common case, append to the
 //! last extent's `Vec` until it reaches the bound, so they stay linear in the bytes
 //! written; the first write that continues an extent reserves its whole bound, so its
-//! bytes move once rather than at every doubling. A write that must merge *before* an existing data extent (a reverse
-//! sequential stream) or that cuts a tail off one copies at most `extent_bytes_max`
+//! bytes move once rather than at every doubling. A write that must merge *before* an
+//! existing data extent (a reverse sequential stream) or that cuts a tail off one
+//! copies at most `extent_bytes_max`
 //! bytes. A data extent's `Vec` never reserves more than `extent_bytes_max`, and a
 //! head left by a split gives back its spare capacity once it uses less than half, and
 //! at most [`STREAM_EXTENTS_MAX`] extents at a time hold a whole bound reserved ahead,

@@ -77,19 +77,21 @@ pub trait StorageFile: Send + Sync {
     }
 
     /// Tells the kernel that the cached pages of `len` bytes at `offset` (0: to the
-    /// end), already synced, will not be read soon (Linux `posix_fadvise` with `POSIX_FADV_DONTNEED`):
-    /// their memory goes back to the free lists instead of the cache growing with data
-    /// written once. Only a hint, never a durability step and never a change of the
-    /// file's bytes (a later read fetches them from the disk). The default does nothing.
+    /// end) will not be read soon (Linux `posix_fadvise` with `POSIX_FADV_DONTNEED`):
+    /// clean pages go back to the free lists instead of the cache growing with data
+    /// written once; dirty ones stay and have their writeback started. Only a hint,
+    /// never a durability step and never a change of the file's bytes (a later read
+    /// fetches them from the disk). The default does nothing.
     fn drop_cached(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
 
     /// Whether the `len` bytes at `offset` are certainly a hole of a sparse file (or
     /// past its end): no block holds data there, on the disk or waiting in the cache,
-    /// so they read as zeros (Linux `lseek` with `SEEK_DATA`, which sees data not yet
-    /// written back too). `false` whenever that is not known, e.g. a file system
-    /// without `SEEK_DATA`; the default always says `false`, so callers read.
+    /// so they read as zeros (Linux `lseek` with `SEEK_DATA`, asked only on file
+    /// systems known to count cached data as data). `false` whenever that is not
+    /// known (a block device, another file system); the default always says `false`,
+    /// so callers read.
     fn is_hole(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
@@ -320,6 +322,9 @@ impl StorageFile for RealFile {
         let Ok(at) = i64::try_from(offset) else {
             return Ok(false);
         };
+        if !self.seek_data_trusted() {
+            return Ok(false);
+        }
         // SAFETY: a plain system call on a descriptor this file owns and keeps open;
         // no memory is passed. It moves the file offset, which nothing here uses
         // (every read and write is positional).
@@ -348,7 +353,28 @@ pub fn synced_whole_pages(cached_from: u64, len: u64) -> Option<(u64, u64)> {
     (end > start).then_some((start, end))
 }
 
+/// File systems whose `SEEK_DATA` counts data still in the page cache (dirty, delayed
+/// allocation, unwritten extents with cached pages) as data: ext4, xfs, btrfs, tmpfs,
+/// and overlayfs, which asks the file system below. Elsewhere (FUSE with a writeback
+/// cache, network file systems) a hole answer is not trusted.
+pub(crate) const SEEK_DATA_TRUSTED: [i64; 5] =
+    [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0x794C_7630];
+
 impl RealFile {
+    /// Whether this file's file system is one of [`SEEK_DATA_TRUSTED`].
+    fn seek_data_trusted(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `statfs` is a plain C struct of integers, for which all zeros is a
+        // valid value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs writes one `statfs` into the struct we own, on a descriptor
+        // this file keeps open.
+        let r = unsafe { libc::fstatfs(self.0.as_raw_fd(), &mut st) };
+        #[allow(clippy::unnecessary_cast)]
+        let kind = st.f_type as i64;
+        r == 0 && SEEK_DATA_TRUSTED.contains(&kind)
+    }
+
     /// `posix_fadvise(fd, offset, len, DONTNEED)`; a kernel or file kind without it is
     /// no error (a hint).
     fn advise_dontneed(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -272,6 +272,15 @@ impl StorageFile for FailpointFile {
     fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.inner.start_writeback(offset, len)
     }
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_vectored_at(bufs, offset)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.drop_cached(offset, len)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.inner.is_hole(offset, len)
+    }
     fn sync_data(&self) -> std::io::Result<()> {
         if self.state_replaces.load(Ordering::SeqCst) >= 2 {
             tracing::warn!(

@@ -286,6 +286,18 @@ impl StorageFile for Failpoint<'_> {
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
     }
+    fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.start_writeback(offset, len)
+    }
+    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_vectored_at(bufs, offset)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.drop_cached(offset, len)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.inner.is_hole(offset, len)
+    }
     fn sync_data(&self) -> std::io::Result<()> {
         if !self.fired.swap(true, Ordering::SeqCst) {
             tracing::warn!(replica = %self.path.display(), "failpoint {FAILPOINT_BEFORE_SYNC} reached: waiting to be killed");

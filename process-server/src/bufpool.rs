@@ -132,6 +132,7 @@ mod tests {
                 });
             }
         });
-        assert!((1..=8).contains(&pool.len()));
+        // Four threads never hold more than four buffers at once, all given back.
+        assert!((1..=4).contains(&pool.len()), "{} buffers", pool.len());
     }
 }

@@ -965,7 +965,8 @@ fn crash_inside_the_overlap() {
         // write batch 2, before or after the replica sync that record follows (when the
         // committer runs late, batch 2 is written before it: waiting for a write after
         // that sync then waited for one that never came, a 60 s timeout seen once
-        // under load). 3: the applier's
+        // under load; a late committer now crashes with batch 2 written before batch
+        // 1's sync, an order case 4 also pins). 3: the applier's
         // first replica write (batch 1) waits for the saver to save batch 2. 4: the
         // committer's first replica sync (batch 1) waits for the applier to write batch
         // 2 (one write per extent of these small frames).

@@ -104,6 +104,22 @@ fn run(bin: &str, args: &[&str], config: &Path) -> Output {
 }
 
 /// A command that must succeed; its stdout as JSON.
+/// `process-server changed --disk DISK --out OUT --json` under `config`: its summary.
+fn changed_json(disk: &str, out: &Path, config: &Path) -> Value {
+    json(
+        "process-server",
+        &[
+            "changed",
+            "--disk",
+            disk,
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+        config,
+    )
+}
+
 fn json(bin: &str, args: &[&str], config: &Path) -> Value {
     let out = run(bin, args, config);
     assert!(
@@ -642,18 +658,7 @@ fn reprotect_from_change_lists_compares_only_what_changed() {
     let mut a_lists = Vec::new();
     for (d, blocks) in [("d0", 32), ("d1", 32)] {
         let out = dir.join("a-lists").join(format!("{d}.chg"));
-        let w = json(
-            "process-server",
-            &[
-                "changed",
-                "--disk",
-                d,
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ],
-            &ps_a_cfg,
-        );
+        let w = changed_json(d, &out, &ps_a_cfg);
         assert_eq!(w["blocks"], blocks, "{w}");
         assert_eq!(w["origin"], "unacknowledged-writes", "{w}");
         assert_eq!(
@@ -810,18 +815,7 @@ fn change_lists_are_checked() {
     ps.qemu_io("d0", "write -P 0x11 0 64k");
     ps.stop();
     let out = dir.join("l1.chg");
-    let w = json(
-        "process-server",
-        &[
-            "changed",
-            "--disk",
-            "d0",
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ],
-        &cfg,
-    );
+    let w = changed_json("d0", &out, &cfg);
     assert_eq!(
         (w["initial_sync"].as_bool(), w["blocks"].as_u64()),
         (Some(true), Some(4096)),
@@ -839,18 +833,7 @@ fn change_lists_are_checked() {
     ps.qemu_io("d0", &format!("write -P 0x13 {} 512", (3 << 20) + 512));
     ps.stop();
     let list = dir.join("l2.chg");
-    let w = json(
-        "process-server",
-        &[
-            "changed",
-            "--disk",
-            "d0",
-            "--out",
-            list.to_str().unwrap(),
-            "--json",
-        ],
-        &cfg,
-    );
+    let w = changed_json("d0", &list, &cfg);
     assert_eq!(
         (w["blocks"].as_u64(), w["extents"].as_u64()),
         (Some(17), Some(2)),

@@ -51,7 +51,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use datapath::failback::{
@@ -65,6 +65,7 @@ use serde_json::Value;
 
 use crate::config::{Config, GroupConfig};
 use crate::control;
+use crate::failpoint::HeldSync;
 use crate::store::{self, GroupLock};
 use crate::timefmt::{parse_rfc3339, rfc3339_ms};
 
@@ -250,55 +251,14 @@ struct Failpoint {
     state_replaces: Arc<AtomicUsize>,
 }
 
-/// A file of [`Failpoint`].
-struct FailpointFile {
-    inner: Box<dyn StorageFile>,
-    state_replaces: Arc<AtomicUsize>,
-}
-
-impl StorageFile for FailpointFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.start_writeback(offset, len)
-    }
-    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_vectored_at(bufs, offset)
-    }
-    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.drop_cached(offset, len)
-    }
-    fn is_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
-        self.inner.is_hole(offset, len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self.state_replaces.load(Ordering::SeqCst) >= 2 {
-            tracing::warn!(
-                "failpoint {FAILPOINT_AFTER_FIRST_RECORD} reached: waiting to be killed"
-            );
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-        }
-        self.inner.sync_data()
-    }
-}
-
 impl Storage for Failpoint {
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(FailpointFile {
+        let replaces = self.state_replaces.clone();
+        Ok(Box::new(HeldSync {
             inner: RealFs.open(path, mode)?,
-            state_replaces: self.state_replaces.clone(),
+            hold: Box::new(move || replaces.load(Ordering::SeqCst) >= 2),
+            what: FAILPOINT_AFTER_FIRST_RECORD,
+            file: path.display().to_string(),
         }))
     }
     fn map_mut(&self, path: &Path) -> std::io::Result<Box<dyn MappedFile>> {

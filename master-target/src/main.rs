@@ -31,6 +31,7 @@ mod config;
 mod control;
 mod export;
 mod failback;
+mod failpoint;
 mod hashes;
 mod metrics;
 mod query;

@@ -39,7 +39,6 @@
 //! kills it (-9) and checks that a restart loses nothing. Unset, it costs one `Option`
 //! check per replica sync.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +50,7 @@ use datapath::retention::{self, FoldReport, Pins, Reason, Replica, RetentionErro
 use datapath::storage::{OpenMode, RealFs, Storage, StorageFile};
 
 use crate::config::GroupConfig;
+use crate::failpoint::HeldSync;
 use crate::metrics::GroupMetrics;
 use crate::timefmt::{now_unix_ms, rfc3339_ms};
 
@@ -243,10 +243,13 @@ impl GroupRetention {
                     format!("open replica {} of disk {:?}", d.replica.display(), d.id)
                 })?;
             files.push(match &self.failpoint {
-                Some(fired) => Box::new(Failpoint {
+                // The first sync of any replica stops the process for a kill (see
+                // the module doc).
+                Some(fired) => Box::new(HeldSync {
                     inner: file,
-                    fired,
-                    path: &d.replica,
+                    hold: Box::new(|| !fired.swap(true, Ordering::SeqCst)),
+                    what: FAILPOINT_BEFORE_SYNC,
+                    file: d.replica.display().to_string(),
                 }),
                 None => file,
             });
@@ -263,48 +266,5 @@ impl GroupRetention {
             })
             .collect();
         Ok(f(&reps)?)
-    }
-}
-
-/// A replica whose first sync stops the process for a kill (see the module doc).
-struct Failpoint<'a> {
-    inner: Box<dyn StorageFile>,
-    fired: &'a AtomicBool,
-    path: &'a Path,
-}
-
-impl StorageFile for Failpoint<'_> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn start_writeback(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.start_writeback(offset, len)
-    }
-    fn write_all_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_vectored_at(bufs, offset)
-    }
-    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.drop_cached(offset, len)
-    }
-    fn is_hole(&self, offset: u64, len: u64) -> std::io::Result<bool> {
-        self.inner.is_hole(offset, len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if !self.fired.swap(true, Ordering::SeqCst) {
-            tracing::warn!(replica = %self.path.display(), "failpoint {FAILPOINT_BEFORE_SYNC} reached: waiting to be killed");
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-        }
-        self.inner.sync_data()
     }
 }
